@@ -1,0 +1,180 @@
+"""Loaded engines under the memory budget.
+
+Every model load goes through `ModelPool`: it estimates what the model needs at the requested
+context (hublabio.budget), evicts least-recently-used unpinned models that are not in use if that
+makes room, or refuses with the numbers. Models are keyed by their GGUF file: experts that share
+a base GGUF share one resident engine, and their LoRA adapters are loaded on it once and switched
+per request. A lease (`acquire`) holds the engine's lock, so one engine serves one generation at a
+time; leases on different engines run concurrently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from hublabio.budget import Estimate, Resident, estimate_memory, plan_admission
+from hublabio.engine import Engine
+from hublabio.errors import HublabError, ModelNotFound
+from hublabio.gguf_info import ModelInfo, read_gguf_info
+
+
+@dataclass
+class ResidentModel:
+    key: str
+    path: Path
+    n_ctx: int
+    info: ModelInfo
+    estimate: Estimate
+    engine: Engine
+    names: set[str] = field(default_factory=set)
+    pinned: bool = False
+    adapter_mb: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    load_s: float = 0.0
+    users: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def mb(self) -> float:
+        return self.estimate.total_mb + self.adapter_mb
+
+
+def _mb(nbytes: int) -> float:
+    return nbytes / (1024 * 1024)
+
+
+class ModelPool:
+    def __init__(self, budget_mb: float, *, idle_ttl_s: float = 0.0, n_threads: int | None = None,
+                 use_mmap: bool = True, use_mlock: bool = False):
+        self.budget_mb = float(budget_mb)
+        self.idle_ttl_s = idle_ttl_s
+        self.n_threads = n_threads
+        self.use_mmap = use_mmap
+        self.use_mlock = use_mlock
+        self._models: dict[str, ResidentModel] = {}
+        self._lock = threading.RLock()
+
+    # ---- queries -------------------------------------------------------------------------
+    def resident(self) -> list[ResidentModel]:
+        with self._lock:
+            return sorted(self._models.values(), key=lambda r: r.last_used, reverse=True)
+
+    def used_mb(self) -> float:
+        with self._lock:
+            return sum(r.mb for r in self._models.values())
+
+    def find(self, name: str) -> ResidentModel | None:
+        with self._lock:
+            for r in self._models.values():
+                if name in r.names or name == r.path.name or name == r.key:
+                    return r
+        return None
+
+    # ---- loading -------------------------------------------------------------------------
+    @staticmethod
+    def _key(path: Path) -> str:
+        return str(Path(path).resolve())
+
+    def ensure_loaded(self, cfg, *, n_ctx: int | None = None) -> ResidentModel:
+        """Make `cfg`'s model (and adapter) resident, evicting if needed; BudgetError if it
+        cannot fit. `cfg` is a config.ModelConfig of type gguf."""
+        if cfg.type != "gguf" or cfg.path is None:
+            raise HublabError(f"{cfg.name}: only local GGUF models can be loaded "
+                              f"(type {cfg.type!r})")
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise ModelNotFound(f"{cfg.name}: model file {path} not found")
+        n_ctx = n_ctx or cfg.inference.context_size
+        key = self._key(path)
+        with self._lock:
+            res = self._models.get(key)
+            if res is not None and res.n_ctx != n_ctx and res.users == 0:
+                self._unload_key(key)  # context size changed: reload at the new size
+                res = None
+            if res is None:
+                res = self._load(key, path, n_ctx, cfg.name)
+            res.names.add(cfg.name)
+            res.pinned = res.pinned or bool(cfg.pinned)
+            if cfg.adapter is not None and Path(cfg.adapter).resolve() not in res.engine.adapters:
+                adapter = Path(cfg.adapter)
+                if not adapter.is_file():
+                    raise ModelNotFound(f"{cfg.name}: adapter file {adapter} not found")
+                res.engine.load_adapter(adapter)
+                res.adapter_mb += _mb(adapter.stat().st_size)
+            res.last_used = time.monotonic()
+            return res
+
+    def _load(self, key: str, path: Path, n_ctx: int, name: str) -> ResidentModel:
+        info = read_gguf_info(path)
+        est = estimate_memory(info, n_ctx)
+        others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
+                  for k, r in self._models.items() if k != key]
+        for victim in plan_admission(est.total_mb, self.budget_mb, others, info=info, n_ctx=n_ctx):
+            self._unload_key(victim)
+        t0 = time.perf_counter()
+        engine = Engine(path, n_ctx=n_ctx, n_threads=self.n_threads,
+                        use_mmap=self.use_mmap, use_mlock=self.use_mlock)
+        res = ResidentModel(key=key, path=path, n_ctx=n_ctx, info=info, estimate=est,
+                            engine=engine, names={name}, load_s=time.perf_counter() - t0)
+        self._models[key] = res
+        return res
+
+    @contextmanager
+    def acquire(self, cfg, *, n_ctx: int | None = None) -> Iterator[Engine]:
+        """Lease `cfg`'s engine for one request (loads it first if needed)."""
+        with self._lock:
+            res = self.ensure_loaded(cfg, n_ctx=n_ctx)
+            res.users += 1
+        try:
+            with res.lock:
+                res.last_used = time.monotonic()
+                yield res.engine
+        finally:
+            with self._lock:
+                res.users -= 1
+                res.last_used = time.monotonic()
+
+    # ---- unloading -----------------------------------------------------------------------
+    def _unload_key(self, key: str) -> None:
+        res = self._models.pop(key)
+        with res.lock:  # waits for a generation in progress on it
+            res.engine.close()
+
+    def unload(self, name: str | None = None) -> list[str]:
+        """Unload the model called `name` (config name, file name or key), or every model.
+        Returns the names of what was unloaded."""
+        with self._lock:
+            if name is None:
+                targets = list(self._models.values())
+            else:
+                res = self.find(name)
+                if res is None:
+                    raise ModelNotFound(f"no loaded model named {name!r}")
+                targets = [res]
+            names = []
+            for res in targets:
+                self._unload_key(res.key)
+                names.extend(sorted(res.names))
+            return names
+
+    def reap_idle(self, now: float | None = None) -> list[str]:
+        """Unload unpinned models idle for longer than idle_ttl_s (0 disables)."""
+        if self.idle_ttl_s <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [r for r in self._models.values()
+                    if not r.pinned and r.users == 0 and now - r.last_used > self.idle_ttl_s]
+            for r in idle:
+                self._unload_key(r.key)
+            return [n for r in idle for n in sorted(r.names)]
+
+    def close(self) -> None:
+        with self._lock:
+            for key in list(self._models):
+                self._unload_key(key)
