@@ -1,0 +1,135 @@
+"""hublab: the HubLab IO shell. Ask the local model questions and manage models.
+
+  hublab                                 interactive shell (prompt `hublab> `) on a terminal
+  hublab -c "ai list"                    run one command; exit status 1 if it failed
+  printf 'ai load smollm2-135m\\n?Hi\\n' | hublab
+                                         stdin not a terminal: each line is one command;
+                                         exit status 1 if any command failed
+  hublab --serial /dev/ttyS0 --baud 115200
+                                         the same shell on a serial console (UART, USB gadget)
+
+Commands: ?<question>, ai list|load|unload|info|config|stats|benchmark, help, history, exit
+(`help` in the shell lists them all, including add-ons such as `moe` and `pkg`).
+
+If no daemon (hublabd) listens on the socket, hublab starts one inside this process with
+--models-dir / --budget-mb, so `hublab` alone works right after installation.
+Environment: HUBLAB_MODELS_DIR, HUBLAB_STATE_DIR (history, settings, socket), HUBLAB_SOCKET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hublabio import __version__, paths
+from hublabio.errors import HublabError
+from hublabio.shell import render
+from hublabio.shell.commands import (ExitShell, Output, ShellContext, execute, load_plugins,
+                                     read_history_file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hublab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", dest="command", metavar="CMD",
+                        help="run one shell command and exit (non-zero status on error)")
+    parser.add_argument("--serial", metavar="DEVICE",
+                        help="serve the shell on a serial port, e.g. /dev/ttyS0 or /dev/ttyGS0")
+    parser.add_argument("--baud", type=int, default=115200, help="serial speed (default 115200)")
+    parser.add_argument("--models-dir", type=Path, metavar="DIR",
+                        help="models directory for a daemon started by this shell "
+                             "(default: $HUBLAB_MODELS_DIR or the shipped models/)")
+    parser.add_argument("--budget-mb", type=int, metavar="N",
+                        help="memory budget in MiB for a daemon started by this shell")
+    parser.add_argument("--socket", type=Path, metavar="PATH",
+                        help="the daemon's Unix socket (default: $HUBLAB_SOCKET or "
+                             "<state dir>/hublabd.sock)")
+    parser.add_argument("--version", action="version", version=f"hublab {__version__}")
+    return parser
+
+
+class Connection:
+    """Connects on first use (so `help` works without a model) and starts an in-process
+    daemon when none is listening; `close()` stops that daemon."""
+
+    def __init__(self, socket_path: Path | None, overrides: dict):
+        self.socket_path = socket_path
+        self.overrides = overrides
+        self.handle = None
+
+    def __call__(self):
+        from hublabio.client import Client, connect_or_start
+
+        if self.handle is not None:  # our own daemon is already running: just reconnect
+            return Client(self.socket_path)
+        client, handle = connect_or_start(self.socket_path, **self.overrides)
+        self.handle = handle
+        return client
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+            self.handle = None
+
+
+def run_lines(ctx: ShellContext, lines) -> int:
+    """Run each line as one command; 1 if any failed, 0 otherwise. `exit` stops early."""
+    status = 0
+    for line in lines:
+        try:
+            if not execute(ctx, line.rstrip("\r\n")):
+                status = 1
+        except ExitShell:
+            break
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.models_dir is not None:
+        os.environ["HUBLAB_MODELS_DIR"] = str(args.models_dir.expanduser().resolve())
+    overrides = {}
+    if args.models_dir is not None:
+        overrides["models_dir"] = args.models_dir.expanduser().resolve()
+    if args.budget_mb is not None:
+        overrides["budget_mb"] = args.budget_mb
+    socket_path = args.socket.expanduser() if args.socket else None
+    connection = Connection(socket_path, overrides)
+    out = Output.for_streams()
+    ctx = ShellContext(connect=connection, out=out,
+                       history=lambda: read_history_file(paths.history_file()))
+    for warning in load_plugins():
+        print(warning, file=sys.stderr)
+    try:
+        if args.serial:
+            from hublabio.shell.serial_console import SerialConsole, open_port
+
+            port = open_port(args.serial, args.baud)
+            try:
+                return SerialConsole(port, ctx, paths.history_file()).run(
+                    banner=f"HubLab IO shell {__version__} - type `help`")
+            finally:
+                port.close()
+        if args.command is not None:
+            return run_lines(ctx, [args.command])
+        if not sys.stdin.isatty():
+            return run_lines(ctx, sys.stdin)
+        from hublabio.shell import repl
+
+        return repl.run(ctx, paths.history_file(),
+                        banner=f"HubLab IO shell {__version__} - type `help`, "
+                               "`?question` to ask, Ctrl-D to leave")
+    except HublabError as exc:
+        print(render.error(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        ctx.reset_client()
+        connection.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Unit tests of the shell's pure parts: rendering results (plain dicts), parsing command
+lines, the command table, completion. The daemon is exercised in tests/integration."""
+
+from __future__ import annotations
+
+import pytest
+
+from hublabio.errors import ModelNotFound
+from hublabio.shell import render
+from hublabio.shell.commands import (COMMANDS, Output, ShellContext, UsageError, command,
+                                     execute, parse)
+from hublabio.shell.completer import complete_line
+
+
+# ------------------------------------------------------------------------------- render
+
+def test_model_loaded_line_matches_the_seed_format():
+    text = render.model_loaded({"name": "smollm2-135m", "parameters_human": "135M",
+                                "quantization": "Q4_1", "context_size": 2048,
+                                "memory_mb": 121.4, "load_s": 0.31})
+    lines = text.splitlines()
+    assert lines[0] == "Model loaded: 135M parameters, Q4_1 quantization"
+    assert "Context size: 2048 tokens" in lines
+    assert "Memory: 121.4 MiB (loaded in 0.31 s)" in lines
+
+
+def test_model_loaded_formats_raw_parameter_count():
+    text = render.model_loaded({"parameters": 134_515_008, "quantization": "Q4_K_M"})
+    assert text.startswith("Model loaded: 135M parameters, Q4_K_M quantization")
+
+
+@pytest.mark.parametrize("n,expected", [(134_515_008, "135M"), (268_098_176, "268M"),
+                                        (1_240_000_000, "1.2B"), (7_000_000_000, "7B"),
+                                        (8_000, "8K"), (950, "950"), (None, "-")])
+def test_human_params(n, expected):
+    assert render.human_params(n) == expected
+
+
+def test_human_mb():
+    assert render.human_mb(82.46) == "82.5 MiB"
+    assert render.human_mb(3584) == "3.50 GiB"
+    assert render.human_mb(None) == "-"
+
+
+def test_model_list_marks_loaded_and_missing():
+    text = render.model_list([
+        {"name": "smollm2-135m", "type": "gguf", "size_mb": 82.5, "loaded": True,
+         "quantization": "Q4_1", "parameters_human": "135M"},
+        {"name": "gemma", "type": "gguf", "size_mb": 241.0, "loaded": False,
+         "quantization": "Q4_K_M", "parameters": 268_098_176},
+        {"name": "gone", "type": "gguf", "size_mb": None, "loaded": False, "missing": True},
+    ])
+    lines = text.splitlines()
+    assert lines[0].split() == ["NAME", "TYPE", "SIZE", "PARAMS", "QUANT"]
+    row = {line.split()[1] if line.startswith("*") else line.split()[0]: line for line in lines[1:4]}
+    assert row["smollm2-135m"].startswith("*") and "82.5 MiB" in row["smollm2-135m"]
+    assert row["gemma"].startswith(" ") and "268M" in row["gemma"] and "Q4_K_M" in row["gemma"]
+    assert "missing" in row["gone"]
+    assert lines[-1] == "(* = loaded)"
+
+
+def test_model_list_empty_says_what_to_do():
+    assert "model-config.toml" in render.model_list([])
+
+
+def test_info_shows_memory_used_over_budget_and_speed():
+    text = render.info({"model": "smollm2-135m", "parameters_human": "135M",
+                        "quantization": "Q4_1", "memory_used_mb": 120.0, "budget_mb": 3500.0,
+                        "last_tps": 48.25})
+    assert "Model:" in text and "smollm2-135m" in text
+    assert "120.0 MiB used / 3.42 GiB budget" in text
+    assert "48.2 tokens/s" in text or "48.3 tokens/s" in text
+    assert "Q4_1" in text and "135M" in text
+
+
+def test_info_without_a_model():
+    text = render.info({"model": None, "memory_used_mb": 0, "budget_mb": 400, "last_tps": None})
+    assert "(none loaded)" in text
+    assert "Last speed:" in text and text.rstrip().endswith("-")
+
+
+def test_config_lists_sorted_keys():
+    text = render.config({"temperature": 0.2, "max_tokens": 16, "top_k": 40})
+    assert text.splitlines() == ["max_tokens  = 16", "temperature = 0.2", "top_k       = 40"]
+
+
+def test_stats_flattens_nested_counters():
+    text = render.stats({"requests": 3, "tokens": {"generated": 48}, "uptime_s": 12.5})
+    assert "requests:" in text and "tokens.generated:" in text and "12.5" in text
+
+
+def test_benchmark_table_is_llama_bench_style():
+    text = render.benchmark({"model": "smollm2-135m", "quantization": "Q4_1", "size_mb": 82.5,
+                             "parameters_human": "135M", "threads": 2, "pp": 64, "tg": 32,
+                             "pp_tps": 812.345, "tg_tps": 61.2, "tg_std": 1.5})
+    lines = text.splitlines()
+    assert lines[0].startswith("| model") and "t/s" in lines[0]
+    assert set(lines[1].replace("|", "").replace(" ", "")) <= {"-", ":"}
+    assert "pp64" in lines[2] and "812.35" in lines[2]
+    assert "tg32" in lines[3] and "61.20 ± 1.50" in lines[3]
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert len({len(line) for line in lines}) == 1  # columns line up
+
+
+def test_stream_printer_prefixes_once_and_puts_info_lines_first():
+    out: list[str] = []
+    printer = render.StreamPrinter(out.append)
+    printer.event({"type": "info", "text": "[Router] Selected expert: python"})
+    printer.event({"type": "token", "text": " Paris", "logprob": -0.1})
+    printer.event({"type": "token", "text": " is", "logprob": -0.2})
+    printer.finish({"text": "Paris is"})
+    assert "".join(out) == "[Router] Selected expert: python\nAI: Paris is\n"
+
+
+def test_stream_printer_cancel_and_empty_answer():
+    out: list[str] = []
+    printer = render.StreamPrinter(out.append)
+    printer.token("Once")
+    printer.cancelled()
+    assert "".join(out) == "AI: Once\n[cancelled]\n"
+    out.clear()
+    printer = render.StreamPrinter(out.append)
+    printer.finish({"text": "done"})
+    assert "".join(out) == "AI: done\n"
+
+
+def test_history_numbers_entries():
+    assert render.history(["ai list", "?hi"]) == "1  ai list\n2  ?hi"
+    assert render.history([]) == "(history is empty)"
+
+
+# ------------------------------------------------------------------- the command table
+
+class ScriptedClient:
+    """A fake daemon client for the pure command logic (answers from a dict of ops)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls = []
+
+    def call(self, op, **params):
+        self.calls.append((op, params))
+        answer = self.answers[op]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def make_ctx(answers=None):
+    out, err = [], []
+    client = ScriptedClient(answers or {})
+    ctx = ShellContext(connect=lambda: client, out=Output(out.append, error_write=err.append))
+    return ctx, client, out, err
+
+
+def test_parse_picks_longest_command_and_splits_args():
+    cmd, args = parse("ai load  'my model' --ctx 512")
+    assert cmd.name == "ai load" and args == ["my model", "--ctx", "512"]
+    cmd, text = parse("?What's 2+2?")
+    assert cmd.name == "?" and text == "What's 2+2?"
+
+
+def test_unknown_command_suggests_the_closest():
+    with pytest.raises(UsageError, match="unknown command 'ai lod'. Did you mean 'ai load'"):
+        parse("ai lod x")
+    with pytest.raises(UsageError, match="needs a subcommand: benchmark, config"):
+        parse("ai")
+
+
+def test_execute_prints_errors_and_reports_failure():
+    ctx, client, out, err = make_ctx({"models.load": ModelNotFound("no model named 'nosuch'")})
+    assert execute(ctx, "ai load nosuch") is False
+    assert err == ["Error: no model named 'nosuch'\n"]
+    assert client.calls == [("models.load", {"name": "nosuch"})]
+    assert execute(ctx, "ai stat") is False
+    assert "Did you mean 'ai stats'" in err[-1]
+
+
+def test_ai_config_sends_typed_values_and_rejects_unknown_keys():
+    ctx, client, out, err = make_ctx({"config.set": {"key": "temperature", "value": 0.2}})
+    assert execute(ctx, "ai config temperature 0.2")
+    assert client.calls[-1] == ("config.set", {"key": "temperature", "value": 0.2})
+    assert out[-1] == "temperature = 0.2 (saved)\n"
+    assert not execute(ctx, "ai config temprature 0.5")
+    assert "Did you mean 'temperature'" in err[-1]
+    assert not execute(ctx, "ai config top_k lots")
+    assert "top_k expects a number" in err[-1]
+
+
+def test_ai_load_path_is_resolved_and_missing_file_is_reported(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    ctx, client, out, err = make_ctx({"models.load": {"parameters_human": "1K",
+                                                      "quantization": "F16"}})
+    assert execute(ctx, f"ai load {gguf} --ctx 256")
+    assert client.calls[-1] == ("models.load", {"path": str(gguf), "n_ctx": 256})
+    assert not execute(ctx, f"ai load {tmp_path}/nothere.gguf")
+    assert "no such file" in err[-1]
+
+
+def test_help_lists_every_command_with_its_docstring_summary():
+    ctx, _, out, _ = make_ctx()
+    assert execute(ctx, "help")
+    text = "".join(out)
+    for name, cmd in COMMANDS.items():
+        assert cmd.usage in text and cmd.summary in text
+    out.clear()
+    assert execute(ctx, "help ai load")
+    assert "".join(out).startswith("ai load <name|path>")
+
+
+def test_add_on_modules_register_with_the_decorator():
+    @command("zz test echo", usage="zz test echo <words>")
+    def echo(ctx, args):
+        """Echo the words back."""
+        ctx.out.line(" ".join(args))
+
+    try:
+        ctx, _, out, _ = make_ctx()
+        assert execute(ctx, "zz test echo a 'b c'")
+        assert out == ["a b c\n"]
+        with pytest.raises(ValueError, match="registered twice"):
+            command("zz test echo")(echo)
+    finally:
+        del COMMANDS["zz test echo"]
+
+
+def test_completion_of_commands_and_model_names():
+    ctx, client, _, _ = make_ctx({"models.list": {"models": [{"name": "smollm2-135m"},
+                                                             {"name": "gemma3"}]}})
+    assert sorted(t for t, _ in complete_line(ctx, "ai l")) == ["list", "load"]
+    assert ("ai", -1) in complete_line(ctx, "a")
+    assert complete_line(ctx, "ai load sm") == [("smollm2-135m", -2)]
+    assert complete_line(ctx, "ai config temp") == [("temperature", -4)]
+    assert ("ai load", -4) in complete_line(ctx, "help ai l")
+    # names are cached: a second completion does not ask the daemon again
+    complete_line(ctx, "ai unload ")
+    assert [op for op, _ in client.calls] == ["models.list"]
+
+
+def test_output_uses_crlf_on_a_serial_line():
+    sent = []
+    out = Output(sent.append, newline="\r\n")
+    out.line("a\nb")
+    assert sent == ["a\r\nb\r\n"]
