@@ -150,6 +150,7 @@ class Engine:
                 raise HublabError(f"{self.path}: llama.cpp could not create a context of "
                                   f"{n_ctx} tokens")
             self.n_ctx = C.llama_n_ctx(self._ctx)
+            self.n_batch = C.llama_n_batch(self._ctx)  # llama.cpp clamps it to n_ctx
             self._memory = C.llama_get_memory(self._ctx)
             self.chat_template = self._meta("tokenizer.chat_template")
             self.architecture = self._meta("general.architecture") or "unknown"

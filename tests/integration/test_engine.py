@@ -1,0 +1,111 @@
+"""The engine on the real SmolLM2 and Gemma 3 GGUFs through llama.cpp."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from hublabio.engine import Engine, SamplingOptions
+from hublabio.errors import GGUFError, HublabError
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = SamplingOptions(max_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path, test_threads):
+    with Engine(smollm2_path, n_ctx=512, n_threads=test_threads) as e:
+        yield e
+
+
+def test_streams_a_real_answer_with_logprobs(engine):
+    tokens = list(engine.generate(QUESTION, GREEDY))
+    text = "".join(t.text for t in tokens)
+    stats = engine.last_stats
+    assert "Paris" in text
+    assert stats.completion_tokens == len(tokens) > 1
+    assert all(t.logprob <= 0 and math.isfinite(t.logprob) for t in tokens)
+    assert stats.mean_logprob == pytest.approx(sum(t.logprob for t in tokens) / len(tokens))
+    assert stats.finish_reason in ("stop", "length")
+    assert stats.prompt_tokens > 10
+
+
+def test_chat_template_comes_from_the_gguf(engine):
+    prompt = engine.format_chat(QUESTION)
+    # SmolLM2's own template adds its default system turn when none is given
+    assert prompt.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_is_deterministic_and_reuses_the_prompt_cache(engine):
+    first, _, s1 = engine.complete(QUESTION, GREEDY)
+    second, _, s2 = engine.complete(QUESTION, GREEDY)
+    assert first == second
+    assert s2.cached_tokens == s2.prompt_tokens - 1
+
+
+def test_max_tokens_sets_length_finish(engine):
+    _, tokens, stats = engine.complete("Once upon a time", SamplingOptions(max_tokens=5, temperature=0))
+    assert stats.finish_reason == "length"
+    assert stats.completion_tokens == 5
+
+
+def test_stop_string_truncates(engine):
+    text, _, stats = engine.complete(QUESTION, SamplingOptions(max_tokens=24, temperature=0, stop=("Paris",)))
+    assert "Paris" not in text
+    assert stats.finish_reason == "stop"
+
+
+def test_cancel_mid_generation(engine):
+    cancel = threading.Event()
+    seen = []
+    for tok in engine.generate([{"role": "user", "content": "Write a long story about a dragon."}],
+                               SamplingOptions(max_tokens=200, temperature=0), cancel=cancel):
+        seen.append(tok)
+        if len(seen) == 3:
+            cancel.set()
+    assert engine.last_stats.finish_reason == "cancelled"
+    assert len(seen) == 3
+
+
+def test_seeded_sampling_repeats(engine):
+    opts = SamplingOptions(max_tokens=12, temperature=0.9, seed=42)
+    assert engine.complete("Tell me a fact:", opts)[0] == engine.complete("Tell me a fact:", opts)[0]
+
+
+def test_prompt_longer_than_context_is_a_clear_error(smollm2_path, test_threads):
+    with Engine(smollm2_path, n_ctx=64, n_threads=test_threads) as e:
+        with pytest.raises(HublabError, match="does not fit the context of"):
+            e.complete("word " * 400, GREEDY)
+
+
+def test_bench_measures_both_phases(engine):
+    result = engine.bench(pp=32, tg=8)
+    assert result["pp_tps"] > 0 and result["tg_tps"] > 0
+
+
+def test_close_is_idempotent_and_final(smollm2_path, test_threads):
+    e = Engine(smollm2_path, n_ctx=256, n_threads=test_threads)
+    e.close()
+    e.close()
+    with pytest.raises(HublabError, match="closed"):
+        list(e.generate("hi", GREEDY))
+
+
+def test_corrupt_and_missing_files_are_gguf_errors(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(GGUFError, match="bad.gguf"):
+        Engine(bad)
+    with pytest.raises(GGUFError, match="no such model file"):
+        Engine(tmp_path / "missing.gguf")
+
+
+def test_another_architecture_gemma3(gemma_path, test_threads):
+    with Engine(gemma_path, n_ctx=256, n_threads=test_threads) as e:
+        assert e.architecture == "gemma3"
+        text, tokens, stats = e.complete("The capital of France is", SamplingOptions(max_tokens=8, temperature=0))
+        assert stats.completion_tokens >= 1 and text.strip()
