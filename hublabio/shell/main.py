@@ -63,7 +63,7 @@ class Connection:
         from hublabio.client import Client, connect_or_start
 
         if self.handle is not None:  # our own daemon is already running: just reconnect
-            return Client(self.socket_path)
+            return Client(self.handle.socket_path)
         client, handle = connect_or_start(self.socket_path, **self.overrides)
         self.handle = handle
         return client

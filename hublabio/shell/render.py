@@ -37,7 +37,8 @@ def human_params(n: int | float | None) -> str:
 
 
 def _params_text(data: Mapping[str, Any]) -> str:
-    return data.get("parameters_human") or human_params(data.get("parameters"))
+    value = data.get("parameters_human") or data.get("parameters")
+    return value if isinstance(value, str) else human_params(value)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
@@ -96,9 +97,13 @@ def model_loaded(data: Mapping[str, Any]) -> str:
         lines.append(f"Context size: {data['context_size']} tokens")
     if data.get("memory_mb") is not None:
         mem = f"Memory: {human_mb(data['memory_mb'])}"
-        if data.get("load_s") is not None:
+        if data.get("already_loaded"):
+            mem += " (already loaded)"
+        elif data.get("load_s") is not None:
             mem += f" (loaded in {float(data['load_s']):.2f} s)"
         lines.append(mem)
+    if data.get("used_mb") is not None and data.get("budget_mb") is not None:
+        lines.append(f"In use: {human_mb(data['used_mb'])} of {human_mb(data['budget_mb'])} budget")
     evicted = data.get("evicted") or []
     if evicted:
         lines.append("Unloaded to make room: " + ", ".join(map(str, evicted)))
@@ -131,11 +136,14 @@ def info(data: Mapping[str, Any]) -> str:
                   ("Quantization", data.get("quantization") or "-")]
         if data.get("context_size") is not None:
             pairs.append(("Context size", f"{data['context_size']} tokens"))
-    pairs.append(("Memory", f"{human_mb(data.get('memory_used_mb'))} used / "
-                            f"{human_mb(data.get('budget_mb'))} budget"))
+    used = data.get("memory_used_mb", data.get("used_mb"))
+    pairs.append(("Memory", f"{human_mb(used)} used / {human_mb(data.get('budget_mb'))} budget"))
     loaded = data.get("loaded")
-    if loaded:
-        pairs.append(("Loaded", ", ".join(map(str, loaded))))
+    if isinstance(loaded, bool) and model:
+        pairs.append(("Loaded", "yes" if loaded else "no (loads on the first question)"))
+    resident = [n for r in data.get("resident") or [] for n in r.get("names", [])]
+    if resident:
+        pairs.append(("In memory", ", ".join(map(str, resident))))
     if data.get("board"):
         pairs.append(("Board", data["board"]))
     pairs.append(("Last speed", f"{float(tps):.1f} tokens/s" if tps else "-"))
@@ -147,21 +155,37 @@ def _scalar(value: Any) -> str:
         return f"{value:.3f}".rstrip("0").rstrip(".") if not math.isnan(value) else "nan"
     if isinstance(value, (list, tuple)):
         return ", ".join(_scalar(v) for v in value) or "-"
+    if isinstance(value, Mapping):
+        return " ".join(f"{k}={_scalar(v)}" for k, v in value.items())
     if value is None:
         return "-"
     return str(value)
 
 
-def config(settings: Mapping[str, Any]) -> str:
-    """`ai config` with no arguments: `key = value` lines, sorted."""
+def config(settings: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+           model: str | None = None) -> str:
+    """`ai config` with no arguments: `key = value` lines, sorted; values set with
+    `ai config` are marked."""
     if not settings:
         return "(no settings)"
+    overrides = overrides or {}
     width = max(len(k) for k in settings)
-    return "\n".join(f"{k.ljust(width)} = {_scalar(settings[k])}" for k in sorted(settings))
+    lines = [f"Settings for {model}:"] if model else []
+    for key in sorted(settings):
+        value = settings[key]
+        text = _scalar(value)
+        if isinstance(value, str):
+            text = repr(value if len(value) <= 60 else value[:57] + "...")
+        mark = "   (set with ai config)" if key in overrides else ""
+        lines.append(f"{key.ljust(width)} = {text}{mark}")
+    return "\n".join(lines)
 
 
-def config_set(key: str, value: Any) -> str:
-    return f"{key} = {_scalar(value)} (saved)"
+def config_set(data: Mapping[str, Any]) -> str:
+    text = f"{data.get('key')} = {_scalar(data.get('value'))} (saved)"
+    if data.get("note"):
+        text += f"; {data['note']}"
+    return text
 
 
 def flat_pairs(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -177,8 +201,14 @@ def flat_pairs(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
 
 
 def stats(data: Mapping[str, Any]) -> str:
-    """`ai stats`: every counter the daemon reports, one per line."""
-    pairs = [(k, _scalar(v)) for k, v in flat_pairs(data)]
+    """`ai stats`: every counter the daemon reports, one per line (resident models: one line
+    each)."""
+    pairs = []
+    for key, value in flat_pairs(data):
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            pairs += [(f"{key}[{i}]", _scalar(v)) for i, v in enumerate(value)]
+        else:
+            pairs.append((key, _scalar(value)))
     if not pairs:
         return "(no statistics yet)"
     return _kv_lines(pairs)
