@@ -1,0 +1,602 @@
+"""hublab-tools train: train a Llama-architecture model from scratch with sequence packing.
+
+usage: hublab-tools train --data DIR --recipe hublabio-tiny --out DIR [options]
+
+--data is a prepare-data directory (train.jsonl, valid.jsonl) or a raw jsonl file (prepared in
+memory with the seed chat format). The model shape comes from a recipe TOML (tools/recipes:
+hublabio-tiny, hublabio-0.5b, hublabio-1b, hublabio-3b, hublabio-7b, or a path). The tokenizer is
+trained on the training text (byte-level BPE, vocabulary up to the recipe's vocab_size) or reused
+from a local directory (--tokenizer); nothing is downloaded. It is saved as a HF tokenizer with the
+seed chat template and special tokens (<s> </s> <pad> <|system|> <|user|> <|assistant|> <|end|>).
+
+Training: every document becomes <s> tokens </s>; documents are concatenated and cut into blocks
+of seq_len tokens (sequence packing, plain causal attention across document boundaries, the EOS
+token separates them). AdamW, cosine schedule with linear warmup, gradient accumulation, gradient
+clipping, bf16/fp16 autocast where the hardware has it (fp32 on CPU unless --precision bf16),
+optional gradient checkpointing. The loss of each optimizer step is the token mean over the whole
+global batch, so 1 process with accumulation and N processes give the same trajectory.
+
+Writes OUT/ (config.json, model.safetensors, tokenizer files), OUT/checkpoints/step-N (model,
+optimizer, scheduler, RNG states and the step = data position; --resume continues exactly),
+OUT/metrics.jsonl (one line per step and per evaluation), OUT/runs (TensorBoard), validation
+perplexity every --eval-every steps. Runs unchanged under `accelerate launch` / `torchrun`
+(DDP; FSDP / DeepSpeed through the configs in tools/distributed/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from hublabio_tools.common import (
+    SEED_CHAT_TEMPLATE, SEED_SPECIAL_TOKENS, Progress, ToolError, load_recipe, main_guard,
+    pick_precision, seed_everything, write_json_atomic,
+)
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE trained on `texts`, wrapped as a HF fast tokenizer with the seed format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=SEED_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer=trainer)
+    bos_id = core.token_to_id("<s>")
+    # Encoding adds <s> like Llama tokenizers do (packing adds it explicitly per document).
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SEED_SPECIAL_TOKENS[3:]})
+    tokenizer.chat_template = SEED_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """save_pretrained, plus the chat template inside tokenizer_config.json too (transformers 5
+    writes chat_template.jinja; older readers and converters look in the config)."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if tokenizer.chat_template and "chat_template" not in config:
+        config["chat_template"] = tokenizer.chat_template
+        write_json_atomic(config_path, config)
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a local HF directory or a .gguf file; never from a hub."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ToolError(f"tokenizer {path}: no such file or directory (a local HF dir or .gguf)")
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                             local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+# ----------------------------------------------------------------------------- data
+def encode_segments(rows: list[dict], tokenizer, max_len: int = 0) -> list[tuple[list, list]]:
+    """(input_ids, labels) per row; labels are IGNORE on untrained (prompt) segments. A leading
+    BOS is added when the tokenizer adds one by default and the text does not carry it."""
+    flat = [seg[0] for row in rows for seg in row["segments"]]
+    encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    wants_bos = bos is not None and len(probe) > 1 and probe[0] == bos
+    out, k = [], 0
+    for row in rows:
+        ids, labels = [], []
+        for text, trained in row["segments"]:
+            piece = encoded[k]
+            k += 1
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        if wants_bos and (not ids or ids[0] != bos):
+            ids, labels = [bos] + ids, [IGNORE] + labels
+        if max_len:
+            ids, labels = ids[:max_len], labels[:max_len]
+        out.append((ids, labels))
+    return out
+
+
+def pack_documents(docs: list[list[int]], seq_len: int, bos: int | None, eos: int, pad: int):
+    """Concatenate <s> doc </s> ... and cut blocks of seq_len. Returns (inputs, labels) int64
+    tensors [blocks, seq_len]; the tail block is padded with labels IGNORE."""
+    import torch
+
+    stream: list[int] = []
+    for doc in docs:
+        if bos is not None:
+            stream.append(bos)
+        stream.extend(doc)
+        stream.append(eos)
+    n_blocks = max(1, math.ceil(len(stream) / seq_len))
+    inputs = torch.full((n_blocks * seq_len,), pad, dtype=torch.long)
+    labels = torch.full((n_blocks * seq_len,), IGNORE, dtype=torch.long)
+    inputs[: len(stream)] = torch.tensor(stream, dtype=torch.long)
+    labels[: len(stream)] = inputs[: len(stream)]
+    return inputs.view(n_blocks, seq_len), labels.view(n_blocks, seq_len)
+
+
+class PackedBlocks:
+    """Items = fixed-length packed blocks; collate stacks them."""
+
+    def __init__(self, inputs, labels):
+        self.inputs, self.labels = inputs, labels
+        self.targets = (labels[:, 1:] != IGNORE).sum(dim=1).tolist()
+
+    def __len__(self):
+        return self.inputs.shape[0]
+
+    def collate(self, indices: list[int]) -> dict:
+        import torch
+
+        index = torch.tensor(indices, dtype=torch.long)
+        inputs = self.inputs[index]
+        # Causal attention over the whole block: padding only ever sits at the tail of the last
+        # block, after every real token, and carries no loss.
+        return {"input_ids": inputs, "labels": self.labels[index],
+                "attention_mask": torch.ones_like(inputs)}
+
+
+class PaddedExamples:
+    """Items = variable-length examples; collate right-pads to the longest of the micro-batch."""
+
+    def __init__(self, examples: list[tuple[list, list]], pad: int):
+        self.examples, self.pad = examples, pad
+        self.targets = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in examples]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def collate(self, indices: list[int]) -> dict:
+        import torch
+
+        width = max(len(self.examples[i][0]) for i in indices)
+        ids = torch.full((len(indices), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            seq, lab = self.examples[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(seq)] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the global batch of optimizer step `step` (0-based): a stream of per-epoch
+    permutations (seed + epoch), read global_batch at a time. The step is the data position."""
+    import torch
+
+    start = step * global_batch
+    out: list[int] = []
+    epoch, offset = divmod(start, n_items)
+    while len(out) < global_batch:
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        take = perm[offset: offset + global_batch - len(out)]
+        out += take
+        epoch, offset = epoch + 1, 0
+    return out
+
+
+# ----------------------------------------------------------------------------- loop
+@dataclass
+class LoopConfig:
+    out: Path
+    micro_batch: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    max_steps: int = 100
+    eval_every: int = 50
+    save_every: int = 0
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    keep_checkpoints: int = 2
+    patience: int = 0           # evaluations without improvement before stopping (0: never)
+    stop_at_step: int = 0       # end this session after this step (checkpointed), schedule unchanged
+    resume: str | None = None   # checkpoint dir or "latest"
+    tensorboard: bool = True
+    wandb: bool = False
+    quiet: bool = False
+
+
+def cosine_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _token_ce(model, batch) -> tuple:
+    """Summed next-token cross entropy and the number of predicted tokens."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+def evaluate(accelerator, model, items, micro_batch: int) -> float | None:
+    """Token-mean validation loss over all items (sharded across processes)."""
+    import torch
+
+    if items is None or len(items) == 0:
+        return None
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    with torch.no_grad():
+        for i in range(0, len(mine), micro_batch):
+            batch = {k: v.to(accelerator.device) for k, v in items.collate(mine[i:i + micro_batch]).items()}
+            loss, count = _token_ce(model, batch)
+            total += torch.stack([loss.double(), count.double()])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator, cfg: LoopConfig, step: int, state: dict) -> Path:
+    final = cfg.out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer_state.json", state)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in _checkpoints(cfg.out)[: -cfg.keep_checkpoints or None]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _resolve_resume(cfg: LoopConfig) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        found = _checkpoints(cfg.out)
+        if not found:
+            raise ToolError(f"--resume: no checkpoint in {cfg.out / 'checkpoints'}")
+        return found[-1]
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").exists():
+        raise ToolError(f"--resume {path}: not a checkpoint (no trainer_state.json)")
+    return path
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard (+ wandb) on the main process."""
+
+    def __init__(self, accelerator, cfg: LoopConfig, run_name: str):
+        self.main = accelerator.is_main_process
+        self.path = cfg.out / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if not self.main:
+            return
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(cfg.out / "runs"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ToolError("--wandb: the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project="hublabio", name=run_name, dir=str(cfg.out))
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                if self.tb:
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
+             on_improved: Callable[[int, float], None] | None = None, run_name: str = "train") -> dict:
+    """The training loop shared by `train` and `finetune`. Returns a summary dict."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    # The scheduler is stepped by hand (once per optimizer step, whatever the process count).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.micro_batch * cfg.grad_accum * world
+    state = {"step": 0, "tokens": 0, "best_val": None, "evals_without_gain": 0}
+    resume_from = _resolve_resume(cfg)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state.update(json.loads((resume_from / "trainer_state.json").read_text()))
+        if not cfg.quiet and accelerator.is_main_process:
+            print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
+    log = MetricsLog(accelerator, cfg, run_name)
+    first_val = None
+    if state["step"] == 0 and valid_items is not None and len(valid_items):
+        first_val = evaluate(accelerator, model, valid_items, cfg.micro_batch)
+        log.write({"step": 0, "val_loss": first_val, "val_ppl": math.exp(min(first_val, 50))})
+        state["best_val"] = first_val
+    progress = Progress(cfg.max_steps, run_name, enabled=accelerator.is_main_process and not cfg.quiet)
+    model.train()
+    stopped_early = False
+    last_val = None
+    tick = time.monotonic()
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        indices = batch_indices(len(train_items), step, global_batch, cfg.seed)
+        micro = [indices[i:i + cfg.micro_batch] for i in range(0, global_batch, cfg.micro_batch)]
+        n_targets = sum(train_items.targets[i] for i in indices)
+        mine = micro[rank::world]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for k, chunk in enumerate(mine):
+            batch = {key: v.to(accelerator.device) for key, v in train_items.collate(chunk).items()}
+            last = k == len(mine) - 1
+            ctx = accelerator.no_sync(model) if not last else _nullcontext()
+            with ctx:
+                loss, _ = _token_ce(model, batch)
+                # DDP averages gradients over processes: scale so the result is the token mean
+                # over the whole global batch.
+                accelerator.backward(loss * world / max(n_targets, 1))
+            loss_sum += loss.detach().double()
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_targets, 1)
+        state["step"] = step = step + 1
+        state["tokens"] += n_targets
+        now = time.monotonic()
+        record = {"step": step, "loss": total_loss, "lr": lr, "tokens": state["tokens"],
+                  "tokens_per_s": n_targets / max(now - tick, 1e-9)}
+        tick = now
+        log.write(record)
+        progress.update(step, f"loss {total_loss:.4f} lr {lr:.2e}")
+        stop = bool(cfg.stop_at_step and step >= cfg.stop_at_step and step < cfg.max_steps)
+        if valid_items is not None and len(valid_items) and cfg.eval_every and (
+                step % cfg.eval_every == 0 or step == cfg.max_steps):
+            last_val = evaluate(accelerator, model, valid_items, cfg.micro_batch)
+            log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+            if state["best_val"] is None or last_val < state["best_val"]:
+                state["best_val"], state["evals_without_gain"] = last_val, 0
+                if on_improved:
+                    on_improved(step, last_val)
+            else:
+                state["evals_without_gain"] += 1
+                if cfg.patience and state["evals_without_gain"] >= cfg.patience:
+                    stopped_early = True
+        if (cfg.save_every and step % cfg.save_every == 0) or stop:
+            _save_checkpoint(accelerator, cfg, step, state)
+        if stopped_early or stop:
+            break
+    log.close()
+    return {"steps": state["step"], "tokens": state["tokens"], "first_val_loss": first_val,
+            "last_val_loss": last_val, "best_val_loss": state["best_val"],
+            "stopped_early": stopped_early, "finished": state["step"] >= cfg.max_steps or stopped_early,
+            "model": model}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=pick_precision(precision))
+
+
+# ----------------------------------------------------------------------------- verb
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hublab-tools train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="prepare-data directory or raw jsonl file")
+    p.add_argument("--recipe", default="hublabio-tiny", help="recipe name or TOML path")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", help="reuse a local tokenizer (HF dir or .gguf) instead of training one")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: the recipe's)")
+    p.add_argument("--seq-len", type=int, help="packed block length (default: the recipe's)")
+    p.add_argument("--micro-batch", type=int, help="blocks per process per forward pass")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step and process")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs or the recipe's)")
+    p.add_argument("--epochs", type=float, help="passes over the packed training blocks")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only with --stop-at-step)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue from OUT/checkpoints' latest (or the given checkpoint dir)")
+    p.add_argument("--stop-at-step", type=int, default=0,
+                   help="end this session after step N with a checkpoint (the schedule keeps --max-steps)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (off by default)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def load_training_rows(data: str) -> tuple[list[dict], list[dict]]:
+    from hublabio_tools.data import SEED_FORMAT, load_prepared, prepare
+
+    path = Path(data)
+    if path.is_dir():
+        train, valid, _ = load_prepared(path)
+        return train, valid
+    if not path.exists():
+        raise ToolError(f"--data {data}: no such file or directory")
+    prepared = prepare([str(path)], SEED_FORMAT, quiet=True)
+    if prepared.problems:
+        print(f"note: {len(prepared.problems)} bad line(s) skipped, first: {prepared.problems[0]}",
+              file=sys.stderr)
+    return prepared.train, prepared.valid
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    rt = recipe["train"]
+    out = Path(args.out)
+    pick = lambda value, key, default: value if value is not None else rt.get(key, default)  # noqa: E731
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    accelerator = make_accelerator(args.precision)
+    main_proc = accelerator.is_main_process
+    train_rows, valid_rows = load_training_rows(args.data)
+    if not train_rows:
+        raise ToolError(f"--data {args.data}: no training examples")
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok_dir = out / "tokenizer"
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.resume and tok_dir.exists():
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        if main_proc:
+            vocab = args.vocab_size or recipe["model"].get("vocab_size", 32000)
+            save_tokenizer(train_tokenizer([r["text"] for r in train_rows], vocab), tok_dir)
+        accelerator.wait_for_everyone()
+        tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.eos_token_id is None:
+        raise ToolError("the tokenizer has no EOS token: packing needs one to separate documents")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    seq_len = pick(args.seq_len, "seq_len", 512)
+    docs = [ids for ids, _ in encode_segments(train_rows, tokenizer)]
+    train_items = PackedBlocks(*pack_documents(docs, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, pad))
+    valid_items = None
+    if valid_rows:
+        vdocs = [ids for ids, _ in encode_segments(valid_rows, tokenizer)]
+        valid_items = PackedBlocks(*pack_documents(vdocs, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, pad))
+
+    micro_batch = pick(args.micro_batch, "micro_batch", 8)
+    grad_accum = pick(args.grad_accum, "grad_accum", 1)
+    global_batch = micro_batch * grad_accum * accelerator.num_processes
+    if args.max_steps is not None:
+        max_steps = args.max_steps
+    elif args.epochs is not None:
+        max_steps = max(1, math.ceil(args.epochs * len(train_items) / global_batch))
+    else:
+        max_steps = rt.get("max_steps", 1000)
+
+    model_cfg = dict(recipe["model"])
+    model_cfg["vocab_size"] = len(tokenizer)
+    model_cfg.setdefault("max_position_embeddings", max(seq_len, 2048))
+    config = LlamaConfig(**model_cfg, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                         attention_dropout=0.0, use_cache=False)
+    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.parameters())
+    if main_proc and not args.quiet:
+        print(f"model {recipe['name']}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+              f"{len(train_items)} packed blocks of {seq_len} ({sum(train_items.targets)} target tokens), "
+              f"global batch {global_batch} blocks, {max_steps} steps, "
+              f"{accelerator.num_processes} process(es), precision {accelerator.mixed_precision}",
+              file=sys.stderr)
+
+    cfg = LoopConfig(
+        out=out, micro_batch=micro_batch, grad_accum=grad_accum, lr=pick(args.lr, "lr", 3e-4),
+        min_lr_ratio=rt.get("min_lr_ratio", 0.1), warmup_steps=pick(args.warmup_steps, "warmup_steps", 0),
+        max_steps=max_steps, eval_every=pick(args.eval_every, "eval_every", 100),
+        save_every=pick(args.save_every, "save_every", 0), grad_clip=rt.get("grad_clip", 1.0),
+        weight_decay=rt.get("weight_decay", 0.1), seed=args.seed, keep_checkpoints=args.keep_checkpoints,
+        stop_at_step=args.stop_at_step, resume=args.resume, wandb=args.wandb, quiet=args.quiet)
+    result = run_loop(accelerator, model, train_items, valid_items, cfg, run_name=f"train {recipe['name']}")
+    model = result.pop("model")
+    if not result["finished"]:
+        if main_proc:
+            print(f"stopped at step {result['steps']} of {max_steps}; continue with --resume", file=sys.stderr)
+        return 0
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if main_proc:
+        unwrapped.config.use_cache = True
+        unwrapped.generation_config.eos_token_id = _stop_ids(tokenizer)
+        unwrapped.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+        save_tokenizer(tokenizer, out)
+        summary = {k: v for k, v in result.items()} | {
+            "recipe": recipe["name"], "parameters": n_params, "seq_len": seq_len,
+            "val_ppl": math.exp(result["last_val_loss"]) if result["last_val_loss"] is not None else None}
+        write_json_atomic(out / "train_summary.json", summary)
+        ppl = f", validation perplexity {summary['val_ppl']:.2f}" if summary["val_ppl"] else ""
+        print(f"wrote {out} (config.json, model.safetensors, tokenizer){ppl}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def _stop_ids(tokenizer) -> list[int] | int:
+    ids = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids and end >= 0:
+        ids.append(end)
+    return ids if len(ids) > 1 else ids[0]
