@@ -1,0 +1,1 @@
+"""hublabd: the daemon (service = ops, server = Unix socket, http = OpenAI API, notify = systemd)."""

@@ -1,0 +1,583 @@
+"""OpenAI-compatible HTTP API for hublabd, on asyncio streams (no web framework on the Pi).
+
+  GET  /health                  liveness + memory
+  GET  /metrics                 Prometheus text (requests, tokens, tok/s, memory, loaded models)
+  GET  /v1/models[/ID]          the configured models
+  POST /v1/chat/completions     messages → answer; "stream": true gives SSE chunks + [DONE]
+  POST /v1/completions          raw prompt → text; same streaming
+
+HTTP/1.1 with keep-alive, Content-Length or chunked bodies, `Expect: 100-continue`; responses
+use Content-Length, streams use chunked transfer encoding. Errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}}. Requests go through the daemon's dispatcher,
+so they share the socket clients' queue (busy → 429) and a client that hangs up cancels its
+generation. Listens on loopback unless another host is given explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import re
+import time
+
+from hublabio import protocol
+from hublabio.errors import HublabError, ProtocolError
+
+log = logging.getLogger("hublabd.http")
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024
+KEEPALIVE_S = 60.0
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+           413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+# daemon error code → (HTTP status, OpenAI error type)
+ERROR_STATUS = {
+    "protocol": (400, "invalid_request_error"),
+    "config": (400, "invalid_request_error"),
+    "not_found": (404, "invalid_request_error"),
+    "busy": (429, "server_busy"),
+    "budget": (503, "insufficient_memory"),
+    "unavailable": (503, "server_error"),
+    "cancelled": (503, "server_error"),
+}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT', or ':PORT' for loopback) → (host, port). Port 0 = any."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise HublabError(f"--http: expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    if not _is_ip(host) and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+        raise HublabError(f"--http: {host!r} is not an IP address or host name")
+    return host, int(port)
+
+
+async def start_http(dispatcher, service, listen: str):
+    """Start the API on the running loop; returns (asyncio server, (host, port))."""
+    host, port = parse_listen(listen)
+    api = HttpApi(dispatcher, service)
+    server = await asyncio.start_server(api.handle, host, port, limit=MAX_HEADER_BYTES)
+    addr = server.sockets[0].getsockname()
+    if _is_ip(addr[0]) and not ipaddress.ip_address(addr[0]).is_loopback:
+        log.warning("HTTP API listens on %s:%d, beyond loopback: anyone on the network can "
+                    "use the models", addr[0], addr[1])
+    return server, (addr[0], addr[1])
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    @classmethod
+    def from_event(cls, ev: dict) -> "HttpError":
+        status, type_ = ERROR_STATUS.get(ev.get("code"), (500, "server_error"))
+        return cls(status, ev.get("message", "error"), code=ev.get("code"), type_=type_)
+
+
+class Request:
+    def __init__(self, method: str, target: str, version: str, headers: dict, body: bytes):
+        self.method = method
+        self.path = target.split("?", 1)[0]
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.close_after = False  # set when the response can only end by closing
+
+    @property
+    def keep_alive(self) -> bool:
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in conn
+        return "close" not in conn
+
+    def json(self) -> dict:
+        ctype = self.headers.get("content-type", "application/json")
+        if "json" not in ctype and "text/plain" not in ctype:
+            raise HttpError(415, f"Content-Type must be application/json, got {ctype!r}")
+        try:
+            obj = json.loads(self.body or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HttpError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise HttpError(400, "request body must be a JSON object")
+        return obj
+
+
+class HttpApi:
+    def __init__(self, dispatcher, service):
+        self.dispatcher = dispatcher
+        self.service = service
+        self.counts: dict[tuple[str, int], int] = {}
+
+    # ---- connection loop -----------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    req = await asyncio.wait_for(self._read_request(reader, writer), KEEPALIVE_S)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    break
+                except HttpError as exc:
+                    await self._send_json(writer, exc.status, exc.body(), keep_alive=False)
+                    break
+                if req is None:
+                    break
+                keep = req.keep_alive
+                status = await self._dispatch(req, reader, writer, keep)
+                key = (req.path if req.path in _ROUTES else "other", status)
+                self.counts[key] = self.counts.get(key, 0) + 1
+                if not keep or req.close_after:
+                    break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_request(self, reader, writer) -> Request | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(431, f"request headers exceed {MAX_HEADER_BYTES} bytes") from None
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial.strip():
+                return None  # clean close between requests
+            raise HttpError(400, "incomplete request headers") from None
+        try:
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, version = lines[0].split(" ")
+        except ValueError:
+            raise HttpError(400, "malformed request line") from None
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise HttpError(505, f"unsupported HTTP version {version!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name.strip():
+                raise HttpError(400, f"malformed header line {line[:60]!r}")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+        body = b""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await self._read_chunked(reader)
+        elif "content-length" in headers:
+            try:
+                n = int(headers["content-length"])
+            except ValueError:
+                raise HttpError(400, "Content-Length is not a number") from None
+            if n < 0 or n > MAX_BODY_BYTES:
+                raise HttpError(413, f"request body of {n} bytes exceeds {MAX_BODY_BYTES}")
+            body = await reader.readexactly(n)
+        elif method == "POST":
+            raise HttpError(411, "POST needs a Content-Length or chunked body")
+        return Request(method, target, version, headers, body)
+
+    async def _read_chunked(self, reader) -> bytes:
+        body = bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise HttpError(400, "malformed chunk size") from None
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass  # trailers
+                return bytes(body)
+            if len(body) + size > MAX_BODY_BYTES:
+                raise HttpError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+
+    # ---- routing -------------------------------------------------------------------------
+    async def _dispatch(self, req: Request, reader, writer, keep: bool) -> int:
+        try:
+            route = _ROUTES.get(req.path)
+            if route is None and req.path.startswith("/v1/models/"):
+                route = ("GET", HttpApi._model)
+            if route is None:
+                raise HttpError(404, f"no route {req.method} {req.path}; try /v1/models, "
+                                     "/v1/chat/completions, /v1/completions, /health, /metrics",
+                                code="unknown_url")
+            method, fn = route
+            if req.method != method:
+                raise HttpError(405, f"{req.path} accepts {method}, not {req.method}",
+                                code="method_not_allowed")
+            return await fn(self, req, reader, writer, keep)
+        except HttpError as exc:
+            await self._send_json(writer, exc.status, exc.body(), keep_alive=keep)
+            return exc.status
+
+    # ---- responses -----------------------------------------------------------------------
+    @staticmethod
+    async def _send(writer, status: int, body: bytes, ctype: str, keep_alive: bool) -> None:
+        head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
+        writer.write(head.encode("latin-1") + body)
+        await writer.drain()
+
+    async def _send_json(self, writer, status: int, obj, keep_alive: bool) -> None:
+        await self._send(writer, status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
+                         "application/json", keep_alive)
+
+    async def _call(self, op: str, params: dict) -> dict:
+        """Run a light op through the dispatcher and return its data (HttpError on error)."""
+        out: dict = {}
+
+        async def send(ev):
+            out["ev"] = ev
+
+        job = self.dispatcher.new_job(f"http-{protocol.new_id()}", op)
+        await self.dispatcher.submit(job, params, send)
+        ev = out["ev"]
+        if ev["type"] == "error":
+            raise HttpError.from_event(ev)
+        return ev["data"]
+
+    # ---- endpoints -----------------------------------------------------------------------
+    async def _health(self, req, reader, writer, keep) -> int:
+        data = await self._call("stats", {})
+        await self._send_json(writer, 200, {
+            "status": "ok", "uptime_s": data["uptime_s"], "models_loaded": len(data["resident"]),
+            "used_mb": data["used_mb"], "budget_mb": data["budget_mb"]}, keep)
+        return 200
+
+    async def _models(self, req, reader, writer, keep) -> int:
+        data = await self._call("models.list", {})
+        await self._send_json(writer, 200, {"object": "list",
+                                            "data": [_model_obj(m) for m in data["models"]]}, keep)
+        return 200
+
+    async def _model(self, req, reader, writer, keep) -> int:
+        name = req.path[len("/v1/models/"):]
+        data = await self._call("models.list", {})
+        for m in data["models"]:
+            if m["name"] == name:
+                await self._send_json(writer, 200, _model_obj(m), keep)
+                return 200
+        raise HttpError(404, f"no model named {name!r}", param="model", code="model_not_found")
+
+    async def _metrics(self, req, reader, writer, keep) -> int:
+        data = await self._call("stats", {})
+        body = self.prometheus(data).encode()
+        await self._send(writer, 200, body, "text/plain; version=0.0.4; charset=utf-8", keep)
+        return 200
+
+    def prometheus(self, s: dict) -> str:
+        out: list[str] = []
+
+        def metric(name, kind, help_, samples):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+                out.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
+
+        metric("hublab_requests_total", "counter", "Requests handled by the daemon, by op.",
+               [({"op": op}, n) for op, n in sorted(s["by_op"].items())] or [({}, 0)])
+        metric("hublab_request_errors_total", "counter", "Requests that ended in an error.",
+               [({}, s["errors"])])
+        metric("hublab_generations_total", "counter", "Completed generations.",
+               [({}, s["generations"])])
+        metric("hublab_prompt_tokens_total", "counter", "Prompt tokens processed.",
+               [({}, s["prompt_tokens"])])
+        metric("hublab_tokens_generated_total", "counter", "Tokens generated.",
+               [({}, s["completion_tokens"])])
+        metric("hublab_last_tokens_per_second", "gauge", "Generation speed of the last answer.",
+               [({}, s["last_tps"] or 0.0)])
+        metric("hublab_last_ttft_seconds", "gauge", "Time to first token of the last answer.",
+               [({}, s["last_ttft_s"] or 0.0)])
+        metric("hublab_memory_used_bytes", "gauge", "Estimated memory of the loaded models.",
+               [({}, s["used_mb"] * 1048576)])
+        metric("hublab_memory_budget_bytes", "gauge", "Memory budget for models.",
+               [({}, s["budget_mb"] * 1048576)])
+        metric("hublab_models_loaded", "gauge", "Models resident in memory.",
+               [({}, len(s["resident"]))])
+        metric("hublab_model_loaded", "gauge", "1 for each resident model (by config name).",
+               [({"model": n, "n_ctx": r["n_ctx"]}, 1) for r in s["resident"] for n in r["names"]])
+        metric("hublab_queue_running", "gauge", "Queued-op requests running now.",
+               [({}, self.dispatcher.running)])
+        metric("hublab_queue_waiting", "gauge", "Requests waiting in the queue.",
+               [({}, self.dispatcher.waiting)])
+        metric("hublab_http_requests_total", "counter", "HTTP requests by path and status.",
+               [({"path": p, "code": c}, n) for (p, c), n in sorted(self.counts.items())])
+        metric("hublab_uptime_seconds", "gauge", "Seconds since the daemon started.",
+               [({}, s["uptime_s"])])
+        return "\n".join(out) + "\n"
+
+    async def _chat(self, req, reader, writer, keep) -> int:
+        body = req.json()
+        messages = _chat_messages(body.get("messages"))
+        return await self._generate(req, reader, writer, keep, body, {"messages": messages},
+                                    chat=True)
+
+    async def _completions(self, req, reader, writer, keep) -> int:
+        body = req.json()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise HttpError(400, "'prompt' must be a string (one prompt per request)",
+                            param="prompt")
+        if body.get("echo"):
+            raise HttpError(400, "'echo' is not supported", param="echo")
+        return await self._generate(req, reader, writer, keep, body, {"prompt": prompt},
+                                    chat=False)
+
+    async def _generate(self, req, reader, writer, keep, body: dict, params: dict, *,
+                        chat: bool) -> int:
+        if body.get("n", 1) != 1:
+            raise HttpError(400, "only n = 1 is supported", param="n")
+        options = _options(body)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise HttpError(400, "'model' must be a string", param="model")
+        if model:
+            params["model"] = model
+        if options:
+            params["options"] = options
+        stream = bool(body.get("stream", False))
+        want_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+        created = int(time.time())
+        job = self.dispatcher.new_job(f"http-{protocol.new_id()}", "generate")
+        rid = ("chatcmpl-" if chat else "cmpl-") + job.id
+        watcher = asyncio.ensure_future(_watch_disconnect(reader, writer, job))
+        try:
+            if stream:
+                req.close_after = req.version != "HTTP/1.1"
+                return await self._stream(writer, job, params, rid, created, chat, want_lp,
+                                          usage_in_stream, not req.close_after)
+            return await self._whole(writer, job, params, rid, created, chat, want_lp, keep)
+        finally:
+            watcher.cancel()
+
+    async def _whole(self, writer, job, params, rid, created, chat, want_lp, keep) -> int:
+        tokens: list[dict] = []
+        final: dict = {}
+
+        async def send(ev):
+            if ev["type"] == "token":
+                tokens.append(ev)
+            elif ev["type"] in protocol.TERMINAL:
+                final["ev"] = ev
+
+        await self.dispatcher.submit(job, params, send)
+        ev = final["ev"]
+        if ev["type"] == "error":
+            raise HttpError.from_event(ev)
+        data = ev["data"]
+        model = data.get("model")
+        lp = {"content": [_lp_entry(t) for t in tokens]} if want_lp else None
+        reason = _finish(data.get("finish_reason"))
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": data["text"]},
+                      "logprobs": lp, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": data["text"], "logprobs": lp, "finish_reason": reason}
+        await self._send_json(writer, 200, {
+            "id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": model, "choices": [choice], "usage": _usage(data)}, keep)
+        return 200
+
+    async def _stream(self, writer, job, params, rid, created, chat, want_lp, usage_in_stream,
+                      chunked: bool) -> int:
+        state = {"started": False, "role_sent": False, "model": params.get("model"), "status": 200}
+        obj_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice: dict | None, **extra) -> dict:
+            return {"id": rid, "object": obj_name, "created": created, "model": state["model"],
+                    "choices": [choice] if choice is not None else [], **extra}
+
+        async def write_sse(obj) -> None:
+            payload = b"data: " + (obj if isinstance(obj, bytes) else
+                                   json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(payload), payload) if chunked else payload)
+            await writer.drain()
+
+        async def start() -> None:
+            state["started"] = True
+            head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    "Cache-Control: no-cache\r\n"
+                    + ("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n" if chunked
+                       else "Connection: close\r\n") + "\r\n")
+            writer.write(head.encode())
+            await writer.drain()
+
+        async def send(ev):
+            kind = ev["type"]
+            if kind == "error" and not state["started"]:
+                state["error"] = ev  # nothing sent yet: a proper HTTP error status
+                return
+            if not state["started"]:
+                await start()
+            if kind == "token":
+                lp = {"content": [_lp_entry(ev)]} if want_lp else None
+                if chat:
+                    delta = {"content": ev["text"]}
+                    if not state["role_sent"]:
+                        delta = {"role": "assistant", **delta}
+                        state["role_sent"] = True
+                    await write_sse(chunk({"index": 0, "delta": delta, "logprobs": lp,
+                                           "finish_reason": None}))
+                else:
+                    await write_sse(chunk({"index": 0, "text": ev["text"], "logprobs": lp,
+                                           "finish_reason": None}))
+            elif kind == "result":
+                data = ev["data"]
+                state["model"] = data.get("model", state["model"])
+                reason = _finish(data.get("finish_reason"))
+                last = ({"index": 0, "delta": {} if state["role_sent"] else {"role": "assistant"},
+                         "logprobs": None, "finish_reason": reason} if chat else
+                        {"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
+                await write_sse(chunk(last))
+                if usage_in_stream:
+                    await write_sse(chunk(None, usage=_usage(data)))
+                await write_sse(b"[DONE]")
+            elif kind == "error":
+                await write_sse(HttpError.from_event(ev).body())
+                await write_sse(b"[DONE]")
+                state["status"] = HttpError.from_event(ev).status
+
+        await self.dispatcher.submit(job, params, send)
+        if "error" in state:
+            raise HttpError.from_event(state["error"])
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        return state["status"]  # HTTP/1.0: the stream ends when the connection closes
+
+
+async def _watch_disconnect(reader: asyncio.StreamReader, writer, job, every: float = 0.1) -> None:
+    """Cancel the job when the client hangs up (EOF seen by the reader; nothing is consumed)."""
+    while True:
+        if reader.at_eof() or writer.transport.is_closing():
+            job.request_cancel()
+            return
+        await asyncio.sleep(every)
+
+
+_OPENAI_OPTIONS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+                   "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "repeat_penalty": "repeat_penalty", "seed": "seed", "stop": "stop"}
+
+
+def _options(body: dict) -> dict:
+    out = {}
+    for key, target in _OPENAI_OPTIONS.items():
+        if body.get(key) is not None:
+            out[target] = body[key]
+    if body.get("frequency_penalty") not in (None, 0, 0.0) or \
+            body.get("presence_penalty") not in (None, 0, 0.0):
+        # llama.cpp's repeat penalty is the closest knob; say so rather than ignore silently
+        raise HttpError(400, "frequency_penalty/presence_penalty are not supported; use "
+                             "repeat_penalty (1.0 = off)", param="frequency_penalty")
+    try:
+        from hublabio.daemon.service import _check_options
+
+        _check_options(out)
+    except ProtocolError as exc:
+        param = str(exc).split(" ", 1)[0].removeprefix("options.")
+        raise HttpError(400, str(exc).replace("options.", ""), param=param) from None
+    return out
+
+
+def _chat_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise HttpError(400, "'messages' must be a non-empty array", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise HttpError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role, content = m.get("role"), m.get("content")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise HttpError(400, f"messages[{i}].role must be system, user or assistant, got "
+                                 f"{role!r}", param=f"messages[{i}].role")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) for p in content) or \
+                    any(p.get("type") != "text" for p in content):
+                raise HttpError(400, f"messages[{i}].content: only text parts are supported",
+                                param=f"messages[{i}].content")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise HttpError(400, f"messages[{i}].content must be a string",
+                            param=f"messages[{i}].content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _model_obj(m: dict) -> dict:
+    return {"id": m["name"], "object": "model", "created": 0, "owned_by": "hublab",
+            "loaded": m.get("loaded", False), "quantization": m.get("quantization"),
+            "parameters": m.get("parameters")}
+
+
+def _lp_entry(ev: dict) -> dict:
+    text = ev["text"]
+    return {"token": text, "logprob": ev.get("logprob"), "bytes": list(text.encode("utf-8")),
+            "top_logprobs": []}
+
+
+def _usage(data: dict) -> dict:
+    p, c = data.get("prompt_tokens", 0), data.get("completion_tokens", 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _esc(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+_ROUTES = {
+    "/health": ("GET", HttpApi._health),
+    "/metrics": ("GET", HttpApi._metrics),
+    "/v1/models": ("GET", HttpApi._models),
+    "/v1/chat/completions": ("POST", HttpApi._chat),
+    "/v1/completions": ("POST", HttpApi._completions),
+}

@@ -1,0 +1,453 @@
+"""hublabd's asyncio Unix-socket server: JSON lines in, events out (hublabio.protocol).
+
+- several clients at once, several requests per connection (each event carries its request id);
+- queued ops (generate, ask, models.load, benchmark, ...) run one at a time; at most
+  `queue_size` wait behind the running one, and one more gets an immediate `busy` error;
+- `{"op": "cancel", "target": id}` cancels a waiting or running request; a client that
+  disconnects cancels all of its requests;
+- `Server.shutdown()` (SIGTERM in hublabd) stops accepting, cancels what runs, closes the
+  model pool and removes the socket.
+
+`start_in_thread()` runs the same server on an event loop in a background thread (the shell
+uses it when no daemon is listening).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hublabio import paths, protocol
+from hublabio.config import DaemonSettings
+from hublabio.daemon.service import Service
+from hublabio.errors import BusyError, Cancelled, DaemonUnavailable, HublabError, ProtocolError
+
+log = logging.getLogger("hublabd")
+
+SOCKET_MODE = 0o660
+MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    op: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False
+
+    def request_cancel(self) -> None:
+        self.cancel.set()
+        self.cancelled.set()
+
+
+class Dispatcher:
+    """Runs ops for any transport: light ops at once in a worker thread, queued ops one at a
+    time behind a bounded queue. Events are handed to an async `send` callback."""
+
+    def __init__(self, service: Service, queue_size: int):
+        self.service = service
+        self.queue_size = max(0, int(queue_size))
+        self._slot = asyncio.Semaphore(1)
+        self.running = 0
+        self.waiting = 0
+        self.jobs: set[Job] = set()  # every live job, for cancel by id from any connection
+        self._tasks: set[asyncio.Task] = set()
+
+    def new_job(self, request_id: str, op: str) -> Job:
+        job = Job(request_id, op)
+        self.jobs.add(job)
+        return job
+
+    def cancel(self, request_id: str) -> bool:
+        found = False
+        for job in list(self.jobs):
+            if job.id == request_id:
+                job.request_cancel()
+                found = True
+        return found
+
+    def cancel_all(self) -> None:
+        for job in list(self.jobs):
+            job.request_cancel()
+
+    async def submit(self, job: Job, params: dict, send) -> None:
+        """Run `job` and pass each of its events to `await send(ev)`; always ends with exactly
+        one terminal event. `send` failing (client gone) cancels the job."""
+        async def safe_send(ev):
+            try:
+                await send(ev)
+            except Exception:  # noqa: BLE001 - the client went away: stop the work
+                job.request_cancel()
+
+        try:
+            try:
+                spec = self.service.spec(job.op)
+                self.service.check_params(spec, params)
+            except HublabError as exc:
+                await safe_send(protocol.error_event(exc, job.id))
+                return
+            if not spec.queued:
+                await self._execute(job, params, safe_send)
+                return
+            if self.running and self.waiting >= self.queue_size:
+                with self.service._lock:
+                    self.service.stats.busy += 1
+                exc = BusyError(f"daemon busy: {self.running} request running and {self.waiting} "
+                                f"waiting (queue_size={self.queue_size}); try again shortly")
+                await safe_send(protocol.error_event(exc, job.id))
+                return
+            if not await self._wait_turn(job):
+                await safe_send(protocol.error_event(
+                    Cancelled(f"request {job.id} cancelled while waiting in the queue"), job.id))
+                return
+            try:
+                self.running += 1
+                await self._execute(job, params, safe_send)
+            finally:
+                self.running -= 1
+                self._slot.release()
+        finally:
+            self.jobs.discard(job)
+
+    async def _wait_turn(self, job: Job) -> bool:
+        """Wait for the run slot unless cancelled first. True when the slot is now held."""
+        if job.cancelled.is_set():
+            return False
+        self.waiting += 1
+        acquire = asyncio.ensure_future(self._slot.acquire())
+        cancelled = asyncio.ensure_future(job.cancelled.wait())
+        try:
+            await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.waiting -= 1
+            cancelled.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        try:
+            await acquire
+        except asyncio.CancelledError:
+            return False
+        if job.cancelled.is_set():
+            self._slot.release()
+            return False
+        return True
+
+    async def _execute(self, job: Job, params: dict, send) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job.started = True
+
+        def work():
+            try:
+                for ev in self.service.run(job.op, params, request_id=job.id, cancel=job.cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except BaseException as exc:  # noqa: BLE001 - report, never lose the terminal event
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, protocol.error_event(exc, job.id))
+
+        thread = threading.Thread(target=work, name=f"hublabd-{job.op}-{job.id}", daemon=True)
+        thread.start()
+        while True:
+            ev = await queue.get()
+            await send(ev)
+            if ev["type"] in protocol.TERMINAL:
+                break
+        await loop.run_in_executor(None, thread.join)
+
+    def track(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for running requests to finish (after cancel_all). True when all ended."""
+        if not self._tasks:
+            return True
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+
+class Connection:
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.lock = asyncio.Lock()
+        self.jobs: dict[str, Job] = {}
+        self.closed = False
+
+    async def send(self, ev: dict) -> None:
+        if self.closed:
+            raise ConnectionResetError("client disconnected")
+        data = protocol.encode(ev)
+        async with self.lock:
+            self.writer.write(data)
+            await self.writer.drain()
+
+
+class Server:
+    """The Unix-socket front of a Service (and, when asked, the HTTP API on the same loop)."""
+
+    def __init__(self, service: Service, socket_path: str | os.PathLike | None = None, *,
+                 queue_size: int | None = None, http: str | None = None):
+        self.service = service
+        settings = service.settings
+        self.socket_path = Path(socket_path or settings.socket or paths.socket_path()).absolute()
+        self.http_listen = http if http is not None else settings.http
+        self.http_address: tuple[str, int] | None = None
+        self.queue_size = settings.queue_size if queue_size is None else queue_size
+        self.dispatcher: Dispatcher | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._http = None
+        self._stopped: asyncio.Event | None = None
+        self._reaper: asyncio.Task | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.dispatcher = Dispatcher(self.service, self.queue_size)
+        self._stopped = asyncio.Event()
+        _prepare_socket_path(self.socket_path)
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self.socket_path),
+                                                       limit=protocol.MAX_LINE + 2)
+        os.chmod(self.socket_path, SOCKET_MODE)
+        if self.http_listen:
+            from hublabio.daemon.http import start_http
+
+            try:
+                self._http, self.http_address = await start_http(self.dispatcher, self.service,
+                                                                 self.http_listen)
+            except BaseException:
+                await self._close_socket()
+                raise
+        ttl = self.service.settings.idle_ttl_s
+        if ttl and ttl > 0:
+            self._reaper = asyncio.ensure_future(self._reap_loop(min(60.0, max(ttl / 4, 0.05))))
+        log.info("listening on %s%s", self.socket_path,
+                 f" and http://{self.http_address[0]}:{self.http_address[1]}" if self.http_address else "")
+
+    def request_stop(self) -> None:
+        """Ask serve_forever() to shut down (call on the loop's thread)."""
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        await self._close_socket()
+        if self._http is not None:
+            self._http.close()
+            with contextlib.suppress(Exception):
+                await self._http.wait_closed()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        self.dispatcher.cancel_all()
+        if not await self.dispatcher.drain(SHUTDOWN_GRACE_S):
+            log.warning("some requests did not stop within %.0f s", SHUTDOWN_GRACE_S)
+        for task in list(self._connections):
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, self.service.close), SHUTDOWN_GRACE_S)
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            log.exception("closing the model pool failed")
+        log.info("stopped")
+
+    async def _close_socket(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    async def _reap_loop(self, every: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            if self.dispatcher.running:
+                continue
+            try:
+                gone = await loop.run_in_executor(None, self.service.pool.reap_idle)
+                if gone:
+                    log.info("unloaded idle model(s): %s", ", ".join(gone))
+            except Exception:  # noqa: BLE001
+                log.exception("idle unload failed")
+
+    # ---- connections ---------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        conn = Connection(writer)
+        splitter = protocol.LineSplitter()
+        try:
+            while True:
+                try:
+                    data = await reader.read(65536)
+                except (ConnectionError, OSError):
+                    break
+                if not data:
+                    break
+                for line in splitter.feed(data):
+                    await self._on_line(conn, line)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            conn.closed = True
+            for job in list(conn.jobs.values()):
+                job.request_cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self._connections.discard(task)
+
+    async def _on_line(self, conn: Connection, line) -> None:
+        async def reply(ev):
+            with contextlib.suppress(ConnectionError, OSError):
+                await conn.send(ev)
+
+        if isinstance(line, protocol.TooLong):
+            await reply(protocol.error_event(ProtocolError(
+                f"request line of {line.size} bytes exceeds the {protocol.MAX_LINE}-byte limit")))
+            return
+        try:
+            req = protocol.decode_request(line)
+        except protocol.RequestError as exc:
+            await reply(protocol.error_event(exc, exc.request_id))
+            return
+        if req.op == "cancel":
+            target = req.params.get("target")
+            if not isinstance(target, str):
+                await reply(protocol.error_event(ProtocolError('cancel needs "target", the id of '
+                                                               "the request to cancel"), req.id))
+                return
+            job = conn.jobs.get(target)
+            if job is not None:
+                job.request_cancel()
+                found = True
+            else:
+                found = self.dispatcher.cancel(target)
+            await reply(protocol.result({"target": target, "cancelled": found}, req.id))
+            return
+        if req.id in conn.jobs:
+            await reply(protocol.error_event(ProtocolError(
+                f"request id {req.id!r} is already in use by a running request"), req.id))
+            return
+        job = self.dispatcher.new_job(req.id, req.op)
+        conn.jobs[req.id] = job
+
+        async def run():
+            try:
+                await self.dispatcher.submit(job, req.params, conn.send)
+            finally:
+                conn.jobs.pop(req.id, None)
+
+        self.dispatcher.track(run())
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Create the folder; remove a stale socket; refuse when a daemon already listens there."""
+    if len(os.fsencode(path)) > MAX_SUN_PATH:
+        raise DaemonUnavailable(f"socket path is {len(os.fsencode(path))} bytes, over the "
+                                f"{MAX_SUN_PATH}-byte limit of Unix sockets: {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DaemonUnavailable(f"{path} exists and is not a socket; remove it or choose another "
+                                "--socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale socket of a daemon that died
+            return
+        raise DaemonUnavailable(f"cannot use socket {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise DaemonUnavailable(f"a daemon is already listening on {path}")
+
+
+# ---- running in a background thread ---------------------------------------------------------
+
+class DaemonHandle:
+    """A daemon running on its own event loop in a background thread."""
+
+    def __init__(self, server: Server, thread: threading.Thread, loop: asyncio.AbstractEventLoop):
+        self.server = server
+        self.service = server.service
+        self.socket_path = server.socket_path
+        self.http_address = server.http_address
+        self._thread = thread
+        self._loop = loop
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Shut down (cancel running requests, close the pool, remove the socket) and wait."""
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.server.request_stop)
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> "DaemonHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_in_thread(service_or_settings: Service | DaemonSettings | None = None,
+                    socket_path: str | os.PathLike | None = None, *, http: str | None = None,
+                    queue_size: int | None = None) -> DaemonHandle:
+    """Start a daemon in a background thread and return once it listens (errors raised here)."""
+    if isinstance(service_or_settings, Service):
+        service = service_or_settings
+    else:
+        service = Service(service_or_settings)
+    server = Server(service, socket_path, http=http, queue_size=queue_size)
+    started = threading.Event()
+    box: dict = {}
+
+    def main():
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        box["loop"] = loop
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+            started.set()
+            loop.run_until_complete(loop.run_in_executor(None, service.close))
+            loop.close()
+            return
+        started.set()
+        try:
+            loop.run_until_complete(server.serve_forever())
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    thread = threading.Thread(target=main, name="hublabd", daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in box:
+        raise box["error"]
+    return DaemonHandle(server, thread, box["loop"])

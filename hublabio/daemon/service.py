@@ -1,0 +1,573 @@
+"""The daemon's operations, free of any transport (the socket server and the HTTP API both call
+`Service.run`).
+
+An op is a function registered with `@op("name")`, called in a worker thread (llama.cpp calls
+block) as `fn(service, req, **params)`, where `req.id` is the request id and `req.cancel` a
+threading.Event set when the client cancels or disconnects. A plain function returns the result
+dict; a generator yields events (`protocol.token(text, logprob)`, `protocol.info(text)`) and
+returns the result dict. Raising a HublabError sends an error event with its code.
+
+`queued=True` ops (generation, loading, benchmarks) go through the daemon's bounded queue and run
+one at a time; the others (hello, models.list, info, stats, config.*) are answered at once.
+A later registration of a name replaces the earlier one (hublabio/daemon/ops_moe.py, when it
+exists, re-registers "ask" to route through the experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import hublabio
+from hublabio import paths, protocol
+from hublabio.config import (
+    DaemonSettings,
+    ModelConfig,
+    effective_inference,
+    load_model_dir,
+    read_settings,
+    update_settings,
+    validate_inference_override,
+)
+from hublabio.errors import ConfigError, GGUFError, HublabError, ModelNotFound, ProtocolError
+
+log = logging.getLogger("hublabd")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    fn: Callable
+    queued: bool
+    params: frozenset[str] | None  # None: the function takes **kwargs
+    required: frozenset[str]
+    streaming: bool
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def op(name: str, *, queued: bool = False):
+    """Register `fn(service, req, **params)` as the handler of op `name` (replacing any earlier)."""
+
+    def register(fn):
+        sig = inspect.signature(fn)
+        ps = list(sig.parameters.values())[2:]
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in ps)
+        names = frozenset(p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        required = frozenset(p.name for p in ps if p.default is p.empty
+                             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        OPS[name] = OpSpec(name, fn, queued, None if takes_any else names, required,
+                           inspect.isgeneratorfunction(fn))
+        return fn
+
+    return register
+
+
+@dataclass
+class Req:
+    id: str
+    op: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+    by_op: dict = field(default_factory=dict)
+    generations: int = 0
+    cancelled: int = 0
+    busy: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_tps: float | None = None
+    last_ttft_s: float | None = None
+    last_model: str | None = None
+
+
+def _mb(n_bytes: int | float) -> float:
+    return round(n_bytes / (1024 * 1024), 1)
+
+
+class Service:
+    """Settings, the model pool, the model configs (re-read when a *.toml in the models dir
+    changes) and counters. Thread-safe: ops run in worker threads."""
+
+    def __init__(self, settings: DaemonSettings | None = None, *, board=None, pool=None):
+        self.settings = settings or DaemonSettings()
+        self.models_dir = Path(self.settings.models_dir or paths.models_dir()).expanduser().absolute()
+        if board is None:
+            from hublabio.board import detect_board
+
+            board = detect_board()
+        self.board = board
+        if pool is None:
+            from hublabio.board import budget_mb
+            from hublabio.pool import ModelPool
+
+            pool = ModelPool(budget_mb(self.settings, self.board),
+                             idle_ttl_s=self.settings.idle_ttl_s,
+                             n_threads=self.settings.threads or None,
+                             use_mmap=self.settings.mmap, use_mlock=self.settings.mlock)
+        self.pool = pool
+        self.stats = Stats()
+        self._lock = threading.RLock()
+        self._configs: list[ModelConfig] = []
+        self._config_errors: list[ConfigError] = []
+        self._config_sig: tuple | None = None
+        self._adhoc: dict[str, ModelConfig] = {}  # models loaded by path with `models.load`
+        self._current: str | None = None
+        self._info_cache: dict[tuple, Any] = {}
+        self.ops = OPS
+        _load_extensions()
+
+    # ---- configs -------------------------------------------------------------------------
+    def _signature(self) -> tuple:
+        sig = []
+        try:
+            for p in sorted(self.models_dir.glob("*.toml")):
+                try:
+                    st = p.stat()
+                    sig.append((p.name, st.st_mtime_ns, st.st_size))
+                except FileNotFoundError:
+                    continue
+        except OSError:
+            pass
+        return tuple(sig)
+
+    def configs(self) -> tuple[list[ModelConfig], list[ConfigError]]:
+        """The model configs, re-read when any top-level *.toml changed (added, removed, edited)."""
+        with self._lock:
+            sig = self._signature()
+            if sig != self._config_sig:
+                self._configs, self._config_errors = load_model_dir(self.models_dir)
+                self._config_sig = sig
+                for err in self._config_errors:
+                    log.warning("skipped model config: %s", err)
+                if self._current and self._find(self._current) is None:
+                    self._current = None
+            return list(self._configs), list(self._config_errors)
+
+    def _find(self, name: str) -> ModelConfig | None:
+        for cfg in self._configs:
+            if cfg.name == name:
+                return cfg
+        return self._adhoc.get(name)
+
+    def default_config(self) -> ModelConfig:
+        """The current model: the one last loaded with models.load, else the first config
+        (model-config.toml sorts first)."""
+        configs, errors = self.configs()
+        with self._lock:
+            if self._current:
+                cfg = self._find(self._current)
+                if cfg is not None:
+                    return cfg
+        if not configs:
+            where = f"{self.models_dir}"
+            why = f"; skipped: {'; '.join(map(str, errors))}" if errors else ""
+            raise ModelNotFound(f"no model configured in {where} (add a model-config.toml){why}")
+        return configs[0]
+
+    def config_for(self, name: str | None) -> ModelConfig:
+        """A config by name (None = the current model); a path to a .gguf file works too."""
+        if not name:
+            return self.default_config()
+        configs, errors = self.configs()
+        with self._lock:
+            cfg = self._find(name)
+        if cfg is not None:
+            return cfg
+        p = Path(name).expanduser()
+        if p.suffix == ".gguf" or "/" in name:
+            if not p.is_file():
+                raise ModelNotFound(f"no model named {name!r} and no such file: {p}")
+            p = p.absolute()
+            cfg = ModelConfig(name=p.stem, type="gguf", path=p, source=p, path_spec=str(p))
+            with self._lock:
+                self._adhoc[cfg.name] = cfg
+            return cfg
+        known = ", ".join(c.name for c in configs) or "none"
+        bad = [str(e) for e in errors if name in str(e.path)]
+        hint = f"; its config was skipped: {bad[0]}" if bad else ""
+        raise ModelNotFound(f"no model named {name!r} (known: {known}){hint}")
+
+    def set_current(self, name: str) -> None:
+        with self._lock:
+            self._current = name
+
+    def inference(self, cfg: ModelConfig):
+        """The model's [inference] with the user's persisted `ai config` overrides."""
+        return effective_inference(cfg, read_settings())
+
+    def model_info(self, path: Path):
+        """GGUF header facts, cached per (path, mtime, size). Raises GGUFError."""
+        from hublabio.gguf_info import read_gguf_info
+
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._info_cache.get(key)
+        if hit is None:
+            hit = read_gguf_info(path)
+            with self._lock:
+                self._info_cache[key] = hit
+        return hit
+
+    def is_loaded(self, name: str) -> bool:
+        return any(name in r.names for r in self.pool.resident())
+
+    # ---- running ops ---------------------------------------------------------------------
+    def spec(self, name: str) -> OpSpec:
+        spec = self.ops.get(name)
+        if spec is None:
+            raise ProtocolError(f"unknown op {name!r}; known ops: {', '.join(sorted(self.ops))}")
+        return spec
+
+    def check_params(self, spec: OpSpec, params: dict) -> None:
+        if spec.params is not None:
+            unknown = sorted(set(params) - spec.params)
+            if unknown:
+                known = ", ".join(sorted(spec.params)) or "none"
+                raise ProtocolError(f"op {spec.name!r}: unknown parameter {unknown[0]!r} "
+                                    f"(parameters: {known})")
+        missing = sorted(spec.required - set(params))
+        if missing:
+            raise ProtocolError(f"op {spec.name!r}: missing parameter {missing[0]!r}")
+
+    def run(self, name: str, params: dict | None = None, *, request_id: str | None = None,
+            cancel: threading.Event | None = None) -> Iterator[dict]:
+        """Run one op in the calling thread: yields its events, each stamped with the request
+        id, ending with exactly one result or error event. Never raises (a bug in an op becomes
+        an "internal" error event)."""
+        params = params or {}
+        req = Req(request_id or protocol.new_id(), name, cancel or threading.Event())
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
+        try:
+            spec = self.spec(name)
+            self.check_params(spec, params)
+            if spec.streaming:
+                gen = spec.fn(self, req, **params)
+                while True:
+                    try:
+                        ev = next(gen)
+                    except StopIteration as stop:
+                        data = stop.value
+                        break
+                    ev["id"] = req.id
+                    yield ev
+            else:
+                data = spec.fn(self, req, **params)
+            yield protocol.result(data, req.id)
+        except GeneratorExit:
+            req.cancel.set()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error event
+            with self._lock:
+                self.stats.errors += 1
+            if not isinstance(exc, HublabError):
+                log.exception("op %s failed", name)
+            yield protocol.error_event(exc, req.id)
+
+    def call(self, name: str, **params) -> dict:
+        """Run an op to completion and return its result data (raises its error)."""
+        data = None
+        for ev in self.run(name, params):
+            if ev["type"] == "result":
+                data = ev["data"]
+            elif ev["type"] == "error":
+                raise protocol.exception_from_event(ev)
+        return data
+
+    def record_generation(self, model: str, stats) -> None:
+        with self._lock:
+            s = self.stats
+            s.generations += 1
+            if stats.finish_reason == "cancelled":
+                s.cancelled += 1
+            s.prompt_tokens += stats.prompt_tokens
+            s.completion_tokens += stats.completion_tokens
+            if stats.gen_tps:
+                s.last_tps = stats.gen_tps
+            if stats.completion_tokens:
+                s.last_ttft_s = stats.ttft_s
+            s.last_model = model
+
+    def stream_generation(self, req: Req, cfg: ModelConfig, prompt, options: dict | None = None,
+                          *, system_prompt: bool = False) -> Iterator[dict]:
+        """Generate with `cfg` (its effective inference settings + per-request `options`),
+        yielding token events; returns the result data. Used by generate/ask and the HTTP API."""
+        from hublabio.engine import SamplingOptions
+
+        if cfg.type != "gguf":
+            raise HublabError(f"model {cfg.name!r} is type {cfg.type!r}: only local GGUF models "
+                              "can generate on this device")
+        if cfg.missing:
+            raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
+        inf = self.inference(cfg)
+        opts = SamplingOptions.from_inference(inf, **_check_options(options))
+        if system_prompt and inf.system_prompt and isinstance(prompt, list) \
+                and not any(m.get("role") == "system" for m in prompt):
+            prompt = [{"role": "system", "content": inf.system_prompt}, *prompt]
+        if not self.is_loaded(cfg.name):
+            yield protocol.info(f"loading {cfg.name} ...")
+        parts: list[str] = []
+        with self.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
+            for tok in engine.generate(prompt, opts, adapter=cfg.adapter,
+                                       adapter_scale=cfg.adapter_scale, cancel=req.cancel):
+                parts.append(tok.text)
+                yield protocol.token(tok.text, tok.logprob)
+            stats = engine.last_stats
+        self.record_generation(cfg.name, stats)
+        return {"text": "".join(parts), "model": cfg.name, **stats.as_dict()}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+_OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
+                 "repeat_penalty": float, "seed": int, "stop": list}
+
+
+def _check_options(options: dict | None) -> dict:
+    """Per-request sampling overrides, typed and range-checked; an unknown key or a bad value is
+    an error naming the key."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ProtocolError(f"options must be an object, got {type(options).__name__}")
+    out = {}
+    for key, value in options.items():
+        want = _OPTION_TYPES.get(key)
+        if want is None:
+            raise ProtocolError(f"options: unknown key {key!r} (known: {', '.join(_OPTION_TYPES)})")
+        if value is None:
+            continue
+        if key == "stop":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+                raise ProtocolError("options.stop must be a string or a list of non-empty strings")
+            out[key] = tuple(value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (want is int and not float(value).is_integer()):
+            kind = "an integer" if want is int else "a number"
+            raise ProtocolError(f"options.{key} must be {kind}, got {value!r}")
+        value = want(value)
+        if key != "seed":
+            try:
+                value = validate_inference_override(key, value)
+            except ConfigError as exc:
+                raise ProtocolError(f"options.{key} {exc.message}") from None
+        out[key] = value
+    return out
+
+
+def _messages(messages, prompt) -> list[dict] | str:
+    if (messages is None) == (prompt is None):
+        raise ProtocolError("generate needs exactly one of 'messages' (chat) or 'prompt' (raw text)")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ProtocolError("prompt must be a string")
+        return prompt
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise ProtocolError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ProtocolError(f"messages[{i}].role must be system, user or assistant, "
+                                f"got {m['role']!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ---- core ops ----------------------------------------------------------------------------
+
+@op("hello")
+def _hello(svc: Service, req: Req) -> dict:
+    board = svc.board
+    return {
+        "version": hublabio.__version__, "protocol": protocol.VERSION,
+        "models_dir": str(svc.models_dir), "budget_mb": svc.pool.budget_mb,
+        "board": dataclasses.asdict(board) if dataclasses.is_dataclass(board) else str(board),
+        "ops": sorted(svc.ops),
+    }
+
+
+@op("models.list")
+def _models_list(svc: Service, req: Req) -> dict:
+    configs, errors = svc.configs()
+    current = svc.default_config().name if configs or svc._current else None
+    resident = {n for r in svc.pool.resident() for n in r.names}
+    models = []
+    for cfg in configs:
+        row = {"name": cfg.name, "type": cfg.type, "path": str(cfg.path) if cfg.path else cfg.url,
+               "loaded": cfg.name in resident, "pinned": cfg.pinned, "current": cfg.name == current,
+               "missing": cfg.missing, "size_mb": None, "quantization": None, "parameters": None,
+               "error": None}
+        if cfg.type == "gguf" and not cfg.missing:
+            row["size_mb"] = _mb(cfg.path.stat().st_size)
+            try:
+                info = svc.model_info(cfg.path)
+                row["quantization"] = info.quantization
+                row["parameters"] = info.parameters_human
+            except (GGUFError, OSError) as exc:
+                row["error"] = str(exc)
+        models.append(row)
+    return {"models": models, "models_dir": str(svc.models_dir),
+            "errors": [{"path": e.path, "key": e.key, "message": str(e)} for e in errors]}
+
+
+def _resident_rows(svc: Service) -> list[dict]:
+    return [{"names": list(r.names), "path": str(r.path), "n_ctx": r.n_ctx,
+             "memory_mb": round(r.estimate.total_mb, 1), "pinned": r.pinned,
+             "idle_s": round(time.monotonic() - r.last_used, 1) if r.last_used else None}
+            for r in svc.pool.resident()]
+
+
+@op("models.load", queued=True)
+def _models_load(svc: Service, req: Req, name: str | None = None, path: str | None = None,
+                 n_ctx: int | None = None) -> dict:
+    if (name is None) == (path is None):
+        raise ProtocolError("models.load needs exactly one of 'name' or 'path'")
+    cfg = svc.config_for(name or str(Path(path).expanduser().absolute()))
+    if cfg.type != "gguf":
+        raise HublabError(f"model {cfg.name!r} is type {cfg.type!r}: nothing to load locally")
+    if cfg.missing:
+        raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
+    info = svc.model_info(cfg.path)  # a corrupt file fails here, before llama.cpp sees it
+    inf = svc.inference(cfg)
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int)):
+        raise ProtocolError(f"n_ctx must be an integer, got {n_ctx!r}")
+    ctx = n_ctx or inf.context_size
+    t0 = time.perf_counter()
+    was_loaded = svc.is_loaded(cfg.name)
+    res = svc.pool.ensure_loaded(cfg, n_ctx=ctx)
+    svc.set_current(cfg.name)
+    return {"name": cfg.name, "path": str(cfg.path), "architecture": info.architecture,
+            "parameters": info.parameters, "parameters_human": info.parameters_human,
+            "quantization": info.quantization, "context_size": res.n_ctx,
+            "memory_mb": round(res.estimate.total_mb, 1), "load_s": round(time.perf_counter() - t0, 3),
+            "already_loaded": was_loaded, "used_mb": round(svc.pool.used_mb(), 1),
+            "budget_mb": svc.pool.budget_mb}
+
+
+@op("models.unload", queued=True)
+def _models_unload(svc: Service, req: Req, name: str | None = None) -> dict:
+    if name is not None and not svc.is_loaded(name):
+        loaded = ", ".join(n for r in svc.pool.resident() for n in r.names) or "none"
+        raise ModelNotFound(f"model {name!r} is not loaded (loaded: {loaded})")
+    return {"unloaded": svc.pool.unload(name), "used_mb": round(svc.pool.used_mb(), 1)}
+
+
+@op("info")
+def _info(svc: Service, req: Req) -> dict:
+    cfg = svc.default_config()
+    out = {"model": cfg.name, "path": str(cfg.path) if cfg.path else cfg.url,
+           "loaded": svc.is_loaded(cfg.name), "parameters": None, "parameters_human": None,
+           "quantization": None, "architecture": None, "context_size": svc.inference(cfg).context_size,
+           "used_mb": round(svc.pool.used_mb(), 1), "budget_mb": svc.pool.budget_mb,
+           "last_tps": svc.stats.last_tps, "resident": _resident_rows(svc)}
+    if cfg.type == "gguf" and not cfg.missing:
+        try:
+            info = svc.model_info(cfg.path)
+            out.update(parameters=info.parameters, parameters_human=info.parameters_human,
+                       quantization=info.quantization, architecture=info.architecture)
+        except GGUFError as exc:
+            out["error"] = str(exc)
+    return out
+
+
+@op("config.get")
+def _config_get(svc: Service, req: Req) -> dict:
+    cfg = svc.default_config()
+    inf = svc.inference(cfg)
+    return {"model": cfg.name, "settings": dataclasses.asdict(inf),
+            "overrides": read_settings().get("inference", {})}
+
+
+@op("config.set")
+def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
+    typed = validate_inference_override(key, value)
+    update_settings("inference", key, typed)
+    note = "applies to the next request"
+    if key == "context_size":
+        note = "the model reloads with the new context on its next request"
+    elif key == "threads":
+        note = "applies to models loaded from now on (ai unload to reload)"
+        if hasattr(svc.pool, "n_threads"):
+            svc.pool.n_threads = typed or None
+    return {"key": key, "value": typed, "note": note}
+
+
+@op("stats")
+def _stats(svc: Service, req: Req) -> dict:
+    with svc._lock:
+        s = dataclasses.asdict(svc.stats)
+    s["uptime_s"] = round(time.time() - s.pop("started"), 1)
+    s["used_mb"] = round(svc.pool.used_mb(), 1)
+    s["budget_mb"] = svc.pool.budget_mb
+    s["resident"] = _resident_rows(svc)
+    return s
+
+
+@op("benchmark", queued=True)
+def _benchmark(svc: Service, req: Req, name: str | None = None, pp: int = 128,
+               tg: int = 32) -> dict:
+    for key, val, hi in (("pp", pp, 8192), ("tg", tg, 4096)):
+        if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= hi:
+            raise ProtocolError(f"benchmark: {key} must be an integer in [1, {hi}], got {val!r}")
+    cfg = svc.config_for(name)
+    if cfg.missing:
+        raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
+    inf = svc.inference(cfg)
+    with svc.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
+        out = engine.bench(pp=pp, tg=tg)
+    info = svc.model_info(cfg.path)
+    return {"model": cfg.name, "parameters_human": info.parameters_human,
+            "quantization": info.quantization, **out}
+
+
+@op("generate", queued=True)
+def _generate(svc: Service, req: Req, messages: list | None = None, prompt: str | None = None,
+              model: str | None = None, options: dict | None = None):
+    text = _messages(messages, prompt)
+    cfg = svc.config_for(model)
+    return (yield from svc.stream_generation(req, cfg, text, options))
+
+
+@op("ask", queued=True)
+def _ask(svc: Service, req: Req, question: str, model: str | None = None,
+         options: dict | None = None):
+    if not isinstance(question, str) or not question.strip():
+        raise ProtocolError("ask needs a non-empty 'question'")
+    cfg = svc.config_for(model)
+    return (yield from svc.stream_generation(req, cfg, [{"role": "user", "content": question}],
+                                             options, system_prompt=True))
+
+
+def _load_extensions() -> None:
+    """Import optional op modules (they register with @op and may replace core ops)."""
+    for mod in ("hublabio.daemon.ops_moe",):
+        try:
+            if importlib.util.find_spec(mod) is None:
+                continue
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 - a broken extension must not stop the core ops
+            log.exception("could not load %s; the core ops still work", mod)

@@ -1,0 +1,435 @@
+"""hublabd end to end: the real SmolLM2 GGUF, a real daemon on a temp Unix socket, the real client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hublabio import protocol
+from hublabio.client import Client, connect_or_start
+from hublabio.config import DaemonSettings
+from hublabio.daemon import notify
+from hublabio.daemon.server import start_in_thread
+from hublabio.errors import (
+    BudgetError,
+    BusyError,
+    Cancelled,
+    ConfigError,
+    DaemonUnavailable,
+    GGUFError,
+    ModelNotFound,
+    ProtocolError,
+)
+
+MODEL = "smol"
+
+
+def write_model_config(folder: Path, gguf: Path, *, name: str = MODEL, file: str = "model-config.toml",
+                       max_tokens: int = 12, threads: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file
+    path.write_text(f"""
+[model]
+name = "{name}"
+path = "{gguf}"
+
+[inference]
+max_tokens = {max_tokens}
+temperature = 0.0
+context_size = 512
+threads = {threads}
+system_prompt = "You are a helpful assistant."
+""")
+    return path
+
+
+def short_dir() -> Path:
+    """Unix socket paths are limited to 107 bytes: keep them out of pytest's long tmp paths."""
+    return Path(tempfile.mkdtemp(prefix="hl", dir="/tmp"))
+
+
+def make_daemon(models: Path, **settings):
+    sock = short_dir() / "d.sock"
+    opts = {"models_dir": models, "idle_ttl_s": 0, "threads": 2, "budget_mb": 2048}
+    opts.update(settings)
+    return start_in_thread(DaemonSettings(**opts), sock)
+
+
+@pytest.fixture(scope="module")
+def models(smollm2_path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    write_model_config(folder, smollm2_path)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def daemon(models):
+    handle = make_daemon(models)
+    yield handle
+    handle.stop()
+    assert not handle.socket_path.exists()
+
+
+@pytest.fixture
+def client(daemon):
+    with Client(daemon.socket_path, timeout=120) as c:
+        yield c
+
+
+def wait_for(predicate, timeout=30.0, every=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_socket_mode_and_hello(daemon, client, models):
+    assert (daemon.socket_path.stat().st_mode & 0o777) == 0o660
+    hello = client.call("hello")
+    assert hello["protocol"] == protocol.VERSION
+    assert hello["models_dir"] == str(models)
+    assert hello["budget_mb"] == 2048
+    assert {"generate", "ask", "models.load", "models.list", "benchmark"} <= set(hello["ops"])
+
+
+def test_streamed_answer(client):
+    events = list(client.stream("generate", messages=[
+        {"role": "user", "content": "What is the capital of France?"}]))
+    tokens = [e for e in events if e["type"] == "token"]
+    result = events[-1]
+    assert result["type"] == "result"
+    assert len(tokens) >= 2
+    data = result["data"]
+    assert data["text"] == "".join(t["text"] for t in tokens)
+    assert "Paris" in data["text"]
+    assert 0 < data["completion_tokens"] <= 12
+    assert data["finish_reason"] in ("stop", "length")
+    assert all(t["logprob"] is None or t["logprob"] <= 0 for t in tokens)
+    assert data["model"] == MODEL and data["prompt_tokens"] > 5
+
+
+def test_ask_uses_current_model(client):
+    data = client.call("ask", question="Say hello.")
+    assert isinstance(data.get("text"), str) and data["text"].strip()
+
+
+def test_list_load_info_unload(client):
+    listed = client.call("models.list")
+    row = next(m for m in listed["models"] if m["name"] == MODEL)
+    assert row["quantization"] == "Q4_1" and row["parameters"] == "135M"
+    assert row["missing"] is None and row["size_mb"] > 50
+    loaded = client.call("models.load", name=MODEL)
+    assert loaded["parameters_human"] == "135M" and loaded["quantization"] == "Q4_1"
+    assert loaded["context_size"] == 512 and loaded["memory_mb"] > 50
+    info = client.call("info")
+    assert info["model"] == MODEL and info["loaded"] is True
+    assert 0 < info["used_mb"] <= info["budget_mb"]
+    assert client.call("models.unload", name=MODEL)["unloaded"] == [MODEL]
+    assert client.call("info")["loaded"] is False
+    with pytest.raises(ModelNotFound, match="not loaded"):
+        client.call("models.unload", name=MODEL)
+    with pytest.raises(ModelNotFound, match="known: smol"):
+        client.call("models.load", name="nope")
+
+
+def test_cancel_mid_generation(client):
+    stream = client.stream("generate", prompt="Once upon a time", options={"max_tokens": 300})
+    got = 0
+    for ev in stream:
+        if ev["type"] == "token":
+            got += 1
+            if got == 3:
+                stream.cancel()
+    assert stream.result["finish_reason"] == "cancelled"
+    assert stream.result["completion_tokens"] < 300
+    # the connection is still good
+    assert client.call("hello")["protocol"] == protocol.VERSION
+
+
+def test_client_disconnect_cancels(daemon, client):
+    before = client.call("stats")["cancelled"]
+    gone = Client(daemon.socket_path)
+    stream = gone.stream("generate", prompt="The history of Rome", options={"max_tokens": 400})
+    assert next(e for e in stream if e["type"] == "token")
+    gone._sock.close()  # vanish without a word
+    stats = wait_for(lambda: (s := client.call("stats"))["cancelled"] > before and s)
+    assert stats["completion_tokens"] > 0
+
+
+def test_concurrent_clients(daemon):
+    results, errors = [], []
+
+    def one(i):
+        try:
+            with Client(daemon.socket_path, timeout=120) as c:
+                results.append(c.call("generate", prompt=f"Count: {i},",
+                                      options={"max_tokens": 6}))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    with Client(daemon.socket_path) as c:  # light ops are answered while generations run
+        assert c.call("stats")["budget_mb"] == 2048
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(results) == 3 and all(r["completion_tokens"] >= 1 for r in results)
+
+
+def test_malformed_lines_keep_the_connection(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.socket_path))
+        s.sendall(b"{oops\n" + b'{"v": 9, "id": "a", "op": "hello"}\n'
+                  + b"x" * (protocol.MAX_LINE + 10) + b"\n" + b'{"v": 1, "id": "b", "op": "hello"}\n')
+        buf = b""
+        while buf.count(b"\n") < 4:
+            buf += s.recv(65536)
+    events = [protocol.decode_event(line) for line in buf.splitlines()]
+    assert [e["type"] for e in events] == ["error", "error", "error", "result"]
+    assert "not valid JSON" in events[0]["message"] and events[0]["id"] is None
+    assert "version mismatch" in events[1]["message"] and events[1]["id"] == "a"
+    assert "byte limit" in events[2]["message"]
+    assert events[3]["id"] == "b"
+
+
+def test_bad_params_name_the_parameter(client):
+    with pytest.raises(ProtocolError, match="unknown parameter 'colour'"):
+        client.call("generate", prompt="x", colour="red")
+    with pytest.raises(ProtocolError, match="options.temperature"):
+        client.call("generate", prompt="x", options={"temperature": 9})
+    with pytest.raises(ProtocolError, match="exactly one"):
+        client.call("generate")
+
+
+def test_config_set_persists_and_applies(client, isolated_state):
+    with pytest.raises(ConfigError, match="top_k"):
+        client.call("config.set", key="top_k", value="-3")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        client.call("config.set", key="colour", value="1")
+    out = client.call("config.set", key="max_tokens", value="3")
+    assert out["value"] == 3
+    assert "max_tokens = 3" in (isolated_state / "settings.toml").read_text()
+    assert client.call("config.get")["settings"]["max_tokens"] == 3
+    data = client.call("generate", prompt="One, two, three, four, five, six")
+    assert data["completion_tokens"] <= 3
+
+
+def test_benchmark(client):
+    data = client.call("benchmark", pp=16, tg=4)
+    assert data["pp"] == 16 and data["tg"] == 4
+    assert data["pp_tps"] > 0 and data["tg_tps"] > 0 and data["model"] == MODEL
+
+
+def test_busy_queue_answers_at_once(models):
+    with make_daemon(models, queue_size=1) as d, Client(d.socket_path, timeout=120) as a, \
+            Client(d.socket_path, timeout=120) as b, Client(d.socket_path, timeout=120) as c:
+        running = a.stream("generate", prompt="A long story:", options={"max_tokens": 400})
+        assert next(e for e in running if e["type"] == "token")
+        waiting = b.stream("generate", prompt="Hi", options={"max_tokens": 2})
+        wait_for(lambda: d.server.dispatcher.waiting == 1)
+        t0 = time.monotonic()
+        with pytest.raises(BusyError, match="queue_size=1"):
+            c.call("generate", prompt="Hi", options={"max_tokens": 2})
+        assert time.monotonic() - t0 < 2.0
+        assert c.call("stats")["busy"] == 1  # light ops still answered
+        running.cancel()
+        assert [e for e in running][-1]["data"]["finish_reason"] == "cancelled"
+        assert list(waiting)[-1]["data"]["completion_tokens"] >= 1
+
+
+def test_cancel_while_queued(models):
+    with make_daemon(models) as d, Client(d.socket_path, timeout=120) as a, \
+            Client(d.socket_path, timeout=120) as b:
+        running = a.stream("generate", prompt="A long story:", options={"max_tokens": 400})
+        assert next(e for e in running if e["type"] == "token")
+        queued = b.stream("generate", prompt="Hi")
+        wait_for(lambda: d.server.dispatcher.waiting == 1)
+        queued.cancel()
+        with pytest.raises(Cancelled, match="waiting in the queue"):
+            list(queued)
+        running.close()
+
+
+def test_budget_refusal_has_numbers(models):
+    with make_daemon(models, budget_mb=20) as d, Client(d.socket_path, timeout=120) as c:
+        with pytest.raises(BudgetError) as ei:
+            c.call("models.load", name=MODEL)
+        err = ei.value
+        assert err.budget_mb == 20 and err.needed_mb > 20 and err.in_use_mb == 0
+        assert "20" in str(err)
+        with pytest.raises(BudgetError):
+            c.call("generate", prompt="hi")
+        assert c.call("hello")["budget_mb"] == 20  # still alive
+
+
+def test_corrupt_gguf_is_an_error_event(models, smollm2_path, tmp_path):
+    folder = tmp_path / "m"
+    write_model_config(folder, smollm2_path)
+    truncated = folder / "truncated.gguf"
+    truncated.write_bytes(smollm2_path.read_bytes()[:4096])
+    garbage = folder / "garbage.gguf"
+    garbage.write_bytes(os.urandom(50_000))
+    write_model_config(folder, truncated, name="broken", file="broken.toml")
+    with make_daemon(folder) as d, Client(d.socket_path, timeout=120) as c:
+        with pytest.raises(GGUFError, match="truncated.gguf"):
+            c.call("models.load", name="broken")
+        with pytest.raises(GGUFError, match="garbage.gguf"):
+            c.call("models.load", path=str(garbage))
+        with pytest.raises(GGUFError):
+            c.call("generate", model="broken", prompt="hi")
+        row = next(m for m in c.call("models.list")["models"] if m["name"] == "broken")
+        assert row["error"] and "truncated.gguf" in row["error"]
+        assert c.call("generate", prompt="Hello", options={"max_tokens": 2})["completion_tokens"] >= 1
+
+
+def test_bad_toml_is_reported_and_the_rest_load(smollm2_path, tmp_path):
+    folder = tmp_path / "m"
+    write_model_config(folder, smollm2_path)
+    (folder / "bad.toml").write_text('[model]\nname = "bad"\npath = "x.gguf"\ncolour = "red"\n')
+    with make_daemon(folder) as d, Client(d.socket_path) as c:
+        listed = c.call("models.list")
+        assert [m["name"] for m in listed["models"]] == [MODEL]
+        (err,) = listed["errors"]
+        assert err["path"].endswith("bad.toml") and "colour" in err["key"]
+        # a package installed later is seen without a restart (mtime check)
+        write_model_config(folder, smollm2_path, name="second", file="second.toml")
+        assert [m["name"] for m in c.call("models.list")["models"]] == [MODEL, "second"]
+        (folder / "bad.toml").unlink()
+        assert c.call("models.list")["errors"] == []
+
+
+def test_missing_model_file_is_flagged(tmp_path):
+    folder = tmp_path / "m"
+    write_model_config(folder, tmp_path / "nowhere.gguf")
+    with make_daemon(folder) as d, Client(d.socket_path) as c:
+        (row,) = c.call("models.list")["models"]
+        assert "not found" in row["missing"]
+        with pytest.raises(ModelNotFound, match="nowhere.gguf"):
+            c.call("ask", question="hi")
+
+
+def test_second_daemon_on_same_socket_is_refused(daemon, models):
+    with pytest.raises(DaemonUnavailable, match="already listening"):
+        start_in_thread(DaemonSettings(models_dir=models, budget_mb=100), daemon.socket_path)
+    assert Client(daemon.socket_path).call("hello")  # the first one is untouched
+
+
+def test_connect_or_start(models, monkeypatch):
+    sock = short_dir() / "auto.sock"
+    with pytest.raises(DaemonUnavailable, match="no hublabd listening"):
+        Client(sock)
+    c, handle = connect_or_start(sock, models_dir=models, budget_mb=1000, threads=2)
+    try:
+        assert handle is not None and c.call("hello")["budget_mb"] == 1000
+        c2, h2 = connect_or_start(sock)  # now one listens: no second daemon
+        assert h2 is None and c2.call("hello")
+        c2.close()
+    finally:
+        c.close()
+        handle.stop()
+    assert not sock.exists()
+
+
+# ---- systemd notify and the real process ------------------------------------------------------
+
+def _recv_all(sock: socket.socket, until: str, timeout: float) -> list[str]:
+    msgs: list[str] = []
+    sock.settimeout(0.2)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            msgs.append(sock.recv(4096).decode())
+        except socket.timeout:
+            continue
+        if any(until in m for m in msgs):
+            break
+    return msgs
+
+
+def test_notify_abstract_socket_and_watchdog(monkeypatch):
+    import asyncio
+
+    name = f"hublab-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(b"\0" + name.encode())
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        monkeypatch.setenv("WATCHDOG_USEC", "100000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        assert notify.ready("up")
+        assert notify.watchdog_interval() == pytest.approx(0.05)
+
+        async def briefly():
+            task = asyncio.ensure_future(notify.watchdog_loop())
+            await asyncio.sleep(0.22)
+            task.cancel()
+
+        asyncio.run(briefly())
+        msgs = _recv_all(s, "never", 0.5)
+    assert msgs[0].startswith("READY=1\nSTATUS=up")
+    assert sum(m == "WATCHDOG=1" for m in msgs) >= 3
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert notify.watchdog_interval() is None  # the watchdog is another process's
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert notify.ready() is False
+
+
+def test_sigterm_subprocess_clean_exit(models, tmp_path):
+    base = short_dir()
+    sock, notify_path = base / "d.sock", base / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify_path))
+        env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
+        env.update(NOTIFY_SOCKET=str(notify_path), HUBLAB_STATE_DIR=str(tmp_path),
+                   WATCHDOG_USEC="400000")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hublabio.daemon.main", "--models-dir", str(models),
+             "--socket", str(sock), "--budget-mb", "900", "--threads", "2"],
+            env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            msgs = _recv_all(ns, "READY=1", 60)
+            assert any(m.startswith("READY=1") for m in msgs), msgs
+            assert (sock.stat().st_mode & 0o777) == 0o660
+            with Client(sock, timeout=120) as c:
+                assert c.call("hello")["budget_mb"] == 900
+                assert c.call("generate", prompt="Hi", options={"max_tokens": 2})
+            msgs = _recv_all(ns, "WATCHDOG=1", 5)
+            assert "WATCHDOG=1" in msgs
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            msgs = _recv_all(ns, "STOPPING=1", 2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stderr = proc.stderr.read()
+    assert any("STOPPING=1" in m for m in msgs)
+    assert not sock.exists()
+    assert "received SIGTERM" in stderr and "Traceback" not in stderr
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_daemon_cli_reports_bad_config(tmp_path):
+    bad = tmp_path / "hublab.toml"
+    bad.write_text("[daemon]\nqueue_sise = 3\n")
+    out = subprocess.run([sys.executable, "-m", "hublabio.daemon.main", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "hublab.toml" in out.stderr and "queue_sise" in out.stderr
+    help_ = subprocess.run([sys.executable, "-m", "hublabio.daemon.main", "--help"],
+                           capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--budget-mb" in help_.stdout and "SIGTERM" in help_.stdout
