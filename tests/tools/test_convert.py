@@ -334,16 +334,14 @@ def test_smollm2_round_trip(smollm2_path, tmp_path, test_threads):
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_models import hf_dir_from_gguf
 
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(smollm2_path, src / smollm2_path.name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=smollm2_path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=smollm2_path.name)
     hf = tmp_path / "hf"
-    model.save_pretrained(hf)
-    tok.save_pretrained(hf)
+    model, tok = hf_dir_from_gguf(src / smollm2_path.name, hf)
     out = convert(hf, tmp_path / "smollm2-f32.gguf", "f32", log=lambda *_: None)
     llm = llama_cpp(out, test_threads)
     text = "The capital of France is Paris. Raspberry Pi 5 has 8 GB of memory."

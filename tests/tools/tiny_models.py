@@ -194,3 +194,28 @@ def build(arch: str, out: Path, seed: int = 0, tokenizer_json_only: bool = False
 
 def read_config(out: Path) -> dict:
     return json.loads((out / "config.json").read_text())
+
+
+def hf_dir_from_gguf(gguf_path: Path, out: Path):
+    """A GGUF (e.g. the default SmolLM2 Q4_1) -> dequantized transformers checkpoint in `out`.
+    transformers refuses save_pretrained on a GGUF-loaded model, so the float32 state dict and
+    the config are written directly. Returns (model, tokenizer) loaded from `out`."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path.parent
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_path.name)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    tok.save_pretrained(out)
+    del model
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
