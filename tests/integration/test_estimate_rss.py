@@ -1,0 +1,82 @@
+"""The memory estimate against reality: load each real model with the daemon's Engine in a fresh
+process (so RSS starts clean), answer a prompt, and compare the process's RSS growth with
+budget.estimate_memory — it must be within ±15%, for two context sizes per model, both after a
+short question and after a prompt that fills one micro-batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hublabio.budget import estimate_memory
+from hublabio.gguf_info import read_gguf_info
+
+TOLERANCE = 0.15
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import psutil
+    from hublabio.engine import Engine, SamplingOptions
+
+    path, n_ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    engine = Engine(path, n_ctx=n_ctx, n_threads=threads)
+    loaded = proc.memory_info().rss
+    opts = SamplingOptions(max_tokens=8, temperature=0.0)
+    out = {"n_ctx": engine.n_ctx, "load": loaded - before}
+
+    text, _, stats = engine.complete([{"role": "user", "content": "What is the capital of France?"}], opts)
+    out["short"] = proc.memory_info().rss - before
+    out["short_tokens"] = [stats.prompt_tokens, stats.completion_tokens]
+
+    # a prompt filling one micro-batch (or most of a small context)
+    words = "the quick brown fox jumps over the lazy dog near a quiet river bank".split()
+    target = min(engine.n_batch, engine.n_ctx) - 24
+    prompt = " ".join(words[i % len(words)] for i in range(target))
+    while len(engine.tokenize(prompt)) > target:
+        prompt = prompt[: int(len(prompt) * 0.95)]
+    text, _, stats = engine.complete(prompt, opts)
+    out["long"] = proc.memory_info().rss - before
+    out["long_tokens"] = [stats.prompt_tokens, stats.completion_tokens]
+    engine.close()
+    print(json.dumps(out))
+""")
+
+
+def measure(path, n_ctx: int, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_ctx), str(threads)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(path, n_ctx, threads):
+    info = read_gguf_info(path)
+    est = estimate_memory(info, n_ctx)
+    got = measure(path, n_ctx, threads)
+    mib = 1024 * 1024
+    report = (f"{path.name} n_ctx={n_ctx}: estimate {est.describe()}; measured RSS growth "
+              f"load {got['load'] / mib:.1f}, after short prompt {got['short'] / mib:.1f} "
+              f"(tokens {got['short_tokens']}), after long prompt {got['long'] / mib:.1f} MiB "
+              f"(tokens {got['long_tokens']})")
+    print(report)
+    assert got["n_ctx"] == est.n_ctx, report
+    assert got["short_tokens"][1] > 0 and got["long_tokens"][0] > min(n_ctx, 512) // 2, report
+    for key in ("short", "long"):
+        measured = got[key] / mib
+        assert abs(est.total_mb - measured) <= TOLERANCE * measured, f"{key}: {report}"
+
+
+@pytest.mark.parametrize("n_ctx", [512, 4096])
+def test_smollm2_estimate_matches_rss(smollm2_path, n_ctx, test_threads):
+    check(smollm2_path, n_ctx, test_threads)
+
+
+@pytest.mark.parametrize("n_ctx", [1024, 8192])
+def test_gemma3_estimate_matches_rss(gemma_path, n_ctx, test_threads):
+    check(gemma_path, n_ctx, test_threads)
