@@ -547,9 +547,11 @@ def _benchmark(svc: Service, req: Req, name: str | None = None, pp: int = 128,
 @op("generate", queued=True)
 def _generate(svc: Service, req: Req, messages: list | None = None, prompt: str | None = None,
               model: str | None = None, options: dict | None = None):
+    """Chat messages (the model's system_prompt is added when they have no system message)
+    or a raw prompt (used as is)."""
     text = _messages(messages, prompt)
     cfg = svc.config_for(model)
-    return (yield from svc.stream_generation(req, cfg, text, options))
+    return (yield from svc.stream_generation(req, cfg, text, options, system_prompt=True))
 
 
 @op("ask", queued=True)

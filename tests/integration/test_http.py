@@ -1,0 +1,191 @@
+"""The OpenAI-compatible HTTP API with a real HTTP client (httpx) against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from hublabio.client import Client
+from hublabio.daemon.http import parse_listen
+from hublabio.errors import HublabError
+from .test_daemon import MODEL, make_daemon, wait_for, write_model_config
+
+
+@pytest.fixture(scope="module")
+def api(smollm2_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    write_model_config(folder, smollm2_path)
+    handle = make_daemon(folder, http="127.0.0.1:0")
+    host, port = handle.http_address
+    with httpx.Client(base_url=f"http://{host}:{port}", timeout=120) as http:
+        yield handle, http
+    handle.stop()
+
+
+def sse_events(response: httpx.Response) -> list:
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_listens_on_loopback_only(api):
+    handle, _ = api
+    assert handle.http_address[0] == "127.0.0.1" and handle.http_address[1] > 0
+
+
+def test_parse_listen():
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen(":9000") == ("127.0.0.1", 9000)
+    assert parse_listen("[::1]:80") == ("::1", 80)
+    for bad in ("8080", "host:99999", "a b:80", "127.0.0.1:x"):
+        with pytest.raises(HublabError, match="--http"):
+            parse_listen(bad)
+
+
+def test_health_and_models(api):
+    _, http = api
+    health = http.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    one = http.get(f"/v1/models/{MODEL}")
+    assert one.status_code == 200 and one.json()["quantization"] == "Q4_1"
+    assert http.get("/v1/models/nope").json()["error"]["code"] == "model_not_found"
+
+
+def test_chat_completion(api):
+    _, http = api
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 8, "temperature": 0, "logprobs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    lps = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in lps) == choice["message"]["content"]
+    assert all(e["logprob"] <= 0 for e in lps)
+
+
+def test_chat_completion_stream(api):
+    _, http = api
+    with http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["transfer-encoding"] == "chunked"
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and 0 < chunks[-1]["usage"]["completion_tokens"] <= 6
+
+
+def test_completions_with_and_without_stream(api):
+    _, http = api
+    r = http.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 5,
+                                           "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"]
+    with http.stream("POST", "/v1/completions", json={"prompt": "The sky is", "max_tokens": 5,
+                                                       "temperature": 0, "stream": True}) as s:
+        events = sse_events(s)
+    assert events[-1] == "[DONE]"
+    streamed = "".join(c["choices"][0]["text"] for c in events[:-1])
+    assert streamed == body["choices"][0]["text"]  # greedy: same text both ways
+
+
+def test_errors_use_openai_shape(api):
+    _, http = api
+    cases = [
+        (http.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}),
+         400, None),
+        (http.post("/v1/chat/completions", json={"messages": []}), 400, None),
+        (http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}),
+         400, None),
+        (http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": [
+            {"role": "user", "content": "hi"}]}), 404, "not_found"),
+        (http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                 "temperature": 7}), 400, None),
+        (http.get("/v1/chat/completions"), 405, "method_not_allowed"),
+        (http.get("/v2/everything"), 404, "unknown_url"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (r.request.url, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+        if code:
+            assert err["code"] == code
+    bad_temp = cases[4][0].json()["error"]
+    assert bad_temp["param"] == "temperature" and "temperature" in bad_temp["message"]
+
+
+def test_metrics(api):
+    _, http = api
+    http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+    text = http.get("/metrics")
+    assert text.headers["content-type"].startswith("text/plain")
+    lines = {ln.split(" ")[0]: ln.split(" ")[-1] for ln in text.text.splitlines()
+             if ln and not ln.startswith("#")}
+    assert float(lines["hublab_tokens_generated_total"]) > 0
+    assert float(lines['hublab_requests_total{op="generate"}']) >= 1
+    assert float(lines["hublab_memory_budget_bytes"]) == 2048 * 1048576
+    assert float(lines["hublab_memory_used_bytes"]) > 0
+    assert float(lines["hublab_models_loaded"]) == 1
+    assert any(k.startswith('hublab_model_loaded{model="smol"') for k in lines)
+    assert float(lines["hublab_last_tokens_per_second"]) > 0
+
+
+def test_http_client_hangup_cancels(api):
+    handle, http = api
+    with Client(handle.socket_path) as c:
+        before = c.call("stats")["cancelled"]
+        host, port = handle.http_address
+        body = json.dumps({"prompt": "A long story:", "max_tokens": 400, "stream": True}).encode()
+        with socket.create_connection((host, port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert b"data: " in s.recv(4096) or b"data: " in s.recv(4096)
+        wait_for(lambda: c.call("stats")["cancelled"] > before)
+
+
+def test_keep_alive_and_http10(api):
+    handle, http = api
+    host, port = handle.http_address
+    with socket.create_connection((host, port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n"
+                  b"Connection: close\r\n\r\n")
+        data = b""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 2  # two answers on one connection, then closed
+    with socket.create_connection((host, port)) as s:
+        s.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK") and b'"object": "list"' in data
