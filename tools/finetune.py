@@ -1,0 +1,309 @@
+"""hublab-tools finetune: LoRA / QLoRA fine-tuning of a local HF checkpoint or a GGUF.
+
+usage: hublab-tools finetune --base MODEL --data DIR|FILE.jsonl --out DIR [options]
+
+MODEL is a local HF directory or a .gguf file (transformers de-quantizes it to float weights;
+nothing is downloaded). --data is a prepare-data directory made with `--model MODEL`, or a raw
+jsonl file that is prepared in memory with MODEL's chat template. The loss is on response
+(assistant) tokens only; examples are padded per micro-batch, not to a fixed length.
+
+Defaults are the seed's: LoRA r 64, alpha 128, dropout 0.05 on every attention and MLP projection
+(q k v o gate up down), lr 2e-4 with a cosine schedule. --qlora loads the base in 4-bit NF4
+through bitsandbytes; it needs a CUDA GPU (without one: a message and exit status 2).
+Validation loss is measured before training and every --eval-every steps; training stops after
+--patience evaluations without improvement, and OUT holds the best adapter:
+adapter_config.json + adapter_model.safetensors + the tokenizer + finetune_summary.json.
+Runs under `accelerate launch` / `torchrun` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from hublabio_tools.common import ToolError, main_guard, write_json_atomic
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE_RECORD = "hublab_base.json"
+
+
+class QLoRAUnavailable(ToolError):
+    pass
+
+
+def check_qlora() -> None:
+    """Raise QLoRAUnavailable (a user message) unless 4-bit QLoRA can run here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QLoRAUnavailable(
+            "--qlora needs a CUDA GPU: bitsandbytes 4-bit layers only run on CUDA, and this "
+            "machine has none. Run plain LoRA instead (drop --qlora; it works on CPU), or run "
+            "this command on a machine with an NVIDIA GPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QLoRAUnavailable("--qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+def _split_base(base: str | Path) -> tuple[Path, dict]:
+    path = Path(base)
+    if not path.exists():
+        raise ToolError(f"--base {base}: no such file or directory (a local HF dir or a .gguf file)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ToolError(f"--base {base}: a file base must be a .gguf")
+        return path.parent, {"gguf_file": path.name}
+    if not (path / "config.json").exists():
+        raise ToolError(f"--base {base}: not a HF checkpoint (no config.json)")
+    return path, {}
+
+
+def load_base(base: str | Path, *, qlora: bool = False, device_index: int = 0, dtype=None):
+    """(model, tokenizer) from a local HF dir or .gguf; never from a hub."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, extra = _split_base(base)
+    kwargs = dict(extra, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device_index}
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def lora_targets(model, requested: list[str] | None) -> list[str] | str:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    wanted = requested or DEFAULT_TARGETS
+    present = [t for t in wanted if t in names]
+    if requested and len(present) != len(requested):
+        missing = sorted(set(requested) - set(present))
+        raise ToolError(f"--targets: the model has no module named {', '.join(missing)}")
+    return present or "all-linear"
+
+
+def load_finetune_rows(data: str, base: str) -> tuple[list[dict], list[dict]]:
+    from hublabio_tools.data import load_chat_format, load_prepared, prepare
+
+    path = Path(data)
+    fmt = load_chat_format(base)
+    if path.is_dir():
+        train, valid, meta = load_prepared(path)
+        if meta.get("chat_template") and meta["chat_template"] != fmt.template:
+            print(f"warning: {path} was prepared with format {meta.get('format')!r}, not {base}'s "
+                  f"chat template; re-run prepare-data --model {base} to match", file=sys.stderr)
+        return train, valid
+    if not path.exists():
+        raise ToolError(f"--data {data}: no such file or directory")
+    prepared = prepare([str(path)], fmt, quiet=True)
+    if prepared.problems:
+        print(f"note: {len(prepared.problems)} bad line(s) skipped, first: {prepared.problems[0]}",
+              file=sys.stderr)
+    return prepared.train, prepared.valid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hublab-tools finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="local HF checkpoint dir or .gguf file")
+    p.add_argument("--data", required=True, help="prepare-data directory or raw jsonl")
+    p.add_argument("--out", required=True, help="adapter output directory")
+    p.add_argument("--qlora", action="store_true", help="4-bit NF4 base (CUDA + bitsandbytes)")
+    p.add_argument("--r", type=int, default=64, help="LoRA rank (64)")
+    p.add_argument("--alpha", type=float, default=128, help="LoRA alpha (128)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0.05)")
+    p.add_argument("--targets", help="comma-separated module names (default: all attention+MLP projections)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=2048, help="truncate examples to this many tokens")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping (0: never)")
+    p.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps")
+    p.add_argument("--resume", nargs="?", const="latest")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def finetune(args) -> dict:
+    """Run a fine-tune from parsed arguments; returns the summary (also written to OUT)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from hublabio_tools.common import seed_everything
+    from hublabio_tools.train import LoopConfig, PaddedExamples, encode_segments, make_accelerator, run_loop
+
+    if args.qlora:
+        check_qlora()
+    out = Path(args.out)
+    accelerator = make_accelerator(args.precision)
+    main_proc = accelerator.is_main_process
+    train_rows, valid_rows = load_finetune_rows(args.data, args.base)
+    if not train_rows:
+        raise ToolError(f"--data {args.data}: no training examples")
+    seed_everything(args.seed)
+    dtype = None if accelerator.device.type == "cuda" else torch.float32
+    model, tokenizer = load_base(args.base, qlora=args.qlora, device_index=accelerator.local_process_index,
+                                 dtype=dtype)
+    model.config.use_cache = False
+    if args.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    def items(rows):
+        examples = [e for e in encode_segments(rows, tokenizer, args.max_len)
+                    if any(x != -100 for x in e[1][1:])]
+        return PaddedExamples(examples, tokenizer.pad_token_id) if examples else None
+
+    train_items, valid_items = items(train_rows), items(valid_rows)
+    if train_items is None:
+        raise ToolError("no training example has response tokens within --max-len")
+    targets = lora_targets(model, args.targets.split(",") if args.targets else None)
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    global_batch = args.micro_batch * args.grad_accum * accelerator.num_processes
+    max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_items) / global_batch))
+    if main_proc and not args.quiet:
+        print(f"LoRA r={args.r} alpha={args.alpha} on {targets}: {trainable / 1e6:.2f}M trainable of "
+              f"{total / 1e6:.1f}M; {len(train_items)} train / {len(valid_items or [])} valid examples; "
+              f"{max_steps} steps of {global_batch} examples", file=sys.stderr)
+
+    out.mkdir(parents=True, exist_ok=True)
+    base_abs = str(Path(args.base).resolve())
+    model.peft_config["default"].base_model_name_or_path = base_abs
+    best = {"step": None}
+
+    def save_adapter(step, val_loss, wrapped):
+        state_dict = accelerator.get_state_dict(wrapped)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(wrapped).save_pretrained(str(out), state_dict=state_dict,
+                                                              safe_serialization=True)
+            best["step"] = step
+        accelerator.wait_for_everyone()
+
+    cfg = LoopConfig(out=out, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
+                     min_lr_ratio=0.0, warmup_steps=args.warmup_steps, max_steps=max_steps,
+                     eval_every=args.eval_every, save_every=args.save_every, grad_clip=1.0,
+                     weight_decay=0.0, seed=args.seed, patience=args.patience, resume=args.resume,
+                     wandb=args.wandb, quiet=args.quiet)
+    result = run_loop(accelerator, model, train_items, valid_items, cfg,
+                      on_improved=save_adapter if valid_items is not None else None, run_name="finetune")
+    wrapped = result.pop("model")
+    if best["step"] is None:  # no validation set, or it never improved: keep the final weights
+        save_adapter(result["steps"], None, wrapped)
+    summary = dict(result, base=base_abs, adapter_step=best["step"], trainable_parameters=trainable,
+                   lora={"r": args.r, "alpha": args.alpha, "dropout": args.dropout,
+                         "targets": targets if isinstance(targets, str) else list(targets)},
+                   train_examples=len(train_items), valid_examples=len(valid_items or []))
+    if main_proc:
+        tokenizer.save_pretrained(str(out))
+        write_json_atomic(out / BASE_RECORD, {"base": base_abs})
+        write_json_atomic(out / "finetune_summary.json", summary)
+        before, after = summary["first_val_loss"], summary["best_val_loss"]
+        if before is not None:
+            print(f"validation loss {before:.4f} -> {after:.4f} (adapter from step {best['step']})")
+        print(f"wrote {out} (adapter_config.json, adapter_model.safetensors, tokenizer)")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    finetune(args)
+    return 0
+
+
+# ----------------------------------------------------------------------------- merge
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hublab-tools merge", description=MERGE_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="peft adapter directory (from finetune)")
+    p.add_argument("--base", help="base HF dir or .gguf (default: the one the adapter was trained on)")
+    p.add_argument("--out", required=True, help="output HF checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p
+
+
+MERGE_DOC = """hublab-tools merge: fold a LoRA adapter into its base -> a merged HF checkpoint.
+
+usage: hublab-tools merge --adapter DIR --out DIR [--base MODEL] [--dtype float32|bfloat16|float16]
+
+Loads the base (local HF dir or .gguf, recorded by finetune in DIR/hublab_base.json), applies the
+adapter, merges the LoRA deltas into the weights and writes OUT/config.json,
+model.safetensors and the tokenizer (written to OUT.tmp first, then renamed). Convert the result
+for the device with `hublab-tools convert OUT --out model.gguf`.
+"""
+
+
+def default_base(adapter: Path) -> str:
+    record = adapter / BASE_RECORD
+    if record.exists():
+        return json.loads(record.read_text())["base"]
+    config = adapter / "adapter_config.json"
+    if not config.exists():
+        raise ToolError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ToolError(f"{config}: no base_model_name_or_path; pass --base")
+    return base
+
+
+def merge(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "float32") -> Path:
+    import torch
+    from peft import PeftModel
+
+    adapter, out = Path(adapter), Path(out)
+    if not (adapter / "adapter_config.json").exists():
+        raise ToolError(f"--adapter {adapter}: not a peft adapter (no adapter_config.json)")
+    base = base or default_base(adapter)
+    model, tokenizer = load_base(base, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.config.use_cache = True
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+@main_guard
+def main_merge(argv: list[str] | None = None) -> int:
+    args = build_merge_parser().parse_args(argv)
+    out = merge(args.adapter, args.out, args.base, args.dtype)
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer)")
+    return 0
+
+
+main_merge.__doc__ = MERGE_DOC
