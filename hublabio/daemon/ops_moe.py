@@ -1,0 +1,145 @@
+"""MoE-R ops for hublabd (imported by service.py at start; registrations replace core ops).
+
+- `moe.route {query}`            -> {query, scores, selected, strategy, router, fallback}
+- `moe.query {query, options?}`  -> streams `[Router]`/`[Expert]`/`[Synthesizer]` info lines and
+                                    the answer's tokens; result {text, synthesis, experts, ...}
+- `moe.experts`                  -> per expert: domain, model, loaded, memory_mb, adapter, ...
+- `settings.moe.get`             -> the [moe] settings, router kind, active experts
+- `settings.moe.set {key, value}`-> validates and persists one setting (crash-safe);
+                                    `routing` takes "topk 2" / "threshold 0.4" / "single" / "all"
+- `ask {question}`               -> through MoE-R when it is enabled and experts exist (and no
+                                    `model` is named), else the plain model as before.
+
+The MoE object (experts + router) is rebuilt when a file in <models>/experts or <models>/router
+changes; settings are read from the user settings file on every request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import weakref
+from pathlib import Path
+
+from hublabio.config import read_settings
+from hublabio.daemon.service import Req, Service, _check_options, op
+from hublabio.errors import ProtocolError
+from hublabio.moe import MoE, MoESettings, set_moe_setting
+
+log = logging.getLogger("hublabd")
+
+_cache: "weakref.WeakKeyDictionary[Service, tuple[tuple, MoE, list[str]]]" = \
+    weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _signature(models_dir: Path) -> tuple:
+    sig = []
+    for sub in ("experts", "router"):
+        folder = models_dir / sub
+        try:
+            for p in sorted(folder.iterdir()):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                sig.append((sub, p.name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            continue
+    return tuple(sig)
+
+
+def moe_for(svc: Service) -> tuple[MoE, list[str]]:
+    """The service's MoE with the current settings (and warnings from loading it)."""
+    settings = read_settings()
+    moe_settings = MoESettings.from_dict(settings.get("moe"))
+    sig = _signature(svc.models_dir)
+    with _cache_lock:
+        hit = _cache.get(svc)
+        if hit is None or hit[0] != sig:
+            moe, warnings = MoE.from_models_dir(svc.pool, svc.models_dir, moe_settings)
+            for w in warnings:
+                log.warning("moe: %s", w)
+            hit = (sig, moe, warnings)
+            _cache[svc] = hit
+    _, moe, warnings = hit
+    moe.settings = moe_settings
+    moe.inference_overrides = dict(settings.get("inference") or {})
+    return moe, warnings
+
+
+def _query_text(query) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise ProtocolError("moe needs a non-empty 'query' string")
+    return query.strip()
+
+
+@op("moe.route")
+def _moe_route(svc: Service, req: Req, query: str) -> dict:
+    moe, _ = moe_for(svc)
+    out = moe.route(_query_text(query)).as_dict()
+    out["router_warning"] = moe.router_warning
+    return out
+
+
+def _run_moe(svc: Service, req: Req, moe: MoE, query: str, options):
+    result = yield from moe.query(query, cancel=req.cancel, options=_check_options(options))
+    for name, stats in result.pop("generations", []):
+        svc.record_generation(name, stats)
+    return result
+
+
+@op("moe.query", queued=True)
+def _moe_query(svc: Service, req: Req, query: str, options: dict | None = None):
+    moe, _ = moe_for(svc)
+    return (yield from _run_moe(svc, req, moe, _query_text(query), options))
+
+
+@op("moe.experts")
+def _moe_experts(svc: Service, req: Req) -> dict:
+    moe, warnings = moe_for(svc)
+    return {"experts": moe.experts_status(), "router": moe.router_kind,
+            "router_warning": moe.router_warning, "warnings": warnings,
+            "settings": dataclasses.asdict(moe.settings),
+            "used_mb": round(svc.pool.used_mb(), 1), "budget_mb": svc.pool.budget_mb}
+
+
+def _settings_view(moe: MoE, warnings: list[str]) -> dict:
+    available = moe.available()
+    return {"settings": dataclasses.asdict(moe.settings), "routing": moe.settings.describe(),
+            "synthesis": moe.settings.synthesis, "enabled": moe.settings.enabled,
+            "active_experts": sorted(available),
+            "unavailable_experts": {d: c.missing for d, c in moe.experts.items()
+                                    if d not in available},
+            "router": moe.router_kind, "router_warning": moe.router_warning,
+            "warnings": warnings}
+
+
+@op("settings.moe.get")
+def _settings_moe_get(svc: Service, req: Req) -> dict:
+    moe, warnings = moe_for(svc)
+    return _settings_view(moe, warnings)
+
+
+@op("settings.moe.set")
+def _settings_moe_set(svc: Service, req: Req, key: str, value) -> dict:
+    if not isinstance(key, str):
+        raise ProtocolError("settings.moe.set: 'key' must be a string")
+    set_moe_setting(key, value)
+    moe, warnings = moe_for(svc)
+    return {"key": key, "value": value, **_settings_view(moe, warnings)}
+
+
+@op("ask", queued=True)
+def _ask(svc: Service, req: Req, question: str, model: str | None = None,
+         options: dict | None = None):
+    if not isinstance(question, str) or not question.strip():
+        raise ProtocolError("ask needs a non-empty 'question'")
+    if model is None:
+        moe, _ = moe_for(svc)
+        if moe.settings.enabled and moe.available():
+            return (yield from _run_moe(svc, req, moe, question.strip(), options))
+    cfg = svc.config_for(model)
+    return (yield from svc.stream_generation(req, cfg, [{"role": "user", "content": question}],
+                                             options, system_prompt=True))

@@ -1,0 +1,499 @@
+"""MoE-R: route a question to domain experts, run them within the memory budget, synthesize.
+
+    moe = MoE(pool, experts, router, MoESettings())
+    moe.route("why does my borrow checker complain?")   # RouteResult: scores + selected
+    for event in moe.query("..."): ...                   # info lines, then the answer's tokens
+
+Experts run one after another through the `ModelPool`: each takes a lease on its engine, so
+experts over the same base GGUF share one resident model (their LoRA adapters are switched per
+request) and, when only one model fits the budget, the pool evicts the previous expert's model
+before loading the next one (TopK(2) on a small board is slower, never an error). Remote experts
+(`type = "remote"`) are called over HTTP (hublabio.remote). When exactly one expert is selected
+its tokens stream as they are generated; with several, each answer is generated in full, then
+the synthesizer (hublabio.synth) combines them (`summarize` streams the general expert's text).
+
+Settings live in the user settings file, section [moe] (see MOE_DEFAULTS), validated here and
+written crash-safe with config.write_settings. docs/MOE.md documents the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generator, Iterator, Mapping, Sequence
+
+from hublabio import protocol, synth
+from hublabio.config import (
+    ExpertConfig,
+    ModelConfig,
+    effective_inference,
+    load_experts,
+    read_settings,
+    write_settings,
+)
+from hublabio.errors import Cancelled, ConfigError, HublabError, ModelNotFound, RouterError
+from hublabio.remote import RemoteExpert
+from hublabio.router import (
+    KeywordRouter,
+    Route,
+    experts_keywords_of,
+    load_router,
+    parse_strategy,
+    select_with_fallback,
+)
+
+FALLBACK_DOMAIN = "general"
+MOE_DEFAULTS: dict[str, Any] = {"enabled": True, "routing": "topk", "k": 2, "threshold": 0.5,
+                                "synthesis": "best"}
+ROUTINGS = ("topk", "threshold", "single", "all")
+_TRUE = {"on", "true", "yes", "1", "enable", "enabled"}
+_FALSE = {"off", "false", "no", "0", "disable", "disabled"}
+
+
+# ---------------------------------------------------------------- settings
+
+def _settings_file() -> Path:
+    from hublabio.paths import settings_file
+
+    return settings_file()
+
+
+def validate_moe_setting(key: str, value: Any) -> Any:
+    """One [moe] setting, typed (strings from the shell are converted) and checked; raises
+    ConfigError naming the settings file and the key."""
+    where, k = _settings_file(), f"[moe] {key}"
+    if key not in MOE_DEFAULTS:
+        raise ConfigError(where, k, f"unknown MoE setting; known: {', '.join(MOE_DEFAULTS)}")
+    if key == "enabled":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(where, k, f"expected on or off, got {value!r}")
+    if key == "routing":
+        text = str(value).strip().lower()
+        text = {"top_k": "topk", "top-k": "topk"}.get(text, text)
+        if text not in ROUTINGS:
+            raise ConfigError(where, k, f"unknown routing {value!r}; choose one of "
+                                        f"{', '.join(ROUTINGS)}")
+        return text
+    if key == "synthesis":
+        text = str(value).strip().lower()
+        if text not in synth.STRATEGIES:
+            raise ConfigError(where, k, f"unknown synthesis {value!r}; choose one of "
+                                        f"{', '.join(synth.STRATEGIES)}")
+        return text
+    if key == "k":
+        try:
+            n = int(str(value).strip()) if not isinstance(value, bool) else None
+        except ValueError:
+            n = None
+        if n is None or n < 1 or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(where, k, f"expected an integer >= 1, got {value!r}")
+        return n
+    # threshold
+    try:
+        t = float(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        t = None
+    if t is None or not 0.0 <= t <= 1.0:
+        raise ConfigError(where, k, f"expected a number between 0 and 1, got {value!r}")
+    return t
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    enabled: bool = True
+    routing: str = "topk"
+    k: int = 2
+    threshold: float = 0.5
+    synthesis: str = "best"
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any] | None) -> "MoESettings":
+        values = dict(MOE_DEFAULTS)
+        for key, value in (table or {}).items():
+            values[key] = validate_moe_setting(key, value)
+        return cls(**values)
+
+    @classmethod
+    def load(cls) -> "MoESettings":
+        """From the user settings file ([moe]; defaults for what is not set)."""
+        return cls.from_dict(read_settings().get("moe"))
+
+    def strategy(self, experts: Sequence[ModelConfig] = ()):
+        """The router strategy. For `threshold`, an expert whose TOML sets a threshold other
+        than the default (0.5) overrides the global one for its domain."""
+        if self.routing == "topk":
+            return parse_strategy("topk", k=self.k)
+        if self.routing == "threshold":
+            default = ExpertConfig(domain="_").threshold
+            per = {c.expert.domain: float(c.expert.threshold) for c in experts
+                   if c.expert is not None and c.expert.threshold != default}
+            return parse_strategy("threshold", t=self.threshold, per_domain=per)
+        return parse_strategy(self.routing)
+
+    def describe(self) -> str:
+        if self.routing == "topk":
+            return f"topk {self.k}"
+        if self.routing == "threshold":
+            return f"threshold {self.threshold:g}"
+        return self.routing
+
+
+def set_moe_setting(key: str, value: Any) -> MoESettings:
+    """Validate and persist one [moe] setting atomically (temp file, fsync, rename). For
+    `routing` the value may carry the strategy's parameter: "topk 2", "threshold 0.4" (both
+    keys are written in the same atomic replace). Returns the new settings."""
+    updates: dict[str, Any] = {}
+    if key == "routing":
+        words = str(value).split()
+        if not words:
+            raise ConfigError(_settings_file(), "[moe] routing", "expected a routing strategy")
+        routing = validate_moe_setting("routing", words[0])
+        updates["routing"] = routing
+        if len(words) > 2 or (len(words) == 2 and routing not in ("topk", "threshold")):
+            raise ConfigError(_settings_file(), "[moe] routing",
+                              f"{routing} takes {'one number' if routing in ('topk', 'threshold') else 'no parameter'}, "
+                              f"got {value!r}")
+        if len(words) == 2:
+            param = "k" if routing == "topk" else "threshold"
+            updates[param] = validate_moe_setting(param, words[1])
+    else:
+        updates[key] = validate_moe_setting(key, value)
+    data = read_settings()
+    table = data.setdefault("moe", {})
+    table.update(updates)
+    new = MoESettings.from_dict(table)  # the whole section must stay valid
+    write_settings(data)
+    return new
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class RouteResult:
+    query: str
+    scores: dict[str, float]
+    selected: list[Route]
+    strategy: str
+    router: str                     # "onnx" | "keyword"
+    fallback: bool = False          # nothing passed the strategy: general answers
+
+    def as_dict(self) -> dict:
+        return {"query": self.query, "scores": self.scores,
+                "selected": [{"domain": r.domain, "probability": r.probability}
+                             for r in self.selected],
+                "strategy": self.strategy, "router": self.router, "fallback": self.fallback}
+
+
+@dataclass
+class _Run:
+    """What one expert's generation left behind (filled while its tokens stream)."""
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    tokenizer_key: str = ""
+    finish_reason: str = "stop"
+    stats: Any = None
+
+
+# ---------------------------------------------------------------- the pipeline
+
+class MoE:
+    def __init__(self, pool, experts: Sequence[ModelConfig], router,
+                 settings: MoESettings | None = None, *, router_warning: str | None = None,
+                 inference_overrides: Mapping[str, Any] | None = None):
+        self.pool = pool
+        self.router = router
+        self.router_warning = router_warning
+        self.settings = settings or MoESettings()
+        self.inference_overrides = dict(inference_overrides or {})
+        self.experts: dict[str, ModelConfig] = {}
+        for cfg in experts:
+            if cfg.expert is None:
+                raise ConfigError(cfg.source, "[expert]", "an expert config needs an [expert] "
+                                                          "table with a domain")
+            other = self.experts.get(cfg.expert.domain)
+            if other is not None:
+                raise ConfigError(cfg.source, "[expert] domain",
+                                  f"domain {cfg.expert.domain!r} is already served by "
+                                  f"{other.name} ({other.source})")
+            self.experts[cfg.expert.domain] = cfg
+        self._tokenizer_keys: dict[str, str] = {}
+
+    @classmethod
+    def from_models_dir(cls, pool, models_dir: str | Path,
+                        settings: MoESettings | None = None) -> tuple["MoE", list[str]]:
+        """Experts from <models_dir>/experts/*.toml, the router from <models_dir>/router/
+        (keyword fallback), settings from the user settings file. Returns (moe, warnings)."""
+        models_dir = Path(models_dir)
+        experts, errors = load_experts(models_dir)
+        warnings = [f"skipped expert config: {e}" for e in errors]
+        router, warning = load_router(models_dir / "router", experts_keywords_of(experts))
+        if warning:
+            warnings.append(warning)
+        moe = cls(pool, experts, router, settings or MoESettings.load(), router_warning=warning)
+        return moe, warnings
+
+    @property
+    def router_kind(self) -> str:
+        return "keyword" if isinstance(self.router, KeywordRouter) else "onnx"
+
+    # ---- routing -------------------------------------------------------------------------
+    def available(self) -> dict[str, ModelConfig]:
+        """Experts that can run (local ones whose files exist, and remote ones)."""
+        return {d: c for d, c in self.experts.items() if not c.missing}
+
+    def route(self, query: str) -> RouteResult:
+        if not isinstance(query, str) or not query.strip():
+            raise RouterError("moe: the query is empty")
+        if not self.experts:
+            raise ModelNotFound("moe: no experts configured (models/experts/*.toml)")
+        raw = self.router.score(query)
+        scores = {d: float(raw.get(d, 0.0)) for d in self.experts}
+        scores.update({d: float(p) for d, p in raw.items() if d not in scores})
+        usable = self.available()
+        if not usable:
+            why = "; ".join(f"{c.name}: {c.missing}" for c in self.experts.values())
+            raise ModelNotFound(f"moe: no expert can run ({why})")
+        strategy = self.settings.strategy(list(self.experts.values()))
+        candidates = {d: p for d, p in scores.items() if d in usable}
+        selected = strategy.select(candidates)
+        fallback = not selected
+        if fallback:
+            domain = FALLBACK_DOMAIN if FALLBACK_DOMAIN in usable else \
+                max(candidates, key=lambda d: (candidates[d], d == FALLBACK_DOMAIN))
+            selected = select_with_fallback(strategy, candidates, fallback=domain)
+        return RouteResult(query, scores, selected, self.settings.describe(), self.router_kind,
+                           fallback)
+
+    # ---- running experts -----------------------------------------------------------------
+    def inference(self, cfg: ModelConfig):
+        return cfg.inference.with_overrides(self.inference_overrides) \
+            if self.inference_overrides else cfg.inference
+
+    def messages(self, cfg: ModelConfig, query: str) -> list[dict]:
+        inf = self.inference(cfg)
+        msgs = [{"role": "system", "content": inf.system_prompt}] if inf.system_prompt else []
+        return msgs + [{"role": "user", "content": query}]
+
+    def _tokenizer_key(self, engine) -> str:
+        """Same key = same vocabulary: architecture, vocab size and a CRC of a sample of the
+        token texts (so two quantizations of one model match, two different models do not)."""
+        key = str(engine.path)
+        hit = self._tokenizer_keys.get(key)
+        if hit is None:
+            n = engine.n_vocab
+            step = max(1, n // 256)
+            sample = "\x00".join(engine.token_text(i) for i in range(0, n, step))
+            hit = f"{engine.architecture}:{n}:{zlib.crc32(sample.encode('utf-8')):08x}"
+            self._tokenizer_keys[key] = hit
+        return hit
+
+    def stream_expert(self, cfg: ModelConfig, messages: list[dict], run: _Run, *,
+                      options: Mapping[str, Any] | None = None,
+                      cancel=None) -> Iterator[tuple[str, float | None]]:
+        """Generate with one expert, yielding (text, logprob) pieces and filling `run`."""
+        from hublabio.engine import SamplingOptions
+
+        inf = self.inference(cfg)
+        opts = SamplingOptions.from_inference(inf, **dict(options or {}))
+        if cfg.type == "remote":
+            remote = RemoteExpert(cfg.url, cfg.remote_model or cfg.name)
+            run.tokenizer_key = remote.tokenizer_key
+            for tok in remote.stream(messages, max_tokens=opts.max_tokens,
+                                     temperature=opts.temperature, top_p=opts.top_p,
+                                     cancel=cancel):
+                run.texts.append(tok.text)
+                run.logprobs.append(tok.logprob)
+                yield tok.text, tok.logprob
+            return
+        if cfg.missing:
+            raise ModelNotFound(f"expert {cfg.name!r} cannot be loaded: {cfg.missing}")
+        with self.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
+            run.tokenizer_key = self._tokenizer_key(engine)
+            for tok in engine.generate(messages, opts, adapter=cfg.adapter,
+                                       adapter_scale=cfg.adapter_scale, cancel=cancel):
+                run.texts.append(tok.text)
+                run.logprobs.append(tok.logprob)
+                yield tok.text, tok.logprob
+            run.stats = engine.last_stats
+            run.finish_reason = run.stats.finish_reason if run.stats else "stop"
+        if run.stats is not None and run.stats.logprobs:
+            run.logprobs = list(run.stats.logprobs)  # includes tokens held back by stop strings
+
+    def _answer(self, cfg: ModelConfig, route: Route, run: _Run, elapsed: float):
+        mean, conf = synth.confidence_from_logprobs(run.logprobs)
+        return synth.ExpertAnswer(
+            domain=cfg.expert.domain, text="".join(run.texts).strip(), confidence=conf,
+            mean_logprob=mean, router_probability=route.probability, tokens=len(run.texts),
+            tokenizer_key=run.tokenizer_key, model=cfg.name, elapsed_s=elapsed)
+
+    def describe_expert(self, cfg: ModelConfig) -> str:
+        if cfg.type == "remote":
+            return f"{cfg.name} @ {cfg.url}"
+        return f"{cfg.name} + {cfg.adapter.name}" if cfg.adapter else cfg.name
+
+    def fuser(self, options=None, cancel=None, runs: list | None = None):
+        """`fuse(messages)` for the summarize strategy: the general expert generates."""
+        general = self.available().get(FALLBACK_DOMAIN)
+        if general is None:
+            return None
+
+        def fuse(messages: list[dict]) -> Iterator[str]:
+            run = _Run()
+            if runs is not None:
+                runs.append((general, run))
+            for text, _ in self.stream_expert(general, messages, run, options=options,
+                                              cancel=cancel):
+                yield text
+
+        return fuse
+
+    def query(self, query: str, *, cancel=None, options: Mapping[str, Any] | None = None,
+              route: RouteResult | None = None) -> Generator[dict, None, dict]:
+        """Events (protocol.info / protocol.token dicts) and, as the generator's return value,
+        the result: text, synthesis, experts (answers), routes, timings."""
+        t0 = time.perf_counter()
+        routed = route or self.route(query)
+        t_route = time.perf_counter() - t0
+        strategy = self.settings.synthesis
+        if strategy == "summarize" and FALLBACK_DOMAIN not in self.available() \
+                and len(routed.selected) > 1:
+            raise ConfigError(_settings_file(), "[moe] synthesis",
+                              "summarize needs an available expert with domain 'general' "
+                              "(models/experts/general.toml)")
+        chosen = [(self.experts[r.domain], r) for r in routed.selected]
+        yield protocol.info("[Router] Selected expert: " + ", ".join(
+            f"{r.domain} ({r.probability:.2f})" for r in routed.selected)
+            + (" (no expert passed: general answers)" if routed.fallback else ""))
+        answers: list[synth.ExpertAnswer] = []
+        errors: list[Exception] = []
+        runs: list[tuple[ModelConfig, _Run]] = []
+        ttft = None
+
+        if len(chosen) == 1:
+            cfg, r = chosen[0]
+            yield protocol.info(f"[Expert] {r.domain}: {self.describe_expert(cfg)} answering")
+            yield protocol.info(f"[Synthesizer] {strategy}: one expert, its answer streams")
+            yield protocol.info("")
+            run = _Run()
+            runs.append((cfg, run))
+            t1 = time.perf_counter()
+            if strategy == "concatenate":
+                yield protocol.token(f"### {r.domain}\n", None)
+            for text, lp in self.stream_expert(cfg, self.messages(cfg, query), run,
+                                               options=options, cancel=cancel):
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                yield protocol.token(text, lp)
+            self._check_cancel(cancel, run)
+            answer = self._answer(cfg, r, run, time.perf_counter() - t1)
+            answers.append(answer)
+            result = synth.collect(synth.run("best", query, answers))
+            result.strategy = strategy
+            text = result.text if strategy != "concatenate" else \
+                f"### {r.domain}\n{answer.text}"
+            result.text = text
+        else:
+            for cfg, r in chosen:
+                run = _Run()
+                runs.append((cfg, run))
+                t1 = time.perf_counter()
+                try:
+                    for _ in self.stream_expert(cfg, self.messages(cfg, query), run,
+                                                options=options, cancel=cancel):
+                        pass
+                except Cancelled:
+                    raise
+                except HublabError as err:
+                    errors.append(err)
+                    yield protocol.info(f"[Expert] {r.domain} failed: {err}")
+                    continue
+                self._check_cancel(cancel, run)
+                a = self._answer(cfg, r, run, time.perf_counter() - t1)
+                answers.append(a)
+                yield protocol.info(
+                    f"[Expert] {a.domain}: {a.tokens} tokens, confidence "
+                    f"{synth.fmt_confidence(a.confidence)}, {a.elapsed_s:.1f} s "
+                    f"({self.describe_expert(cfg)})")
+            if not answers:
+                raise errors[0]
+            fuse = self.fuser(options, cancel, runs) if strategy == "summarize" else None
+            gen = synth.run(strategy, query, answers, fuse=fuse)
+            if strategy == "summarize" and len(answers) > 1:
+                yield protocol.info(f"[Synthesizer] summarize: general fuses "
+                                    f"{len(answers)} answers")
+                yield protocol.info("")
+                while True:
+                    try:
+                        piece = next(gen)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    yield protocol.token(piece, None)
+                self._check_cancel(cancel, runs[-1][1])
+            else:
+                result = synth.collect(gen)
+                yield protocol.info(f"[Synthesizer] {result.detail}")
+                yield protocol.info("")
+                ttft = time.perf_counter() - t0
+                yield protocol.token(result.text, None)
+        return {
+            "text": result.text, "synthesis": result.strategy, "detail": result.detail,
+            "chosen": result.chosen, "basis": result.basis,
+            "route": routed.as_dict(),
+            "experts": [_answer_dict(a) for a in answers],
+            "errors": [str(e) for e in errors],
+            "route_ms": round(t_route * 1000, 3),
+            "ttft_s": ttft, "total_s": time.perf_counter() - t0,
+            "generations": [(cfg.name, run.stats) for cfg, run in runs if run.stats is not None],
+        }
+
+    @staticmethod
+    def _check_cancel(cancel, run: _Run) -> None:
+        from hublabio.remote import is_cancelled
+
+        if run.finish_reason == "cancelled" or is_cancelled(cancel):
+            raise Cancelled("cancelled")
+
+    # ---- introspection -------------------------------------------------------------------
+    def experts_status(self) -> list[dict]:
+        """Per expert: domain, model, type, adapter, loaded, memory (of its resident model,
+        shared by every expert on the same base), missing."""
+        resident = {str(r.path.resolve()): r for r in self.pool.resident()}
+        rows = []
+        for domain, cfg in sorted(self.experts.items()):
+            res = resident.get(str(cfg.path.resolve())) if cfg.type == "gguf" and cfg.path \
+                and cfg.path.exists() else None
+            sharing = sorted(c.expert.domain for c in self.experts.values()
+                             if c.type == "gguf" and c.path and cfg.path
+                             and c.path.resolve() == cfg.path.resolve())
+            adapter_on = bool(res and cfg.adapter
+                              and cfg.adapter.resolve() in getattr(res.engine, "adapters", []))
+            rows.append({
+                "domain": domain, "model": cfg.name, "type": cfg.type,
+                "path": str(cfg.path) if cfg.path else cfg.url,
+                "adapter": str(cfg.adapter) if cfg.adapter else None,
+                "adapter_loaded": adapter_on,
+                "loaded": res is not None if cfg.type == "gguf" else None,
+                "memory_mb": round(res.mb, 1) if res is not None else None,
+                "shared_base_with": [d for d in sharing if d != domain],
+                "pinned": cfg.pinned, "missing": cfg.missing,
+                "keywords": len(cfg.expert.keywords), "threshold": cfg.expert.threshold,
+                "description": cfg.expert.description,
+            })
+        return rows
+
+
+def _answer_dict(a: synth.ExpertAnswer) -> dict:
+    d = asdict(a)
+    d["elapsed_s"] = round(a.elapsed_s, 3)
+    return d
