@@ -220,6 +220,9 @@ class ExpertConfig:
     threshold: float = 0.5
     description: str = ""
 
+    def __hash__(self) -> int:  # keywords is a list: hash its contents
+        return hash((self.domain, tuple(self.keywords), self.threshold, self.description))
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -71,6 +71,7 @@ def test_full_file(tmp_path):
     assert cfg.inference.context_size == 512 and cfg.inference.system_prompt == "Be terse."
     assert cfg.expert.domain == "python" and cfg.expert.keywords == ["python", "pip"]
     assert cfg.expert.threshold == 0.3
+    assert hash(cfg) == hash(load_model_config(tmp_path / "m.toml"))  # usable as a dict key
     assert "adapter file not found" in (cfg.missing or "") or "model file" in (cfg.missing or "")
 
 
