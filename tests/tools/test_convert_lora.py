@@ -122,3 +122,35 @@ def test_errors(tmp_path):
     assert main([str(tmp_path / "adapter"), "--base", str(base_dir), "--out", str(tmp_path / "cli.gguf")]) == 0
     assert (tmp_path / "cli.gguf").is_file()
     assert main([str(tmp_path / "adapter"), "--base", str(tmp_path / "cli.gguf")]) == 1  # adapter as base
+
+
+@pytest.mark.slow
+def test_adapter_over_the_real_smollm2_q4_1_gguf(smollm2_path, tmp_path, test_threads):
+    """The train-expert flow: peft adapter trained on transformers' dequantized SmolLM2, base given
+    as the Q4_1 GGUF. The base differs by quantization, so the proof is on the adapter's effect:
+    llama.cpp's logit change (with - without adapter) tracks transformers' change."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.mul_(2.0)
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = tok("The capital of France is Paris. The quick brown fox").input_ids
+    with torch.no_grad():
+        with pm.disable_adapter():
+            base = pm(torch.tensor([ids])).logits[0].numpy()
+        tuned = pm(torch.tensor([ids])).logits[0].numpy()
+    adapter = convert_lora(tmp_path / "adapter", smollm2_path, tmp_path / "a.lora.gguf", log=lambda *_: None)
+    delta_cpp = cpp_logits(smollm2_path, ids, test_threads, adapter) - cpp_logits(smollm2_path, ids, test_threads)
+    delta_hf = tuned - base
+    assert delta_hf.std() > 1.0
+    assert np.corrcoef(delta_hf.ravel(), delta_cpp.ravel())[0, 1] > 0.98
