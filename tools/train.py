@@ -340,7 +340,7 @@ class MetricsLog:
 
 
 def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
-             on_improved: Callable[[int, float], None] | None = None, run_name: str = "train") -> dict:
+             on_improved: Callable[[int, float, object], None] | None = None, run_name: str = "train") -> dict:
     """The training loop shared by `train` and `finetune`. Returns a summary dict."""
     import torch
 
@@ -416,7 +416,7 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
             if state["best_val"] is None or last_val < state["best_val"]:
                 state["best_val"], state["evals_without_gain"] = last_val, 0
                 if on_improved:
-                    on_improved(step, last_val)
+                    on_improved(step, last_val, model)
             else:
                 state["evals_without_gain"] += 1
                 if cfg.patience and state["evals_without_gain"] >= cfg.patience:
@@ -441,9 +441,15 @@ class _nullcontext:
 
 
 def make_accelerator(precision: str):
+    """An Accelerator; several processes without CUDA (torchrun / accelerate launch --cpu) get
+    the CPU DDP backend (gloo)."""
+    import os
+
+    import torch
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=pick_precision(precision))
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=pick_precision(precision), cpu=multi_cpu)
 
 
 # ----------------------------------------------------------------------------- verb
