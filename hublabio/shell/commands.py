@@ -404,7 +404,12 @@ def ai_benchmark(ctx: ShellContext, args: list[str]) -> None:
     _require(rest, 0, 1, "ai benchmark [name] [-p N] [-n N]")
     if rest:
         params["name"] = rest[0]
-    ctx.out.line(render.benchmark(ctx.client.call("benchmark", **params)))
+    data = dict(ctx.client.call("benchmark", **params))
+    if data.get("size_mb") is None:  # the file size column, as llama-bench prints it
+        models = ctx.client.call("models.list").get("models", [])
+        data["size_mb"] = next((m.get("size_mb") for m in models
+                                if m.get("name") == data.get("model")), None)
+    ctx.out.line(render.benchmark(data))
 
 
 @command("help", usage="help [command]", complete=lambda ctx: sorted(COMMANDS))

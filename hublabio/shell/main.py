@@ -13,12 +13,15 @@ Commands: ?<question>, ai list|load|unload|info|config|stats|benchmark, help, hi
 
 If no daemon (hublabd) listens on the socket, hublab starts one inside this process with
 --models-dir / --budget-mb, so `hublab` alone works right after installation.
-Environment: HUBLAB_MODELS_DIR, HUBLAB_STATE_DIR (history, settings, socket), HUBLAB_SOCKET.
+Environment: HUBLAB_MODELS_DIR, HUBLAB_STATE_DIR (history, settings, socket, and hublabd.log,
+the log of a daemon started by the shell), HUBLAB_SOCKET.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -74,6 +77,20 @@ class Connection:
             self.handle = None
 
 
+def log_to_file() -> Path:
+    """Send this process's log records (those of a daemon started in-process) to
+    <state dir>/hublabd.log, so the shell's output holds only what commands print."""
+    path = paths.state_dir() / "hublabd.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=1 << 20, backupCount=1,
+                                                   encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return path
+
+
 def run_lines(ctx: ShellContext, lines) -> int:
     """Run each line as one command; 1 if any failed, 0 otherwise. `exit` stops early."""
     status = 0
@@ -100,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Output.for_streams()
     ctx = ShellContext(connect=connection, out=out,
                        history=lambda: read_history_file(paths.history_file()))
+    log_to_file()
     for warning in load_plugins():
         print(warning, file=sys.stderr)
     try:

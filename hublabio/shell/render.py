@@ -206,7 +206,8 @@ def stats(data: Mapping[str, Any]) -> str:
     pairs = []
     for key, value in flat_pairs(data):
         if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-            pairs += [(f"{key}[{i}]", _scalar(v)) for i, v in enumerate(value)]
+            pairs += [(f"{key}[{i}]", _scalar({k: x for k, x in v.items() if k != "path"}))
+                      for i, v in enumerate(value)]
         else:
             pairs.append((key, _scalar(value)))
     if not pairs:

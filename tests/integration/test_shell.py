@@ -1,0 +1,269 @@
+"""The real `hublab` (a subprocess) against the real daemon it starts in-process, with the real
+SmolLM2 model: -c, piped stdin, persisted settings, and an interactive session in a pty."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from hublabio import paths
+
+
+def write_models_dir(root: Path, model: Path, max_tokens: int = 16) -> Path:
+    models = root / "models"
+    models.mkdir()
+    (models / "model-config.toml").write_text(
+        "[model]\n"
+        'name = "smollm2-135m"\n'
+        'type = "gguf"\n'
+        f'path = "{model}"\n'
+        "[inference]\n"
+        f"max_tokens = {max_tokens}\n"
+        "temperature = 0.0\n"
+        "context_size = 1024\n"
+        f"threads = {int(os.environ.get('HUBLAB_TEST_THREADS', '2'))}\n")
+    return models
+
+
+@pytest.fixture
+def models_dir(tmp_path, smollm2_path, monkeypatch):
+    models = write_models_dir(tmp_path, smollm2_path)
+    monkeypatch.setenv("HUBLAB_MODELS_DIR", str(models))
+    return models
+
+
+def hublab(*args, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hublabio.shell.main", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def test_one_question_streams_an_answer(models_dir):
+    run = hublab("-c", "?What is the capital of France?")
+    assert run.returncode == 0, run.stderr
+    answer = [line for line in run.stdout.splitlines() if line.startswith("AI: ")]
+    assert answer and len(answer[0]) > len("AI: ") + 1, run.stdout
+    assert "Paris" in run.stdout
+    assert "Error" not in run.stderr
+
+
+def test_a_failing_command_exits_non_zero_with_a_clear_message(models_dir):
+    run = hublab("-c", "ai load nosuch")
+    assert run.returncode == 1
+    assert run.stderr.startswith("Error: ")
+    assert "nosuch" in run.stderr and "smollm2-135m" in run.stderr  # names what is known
+    assert run.stdout == ""
+
+    run = hublab("-c", "ai lod smollm2-135m")
+    assert run.returncode == 1
+    assert "Did you mean 'ai load'" in run.stderr
+
+
+def test_piped_stdin_runs_each_line_and_reports_any_failure(models_dir):
+    script = ("ai load smollm2-135m\n"
+              "ai list\n"
+              "# a comment, skipped\n"
+              "\n"
+              "ai info\n"
+              "?What is the capital of France?\n")
+    run = hublab(stdin=script)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "Model loaded: 135M parameters, Q4_1 quantization" in out
+    assert "Context size: 1024 tokens" in out
+    assert re.search(r"Memory: \d+\.\d MiB", out)
+    listed = [line for line in out.splitlines() if "smollm2-135m" in line and "MiB" in line]
+    assert listed and listed[0].startswith("*"), out  # loaded marker
+    assert re.search(r"Memory:\s+\d+\.\d MiB used / [\d.]+ [MG]iB budget", out)
+    assert "AI: " in out
+
+    # A failure in the middle: the other lines still run, the exit status says it failed.
+    run = hublab(stdin="ai list\nai unload nosuch\nai info\n")
+    assert run.returncode == 1
+    assert "Error: " in run.stderr and "nosuch" in run.stderr
+    assert "(* = loaded)" in run.stdout and "Last speed:" in run.stdout
+
+
+def test_ai_config_persists_across_a_restart(models_dir, isolated_state):
+    run = hublab("-c", "ai config temperature 0.2")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("temperature = 0.2 (saved)")
+    assert "temperature = 0.2" in (isolated_state / "settings.toml").read_text()
+
+    run = hublab("-c", "ai config")  # a new process, a new daemon
+    assert run.returncode == 0, run.stderr
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("temperature"))
+    assert "0.2" in line and "(set with ai config)" in line
+    max_tokens = next(ln for ln in run.stdout.splitlines() if ln.startswith("max_tokens"))
+    assert "16" in max_tokens and "set with" not in max_tokens
+
+    run = hublab("-c", "ai config temperature hot")
+    assert run.returncode == 1 and "temperature" in run.stderr
+
+
+def test_benchmark_and_stats(models_dir):
+    run = hublab(stdin="ai benchmark -p 16 -n 4\nai stats\n")
+    assert run.returncode == 0, run.stderr
+    rows = [ln for ln in run.stdout.splitlines() if ln.startswith("|")]
+    assert rows[0].split("|")[1].strip() == "model"
+    pp = next(r for r in rows if "pp16" in r)
+    tg = next(r for r in rows if "tg4" in r)
+    assert float(pp.split("|")[-2].split()[0]) > 0
+    assert float(tg.split("|")[-2].split()[0]) > 0
+    assert re.search(r"^requests:\s+\d+", run.stdout, re.M)
+    assert "by_op.benchmark:" in run.stdout
+
+
+def test_help_lists_commands_without_needing_a_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUBLAB_MODELS_DIR", str(tmp_path / "empty"))
+    run = hublab("-c", "help")
+    assert run.returncode == 0, run.stderr
+    for name in ("?<question>", "ai list", "ai load", "ai benchmark", "history", "exit"):
+        assert name in run.stdout
+
+
+# ------------------------------------------------------------------ interactive, in a pty
+
+ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b[()][0-9A-B]|\x1b[=>78]")
+
+
+class Terminal:
+    """The master side of a pty running `hublab` as its controlling terminal."""
+
+    def __init__(self, args, env):
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+
+        def make_controlling_tty():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     start_new_session=True, preexec_fn=make_controlling_tty)
+        os.close(slave)
+        self.raw = b""
+        self.seen = 0  # index into the cleaned text already consumed by expect()
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw.decode("utf-8", "replace")).replace("\r", "")
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if ready:
+            try:
+                self.raw += os.read(self.master, 65536)
+            except OSError:  # the child closed the terminal
+                time.sleep(timeout)
+
+    def expect(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            match = regex.search(self.text, self.seen)
+            if match:
+                self.seen = match.end()
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in the terminal within {timeout} s; "
+                                     f"got: {self.text[self.seen:][-2000:]!r}")
+            self._read(0.1)
+
+    def send(self, data: str) -> None:
+        os.write(self.master, data.encode())
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.master)
+
+
+@pytest.fixture
+def terminal(models_dir):
+    env = os.environ.copy()
+    env.update(TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
+    term = Terminal([sys.executable, "-m", "hublabio.shell.main"], env)
+    yield term
+    if term.proc.poll() is None:
+        term.proc.kill()
+        term.proc.wait()
+
+
+def test_interactive_session_history_completion_and_ctrl_c(terminal):
+    t = terminal
+    t.expect(r"hublab>")
+    t.send("ai list\r")
+    t.expect(r"\n {3}smollm2-135m +gguf")  # on disk, not loaded yet
+    t.expect(r"hublab>")
+
+    # Tab completes a command word; model names come from the daemon.
+    t.send("ai lo\t")
+    t.expect(r"ai load")
+    t.send(" smol\t")
+    t.expect(r"smollm2-135m")
+    t.send("\r")
+    t.expect(r"Model loaded: 135M parameters, Q4_1 quantization")
+    t.expect(r"hublab>")
+    t.send("ai list\r")
+    t.expect(r"\n\* +smollm2-135m +gguf")  # now marked loaded
+    t.expect(r"hublab>")
+
+    # Ctrl-C at the prompt clears the line being typed.
+    t.send("ai li")
+    time.sleep(0.3)
+    t.send("\x03")
+    time.sleep(0.3)
+    t.send("ai info\r")
+    t.expect(r"Quantization:\s+Q4_1")
+    t.expect(r"hublab>")
+
+    # Ctrl-C during a long answer cancels it and keeps the shell.
+    t.send("ai config max_tokens 1500\r")
+    t.expect(r"max_tokens = 1500 \(saved\)")
+    t.expect(r"hublab>")
+    t.send("?Count from 1 to 500, writing every number as a word.\r")
+    t.expect(r"AI: \S+")
+    started = time.monotonic()
+    time.sleep(0.5)
+    t.send("\x03")
+    t.expect(r"\[cancelled\]", timeout=15)
+    assert time.monotonic() - started < 15
+    t.expect(r"hublab>")
+    assert t.proc.poll() is None  # the shell survived
+
+    # The daemon is free again: the next answer is not refused as busy.
+    t.send("ai config max_tokens 8\r")
+    t.expect(r"hublab>")
+    t.send("?Hi\r")
+    t.expect(r"AI: \S+")
+    t.expect(r"hublab>")
+
+    t.send("history\r")
+    t.expect(r"\d+\s+ai list")
+    t.expect(r"hublab>")
+    t.send("\x04")  # Ctrl-D leaves
+    assert t.close() == 0
+
+    history = paths.history_file().read_text()
+    assert "+ai list" in history and "+ai load smollm2-135m" in history
+    assert "+?Count from 1 to 500" in history
+    assert "+ai li\n" not in history  # the line cleared by Ctrl-C was not run or stored
+
+
+def test_interactive_exit_command(terminal):
+    terminal.expect(r"hublab>")
+    terminal.send("exit\r")
+    assert terminal.close() == 0
