@@ -221,7 +221,7 @@ def test_help_lists_every_command_with_its_docstring_summary():
     assert execute(ctx, "help")
     text = "".join(out)
     for name, cmd in COMMANDS.items():
-        assert cmd.usage in text and cmd.summary in text
+        assert f"  {cmd.short_usage} " in text and cmd.summary in text
     out.clear()
     assert execute(ctx, "help ai load")
     assert "".join(out).startswith("ai load <name|path>")

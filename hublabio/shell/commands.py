@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from hublabio import paths
-from hublabio.errors import Cancelled, HublabError
+from hublabio.errors import Cancelled, DaemonUnavailable, HublabError
 from hublabio.shell import render
 
 Completion = Iterable[str] | Callable[["ShellContext"], Iterable[str]] | None
@@ -62,7 +62,13 @@ class Command:
 
     @property
     def summary(self) -> str:
-        return self.help.splitlines()[0] if self.help else ""
+        """The docstring's first paragraph on one line."""
+        return " ".join(self.help.split("\n\n", 1)[0].split())
+
+    @property
+    def short_usage(self) -> str:
+        """The usage for the `help` list: long ones shortened to `name ...`."""
+        return self.usage if len(self.usage) <= 34 else f"{self.name} ..."
 
     def candidates(self, ctx: "ShellContext") -> list[str]:
         """Values offered by tab completion for this command's argument."""
@@ -273,6 +279,10 @@ def execute(ctx: ShellContext, line: str) -> bool:
         ctx.reset_client()
         ctx.out.line("")
         ctx.out.error("[interrupted]")
+        return False
+    except DaemonUnavailable as exc:
+        ctx.reset_client()  # the next command reconnects (or starts a daemon in-process)
+        ctx.out.error(render.error(exc))
         return False
     except HublabError as exc:
         ctx.out.error(render.error(exc))

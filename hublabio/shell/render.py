@@ -249,8 +249,8 @@ def benchmark(data: Mapping[str, Any]) -> str:
 def help_list(commands: Iterable[Any]) -> str:
     """`help`: each command with the first line of its docstring."""
     commands = sorted(commands, key=lambda c: (c.name != "?", c.name))
-    width = max(len(c.usage) for c in commands)
-    lines = [f"  {c.usage.ljust(width)}  {c.summary}" for c in commands]
+    width = max(len(c.short_usage) for c in commands)
+    lines = [f"  {c.short_usage.ljust(width)}  {c.summary}" for c in commands]
     return "Commands:\n" + "\n".join(lines) + "\nType `help <command>` for details."
 
 

@@ -124,6 +124,35 @@ def test_benchmark_and_stats(models_dir):
     assert "by_op.benchmark:" in run.stdout
 
 
+def test_models_dir_and_budget_flags_configure_the_daemon_it_starts(tmp_path, smollm2_path):
+    models = write_models_dir(tmp_path, smollm2_path)  # no HUBLAB_MODELS_DIR: the flag only
+    run = hublab("--models-dir", str(models), "-c", "ai list")
+    assert run.returncode == 0, run.stderr
+    assert "smollm2-135m" in run.stdout
+
+    run = hublab("--models-dir", str(models), "--budget-mb", "50", "-c", "ai load smollm2-135m")
+    assert run.returncode == 1
+    assert re.search(r"^Error: .*needs \d+ MiB, budget 50 MiB", run.stderr), run.stderr
+
+
+def test_the_shell_uses_a_daemon_that_is_already_running(models_dir, tmp_path):
+    from hublabio.client import connect_or_start
+
+    socket_path = tmp_path / "d.sock"
+    client, handle = connect_or_start(socket_path, models_dir=models_dir)
+    assert handle is not None
+    try:
+        run = hublab("--socket", str(socket_path), "-c", "ai load smollm2-135m")
+        assert run.returncode == 0, run.stderr
+        assert "Model loaded:" in run.stdout
+        # the model is loaded in *this* daemon, so the shell did not start its own
+        models = client.call("models.list")["models"]
+        assert [m["loaded"] for m in models if m["name"] == "smollm2-135m"] == [True]
+    finally:
+        client.close()
+        handle.stop()
+
+
 def test_help_lists_commands_without_needing_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HUBLAB_MODELS_DIR", str(tmp_path / "empty"))
     run = hublab("-c", "help")
