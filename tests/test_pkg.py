@@ -1,0 +1,271 @@
+"""hublabio.pkg: verified, atomic install / list / remove of deploy packages (real files and tars)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hublabio import pkg
+from hublabio.errors import PackageError
+
+
+def listing(root: Path) -> list[tuple]:
+    """Everything under root: (path, kind, size, sha256) - the before/after comparison."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out.append((rel, "link", os.readlink(p), ""))
+            elif p.is_dir():
+                out.append((rel, "dir", 0, ""))
+            else:
+                data = p.read_bytes()
+                out.append((rel, "file", len(data), hashlib.sha256(data).hexdigest()))
+    return sorted(out)
+
+
+def manifest(name: str, files: dict[str, bytes], version: str = "1.0.0", **override) -> str:
+    lines = ["[package]", f'name = "{name}"', f'version = "{version}"', 'category = "model"',
+             'description = "test package"']
+    for path, data in files.items():
+        entry = {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        entry.update(override.get(path, {}))
+        lines += ["", "[[files]]", f'path = {json.dumps(entry["path"])}', f'sha256 = "{entry["sha256"]}"',
+                  f'size = {entry["size"]}']
+    return "\n".join(lines) + "\n"
+
+
+FILES = {
+    "demo.toml": b'[model]\nname = "demo"\npath = "demo.gguf"\n',
+    "demo.gguf": b"GGUF" + bytes(range(256)) * 40,
+    "experts/python.toml": b'[model]\nname = "py"\n',
+    "router/domains.json": b'{"domains": ["python"]}',
+}
+
+
+def make_dir(root: Path, name="demo", files=FILES, **kw) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    (root / "package.toml").write_text(manifest(name, files, **kw))
+    return root
+
+
+def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "model-config.toml").write_text('[model]\nname = "base"\npath = "base.gguf"\n')
+    return d
+
+
+def test_install_list_remove_folder(tmp_path, models):
+    before = listing(models)
+    installed = pkg.install(make_dir(tmp_path / "p"), models)
+    assert installed.name == "demo" and installed.version == "1.0.0"
+    for path, data in FILES.items():
+        assert (models / path).read_bytes() == data
+    assert not list(models.glob(".pkg-staging-*"))
+    [listed] = pkg.list_packages(models)
+    assert listed.name == "demo" and {f.path for f in listed.files} == set(FILES)
+    assert listed.size == sum(len(d) for d in FILES.values())
+    assert pkg.owners(models)["demo.gguf"] == "demo"
+    removed = pkg.remove("demo", models)
+    assert removed.name == "demo"
+    after = [e for e in listing(models) if not e[0].startswith(".packages")]
+    assert after == before  # exactly the package's files (and the folders it made) are gone
+    assert pkg.list_packages(models) == []
+
+
+def test_install_tar_gz(tmp_path, models):
+    members = [reg("package.toml", manifest("demo", FILES).encode())]
+    members += [reg(p, d) for p, d in FILES.items()]
+    installed = pkg.install(make_tar(tmp_path / "demo.tar.gz", members), models)
+    assert {f.path for f in installed.files} == set(FILES)
+    assert (models / "experts/python.toml").read_bytes() == FILES["experts/python.toml"]
+
+
+def test_tampered_file_is_refused_and_nothing_written(tmp_path, models):
+    src = make_dir(tmp_path / "p")
+    (src / "demo.gguf").write_bytes(FILES["demo.gguf"][:-1] + b"X")  # same size, other bytes
+    before = listing(models)
+    with pytest.raises(PackageError) as err:
+        pkg.install(src, models)
+    assert "demo.gguf" in str(err.value) and "sha256" in str(err.value)
+    assert listing(models) == before
+    (src / "demo.gguf").write_bytes(FILES["demo.gguf"] + b"extra")
+    with pytest.raises(PackageError, match="demo.gguf: larger than"):
+        pkg.install(src, models)
+    assert listing(models) == before
+
+
+@pytest.mark.parametrize("bad", ["../evil.toml", "experts/../../evil", "/etc/evil", "a//b",
+                                 "./x", ".packages/demo.toml", "C:/x", "a\\b", "a\x08b"])
+def test_unsafe_paths_in_manifest_are_refused(bad, tmp_path, models):
+    src = make_dir(tmp_path / "p", files={"demo.toml": FILES["demo.toml"]})
+    data = b"evil"
+    (src / "package.toml").write_text(manifest("demo", {bad: data}))
+    before = listing(models)
+    with pytest.raises(PackageError) as err:
+        pkg.install(src, models)
+    assert "package.toml" in str(err.value) and "files[0].path" in str(err.value)
+    assert listing(models) == before
+    assert not (tmp_path / "evil.toml").exists()
+
+
+def test_dotdot_member_in_tar_is_refused(tmp_path, models):
+    files = {"demo.toml": FILES["demo.toml"]}
+    members = [reg("package.toml", manifest("demo", files).encode()), reg("demo.toml", files["demo.toml"]),
+               reg("../escape.txt", b"boom")]
+    before = listing(models)
+    with pytest.raises(PackageError, match=r"'\.\./escape\.txt'"):
+        pkg.install(make_tar(tmp_path / "x.tar.gz", members), models)
+    assert listing(models) == before and not (tmp_path / "escape.txt").exists()
+
+
+def test_symlinks_are_refused(tmp_path, models):
+    src = make_dir(tmp_path / "p")
+    os.remove(src / "demo.gguf")
+    (tmp_path / "outside.gguf").write_bytes(FILES["demo.gguf"])
+    os.symlink(tmp_path / "outside.gguf", src / "demo.gguf")
+    before = listing(models)
+    with pytest.raises(PackageError, match="demo.gguf: symlinks are refused"):
+        pkg.install(src, models)
+    assert listing(models) == before
+
+    link = tarfile.TarInfo("demo.gguf")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    members = [reg("package.toml", manifest("demo", FILES).encode()), (link, None)]
+    with pytest.raises(PackageError, match="is a link"):
+        pkg.install(make_tar(tmp_path / "s.tar.gz", members), models)
+    hard = tarfile.TarInfo("demo.gguf")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "package.toml"
+    members = [reg("package.toml", manifest("demo", FILES).encode()), (hard, None)]
+    with pytest.raises(PackageError, match="is a link"):
+        pkg.install(make_tar(tmp_path / "h.tar.gz", members), models)
+    dev = tarfile.TarInfo("demo.gguf")
+    dev.type = tarfile.CHRTYPE
+    members = [reg("package.toml", manifest("demo", FILES).encode()), (dev, None)]
+    with pytest.raises(PackageError, match="not a regular file"):
+        pkg.install(make_tar(tmp_path / "d.tar.gz", members), models)
+    assert listing(models) == before
+
+
+def test_unlisted_missing_and_wrong_size_files_are_refused(tmp_path, models):
+    before = listing(models)
+    src = make_dir(tmp_path / "a")
+    (src / "surprise.bin").write_bytes(b"?")
+    with pytest.raises(PackageError, match="surprise.bin: not listed in package.toml"):
+        pkg.install(src, models)
+    src = make_dir(tmp_path / "b")
+    os.remove(src / "router/domains.json")
+    with pytest.raises(PackageError, match="domains.json: listed in package.toml but missing"):
+        pkg.install(src, models)
+    src = make_dir(tmp_path / "c", **{"demo.toml": {"size": 3}})
+    with pytest.raises(PackageError, match="demo.toml: larger than the 3 bytes"):
+        pkg.install(src, models)
+    members = [reg("package.toml", manifest("demo", FILES).encode()), reg("demo.toml", FILES["demo.toml"])]
+    with pytest.raises(PackageError, match="'demo.gguf' is listed in package.toml but missing"):
+        pkg.install(make_tar(tmp_path / "m.tar.gz", members), models)
+    assert listing(models) == before
+
+
+def test_bad_manifests_name_the_key(tmp_path, models):
+    src = make_dir(tmp_path / "p")
+    (src / "package.toml").write_text(manifest("Bad Name!", FILES))
+    with pytest.raises(PackageError, match="package.name"):
+        pkg.install(src, models)
+    (src / "package.toml").write_text(manifest("demo", FILES, **{"demo.gguf": {"sha256": "abc"}}))
+    with pytest.raises(PackageError, match=r"files\[1\].sha256"):
+        pkg.install(src, models)
+    (src / "package.toml").write_text("[package\nname=")
+    with pytest.raises(PackageError, match="not valid TOML"):
+        pkg.install(src, models)
+
+
+def test_files_of_other_packages_and_unowned_files_need_force(tmp_path, models):
+    pkg.install(make_dir(tmp_path / "one", name="one", files={"shared.gguf": b"one"}), models)
+    two = make_dir(tmp_path / "two", name="two", files={"shared.gguf": b"two!", "two.toml": b"x"})
+    before = listing(models)
+    with pytest.raises(PackageError, match="belongs to package 'one'"):
+        pkg.install(two, models)
+    assert listing(models) == before
+    pkg.install(two, models, force=True)
+    assert (models / "shared.gguf").read_bytes() == b"two!"
+    assert pkg.owners(models)["shared.gguf"] == "two"
+    pkg.remove("one", models)  # no longer owns shared.gguf: must not delete it
+    assert (models / "shared.gguf").read_bytes() == b"two!"
+    cfg = make_dir(tmp_path / "cfg", name="cfg", files={"model-config.toml": b"[model]\n"})
+    with pytest.raises(PackageError, match="belongs to no package"):
+        pkg.install(cfg, models)
+
+
+def test_upgrade_replaces_files_and_drops_old_ones(tmp_path, models):
+    pkg.install(make_dir(tmp_path / "v1", files=FILES), models)
+    v2_files = {"demo.toml": b'[model]\nname = "demo2"\n', "demo.gguf": b"GGUF-v2"}
+    pkg.install(make_dir(tmp_path / "v2", files=v2_files, version="2.0.0"), models)
+    [p] = pkg.list_packages(models)
+    assert p.version == "2.0.0" and {f.path for f in p.files} == set(v2_files)
+    assert (models / "demo.gguf").read_bytes() == b"GGUF-v2"
+    assert not (models / "experts/python.toml").exists()
+    pkg.remove("demo", models)
+    assert not (models / "experts").exists() and not (models / "router").exists()
+
+
+def test_power_loss_during_commit_is_finished_by_recovery(tmp_path, models, monkeypatch):
+    src = make_dir(tmp_path / "p")
+    real_replace = os.replace
+    calls = []
+
+    def dying_replace(a, b):
+        calls.append(b)
+        if len(calls) == 3:  # journal written, two files moved, then the power goes
+            raise KeyboardInterrupt("power loss")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(pkg.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        pkg.install(src, models)
+    monkeypatch.setattr(pkg.os, "replace", real_replace)
+    assert list((models / ".packages").glob(".journal-*"))
+    assert pkg.recover(models) == ["finished the interrupted install of demo"]
+    for path, data in FILES.items():
+        assert (models / path).read_bytes() == data
+    assert [p.name for p in pkg.list_packages(models)] == ["demo"]
+    assert not list(models.glob(".pkg-staging-*"))
+
+
+def test_power_loss_before_the_journal_leaves_the_old_state(tmp_path, models):
+    before = listing(models)
+    staging = models / ".pkg-staging-123-456"
+    staging.mkdir()
+    (staging / "demo.gguf").write_bytes(b"half")
+    assert pkg.recover(models) == ["discarded an incomplete install (.pkg-staging-123-456)"]
+    assert listing(models) == before
+
+
+def test_remove_unknown_package(models):
+    with pytest.raises(PackageError, match="no installed package named 'nope'"):
+        pkg.remove("nope", models)
