@@ -93,7 +93,7 @@ class Client:
         return box.popleft()
 
     # ---- API -----------------------------------------------------------------------------
-    def stream(self, op: str, **params) -> "Stream":
+    def stream(self, op: str, /, **params) -> "Stream":
         """Send a request and iterate over its events: token/info events, then the result
         event (yielded last). An error event is raised as its HublabError."""
         rid = protocol.new_id()
@@ -105,7 +105,7 @@ class Client:
             raise
         return Stream(self, rid)
 
-    def call(self, op: str, **params) -> dict:
+    def call(self, op: str, /, **params) -> dict:
         """Run an op and return its result data (info/token events are skipped)."""
         for ev in self.stream(op, **params):
             if ev["type"] == "result":

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -80,9 +81,11 @@ class Dispatcher:
         for job in list(self.jobs):
             job.request_cancel()
 
-    async def submit(self, job: Job, params: dict, send) -> None:
+    async def submit(self, job: Job, params: dict, send, direct=None) -> None:
         """Run `job` and pass each of its events to `await send(ev)`; always ends with exactly
-        one terminal event. `send` failing (client gone) cancels the job."""
+        one terminal event. `send` failing (client gone) cancels the job. With `direct` (a
+        thread-safe blocking writer), the op's worker thread writes its events itself: tokens
+        reach the client without a hop through the event loop."""
         async def safe_send(ev):
             try:
                 await send(ev)
@@ -97,7 +100,7 @@ class Dispatcher:
                 await safe_send(protocol.error_event(exc, job.id))
                 return
             if not spec.queued:
-                await self._execute(job, params, safe_send)
+                await self._execute(job, params, safe_send, direct)
                 return
             if self.running and self.waiting >= self.queue_size:
                 with self.service._lock:
@@ -112,7 +115,7 @@ class Dispatcher:
                 return
             try:
                 self.running += 1
-                await self._execute(job, params, safe_send)
+                await self._execute(job, params, safe_send, direct)
             finally:
                 self.running -= 1
                 self._slot.release()
@@ -123,6 +126,9 @@ class Dispatcher:
         """Wait for the run slot unless cancelled first. True when the slot is now held."""
         if job.cancelled.is_set():
             return False
+        if not self._slot.locked():  # fast path: nobody running, no loop round trips
+            await self._slot.acquire()
+            return True
         self.waiting += 1
         acquire = asyncio.ensure_future(self._slot.acquire())
         cancelled = asyncio.ensure_future(job.cancelled.wait())
@@ -142,23 +148,41 @@ class Dispatcher:
             return False
         return True
 
-    async def _execute(self, job: Job, params: dict, send) -> None:
+    async def _execute(self, job: Job, params: dict, send, direct=None) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job.started = True
+        gone = False
+
+        def emit(ev):
+            nonlocal gone
+            if direct is None:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+            elif not gone:
+                try:
+                    direct(ev)
+                except OSError:  # the client went away: stop the work, drop the rest
+                    gone = True
+                    job.request_cancel()
 
         def work():
             try:
                 for ev in self.service.run(job.op, params, request_id=job.id, cancel=job.cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, ev)
+                    emit(ev)
             except BaseException as exc:  # noqa: BLE001 - report, never lose the terminal event
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(queue.put_nowait, protocol.error_event(exc, job.id))
+                    emit(protocol.error_event(exc, job.id))
+            finally:
+                if direct is not None:
+                    with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                        loop.call_soon_threadsafe(queue.put_nowait, None)
 
         thread = threading.Thread(target=work, name=f"hublabd-{job.op}-{job.id}", daemon=True)
         thread.start()
         while True:
             ev = await queue.get()
+            if ev is None:
+                break
             await send(ev)
             if ev["type"] in protocol.TERMINAL:
                 break
@@ -179,19 +203,69 @@ class Dispatcher:
 
 
 class Connection:
+    """One client. Every write goes straight to the socket under one thread lock, either from
+    the event loop (`send`, never blocking it) or from an op's worker thread (`send_sync`), so
+    events of one request keep their order and lines never interleave."""
+
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
-        self.lock = asyncio.Lock()
+        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self.closed = False
 
+    def _write_locked(self, data: memoryview, *, block: bool) -> memoryview:
+        """Write what the socket takes (waiting for room when `block`); the unsent rest."""
+        while data:
+            if self.closed:
+                raise ConnectionResetError("client disconnected")
+            try:
+                data = data[self._sock.send(data):]
+            except BlockingIOError:
+                if not block:
+                    return data
+                select.select([], [self._sock], [], 0.5)
+        return data
+
+    def send_sync(self, ev: dict) -> None:
+        """Write one event from any thread, waiting while the client's buffer is full."""
+        data = memoryview(protocol.encode(ev))
+        with self._lock:
+            self._write_locked(data, block=True)
+
+    def _finish_locked(self, rest: memoryview) -> None:
+        try:
+            self._write_locked(rest, block=True)
+        finally:
+            self._lock.release()
+
     async def send(self, ev: dict) -> None:
+        """Write one event from the event loop; a slow reader is waited for in a worker thread."""
         if self.closed:
             raise ConnectionResetError("client disconnected")
-        data = protocol.encode(ev)
-        async with self.lock:
-            self.writer.write(data)
-            await self.writer.drain()
+        data = memoryview(protocol.encode(ev))
+        loop = asyncio.get_running_loop()
+        if not self._lock.acquire(blocking=False):
+            await loop.run_in_executor(None, self.send_sync, ev)
+            return
+        try:
+            rest = self._write_locked(data, block=False)
+        except BaseException:
+            self._lock.release()
+            raise
+        if not rest:
+            self._lock.release()
+            return
+        await loop.run_in_executor(None, self._finish_locked, rest)  # releases the lock
+
+    def close(self) -> None:
+        self.closed = True
+        got = self._lock.acquire(timeout=1.0)
+        try:
+            self._sock.close()
+        finally:
+            if got:
+                self._lock.release()
 
 
 class Server:
@@ -306,10 +380,12 @@ class Server:
             conn.closed = True
             for job in list(conn.jobs.values()):
                 job.request_cancel()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
             self._connections.discard(task)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.get_running_loop().run_in_executor(None, conn.close)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(writer.wait_closed(), 5.0)
 
     async def _on_line(self, conn: Connection, line) -> None:
         async def reply(ev):
@@ -348,7 +424,7 @@ class Server:
 
         async def run():
             try:
-                await self.dispatcher.submit(job, req.params, conn.send)
+                await self.dispatcher.submit(job, req.params, conn.send, conn.send_sync)
             finally:
                 conn.jobs.pop(req.id, None)
 

@@ -281,7 +281,7 @@ class Service:
                 log.exception("op %s failed", name)
             yield protocol.error_event(exc, req.id)
 
-    def call(self, name: str, **params) -> dict:
+    def call(self, name: str, /, **params) -> dict:
         """Run an op to completion and return its result data (raises its error)."""
         data = None
         for ev in self.run(name, params):

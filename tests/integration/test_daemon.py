@@ -436,3 +436,24 @@ def test_daemon_cli_reports_bad_config(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "hublabio.daemon.main", "--help"],
                            capture_output=True, text=True, timeout=60)
     assert help_.returncode == 0 and "--budget-mb" in help_.stdout and "SIGTERM" in help_.stdout
+
+
+def test_slow_reader_gets_every_event_in_order(models):
+    """Events written from the worker thread wait for a full socket buffer instead of failing,
+    and the loop's own replies (here a hello) still get through without mixing lines."""
+    from hublabio.daemon.service import op
+
+    @op("test.flood")
+    def _flood(svc, req, n: int):
+        for i in range(n):
+            yield protocol.info(f"{i:06d}" + "x" * 8000)
+        return {"n": n}
+
+    with make_daemon(models) as d, Client(d.socket_path, timeout=60) as c:
+        flood = c.stream("test.flood", n=300)  # 2.4 MB: far more than a socket buffer
+        hello = c.stream("hello")
+        time.sleep(1.0)  # read nothing meanwhile
+        infos = [e["text"][:6] for e in flood if e["type"] == "info"]
+        assert infos == [f"{i:06d}" for i in range(300)]
+        assert flood.result == {"n": 300}
+        assert list(hello)[-1]["data"]["protocol"] == protocol.VERSION
