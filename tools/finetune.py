@@ -154,6 +154,7 @@ def finetune(args) -> dict:
     from hublabio_tools.common import seed_everything
     from hublabio_tools.train import LoopConfig, PaddedExamples, encode_segments, make_accelerator, run_loop
 
+    _split_base(args.base)  # a wrong --base is reported before anything else
     if args.qlora:
         check_qlora()
     out = Path(args.out)

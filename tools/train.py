@@ -371,6 +371,8 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
         first_val = evaluate(accelerator, model, valid_items, cfg.micro_batch)
         log.write({"step": 0, "val_loss": first_val, "val_ppl": math.exp(min(first_val, 50))})
         state["best_val"] = first_val
+        if on_improved:
+            on_improved(0, first_val, model)
     progress = Progress(cfg.max_steps, run_name, enabled=accelerator.is_main_process and not cfg.quiet)
     model.train()
     stopped_early = False

@@ -1,0 +1,66 @@
+"""The same `train` under torchrun: 2 CPU processes (gloo DDP through accelerate) follow the loss
+trajectory of 1 process with the same global batch (half the accumulation per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from hublabio_tools import cli  # noqa: E402
+from hublabio_tools.train import save_tokenizer, train_tokenizer  # noqa: E402
+
+from test_train import write_corpus  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
+            {r["step"]: r["val_loss"] for r in rows if "val_loss" in r},
+            {r["step"]: r["tokens"] for r in rows if "tokens" in r})
+
+
+def test_two_processes_match_one_process_with_accumulation(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n=60)
+    data = tmp_path / "data"
+    assert cli.main(["prepare-data", str(corpus), "--out", str(data)]) == 0
+    tokenizer = tmp_path / "tokenizer"
+    rows = [json.loads(line)["text"] for line in (data / "train.jsonl").read_text().splitlines()]
+    save_tokenizer(train_tokenizer(rows, 400), tokenizer)
+    common = ["--data", str(data), "--tokenizer", str(tokenizer), "--recipe", "hublabio-tiny",
+              "--max-steps", "5", "--eval-every", "5", "--micro-batch", "2", "--seed", "3", "--quiet"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "hublabio_tools.cli", "train", "--out", str(two), "--grad-accum", "1"] + common
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one = tmp_path / "one"
+    assert cli.main(["train", "--out", str(one), "--grad-accum", "2"] + common) == 0
+
+    loss2, val2, tokens2 = losses(two)
+    loss1, val1, tokens1 = losses(one)
+    assert sorted(loss2) == sorted(loss1) == [1, 2, 3, 4, 5]
+    # One metrics line per step: only the main process writes, and both saw the global batch.
+    assert tokens2 == tokens1
+    for step in loss1:
+        assert loss2[step] == pytest.approx(loss1[step], rel=1e-4), step
+    for step in val1:
+        assert val2[step] == pytest.approx(val1[step], rel=1e-4), step
+    assert loss1[5] < loss1[1]  # it learned something, so the comparison is not trivial
+    assert (two / "model.safetensors").exists()

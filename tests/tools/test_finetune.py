@@ -1,0 +1,129 @@
+"""finetune / merge / train-expert: QLoRA guard, raw jsonl input, early stopping, and (slow) the
+real SmolLM2 from its GGUF: loss goes down, and train-expert writes a valid device TOML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hublabio_tools import cli  # noqa: E402
+from hublabio_tools.train import save_tokenizer, train_tokenizer  # noqa: E402
+
+QA = [("What is the capital of France?", "Paris is the capital of France."),
+      ("What colour is the sky?", "The sky is blue on a clear day."),
+      ("How many legs has a cat?", "A cat has four legs."),
+      ("What do bees make?", "Bees make honey and wax."),
+      ("Where do fish live?", "Fish live in water: rivers, lakes and the sea."),
+      ("What is ice?", "Ice is frozen water."),
+      ("What is two plus two?", "Two plus two is four."),
+      ("Which star is closest to Earth?", "The Sun is the closest star to Earth.")]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A random tiny Llama checkpoint with a trained seed-format tokenizer (no training run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tinybase")
+    tok = train_tokenizer([f"{q} {a}" for q, a in QA] * 10, 400)
+    save_tokenizer(tok, root)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(str(root))
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA * 2))
+    return root, data
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_qlora_without_cuda_is_a_clear_message_not_a_crash(tiny_base, tmp_path, capsys):
+    root, data = tiny_base
+    rc = cli.main(["finetune", "--base", str(root), "--data", str(data), "--out", str(tmp_path / "a"),
+                   "--qlora"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--qlora needs a CUDA GPU" in err and "drop --qlora" in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_base_is_named(tmp_path, capsys):
+    rc = cli.main(["finetune", "--base", str(tmp_path / "none.gguf"), "--data", "x.jsonl",
+                   "--out", str(tmp_path / "a")])
+    assert rc == 2
+    assert f"--base {tmp_path / 'none.gguf'}: no such file" in capsys.readouterr().err
+
+
+def test_raw_jsonl_is_prepared_with_the_base_template_and_masks_prompts(tiny_base, tmp_path):
+    from hublabio_tools.finetune import load_finetune_rows
+
+    root, data = tiny_base
+    train, valid = load_finetune_rows(str(data), str(root))
+    assert len(train) + len(valid) == len(QA)  # the doubled copies were exact duplicates
+    row = train[0]
+    assert row["segments"][0][1] is False and row["segments"][0][0].startswith("<|user|>\n")
+    assert row["segments"][1][1] is True and row["segments"][1][0].endswith("<|end|>\n")
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_base, tmp_path):
+    root, data = tiny_base
+    out = tmp_path / "adapter"
+    # A learning rate this high makes validation loss climb after the first steps.
+    assert cli.main(["finetune", "--base", str(root), "--data", str(data), "--out", str(out),
+                     "--r", "4", "--alpha", "8", "--dropout", "0", "--lr", "0.5", "--max-steps", "12",
+                     "--micro-batch", "4", "--grad-accum", "1", "--eval-every", "1", "--patience", "2",
+                     "--quiet"]) == 0
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["steps"] < 12
+    vals = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r}
+    assert summary["best_val_loss"] == pytest.approx(min(vals.values()))
+    best_step = min(vals, key=vals.get)
+    assert best_step > 0 and summary["adapter_step"] == best_step
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_finetune_lowers_the_loss(smollm2_path, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA))
+    prepared = tmp_path / "data"
+    assert cli.main(["prepare-data", str(data), "--out", str(prepared), "--model", str(smollm2_path),
+                     "--val-fraction", "0"]) == 0
+    # Validate on the training examples themselves: a few steps must fit them better.
+    (prepared / "valid.jsonl").write_text((prepared / "train.jsonl").read_text())
+    out = tmp_path / "adapter"
+    assert cli.main(["finetune", "--base", str(smollm2_path), "--data", str(prepared), "--out", str(out),
+                     "--r", "8", "--alpha", "16", "--dropout", "0", "--lr", "1e-3", "--max-steps", "3",
+                     "--micro-batch", "4", "--grad-accum", "2", "--max-len", "128", "--eval-every", "3",
+                     "--quiet"]) == 0
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["best_val_loss"] < summary["first_val_loss"] - 0.05, summary
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
+    from hublabio.config import load_model_config
+
+    out = tmp_path / "models"
+    assert cli.main(["train-expert", "rust", "--out", str(out), "--max-steps", "1", "--r", "4",
+                     "--alpha", "8", "--micro-batch", "2", "--grad-accum", "1", "--max-len", "96",
+                     "--eval-every", "1", "--quiet"]) == 0
+    config = load_model_config(out / "experts" / "rust.toml", require_expert=True)
+    assert config.name == "rust-expert" and config.expert.domain == "rust"
+    assert "cargo" in config.expert.keywords and config.expert.threshold == 0.5
+    assert config.adapter is not None and config.adapter.name == "rust.lora.gguf"
+    evaluation = json.loads((out / "adapters" / "rust" / "eval.json").read_text())
+    assert evaluation["val_loss_before"] > 0 and evaluation["val_loss_after"] <= evaluation["val_loss_before"]
+    assert (out / "adapters" / "rust" / "adapter_model.safetensors").exists()
+    if evaluation["gguf_adapter"]:
+        assert config.adapter.is_file()
+    else:
+        assert "hublab-tools convert-lora" in capsys.readouterr().out
