@@ -37,7 +37,14 @@ from hublabio.config import (
     update_settings,
     validate_inference_override,
 )
-from hublabio.errors import ConfigError, GGUFError, HublabError, ModelNotFound, ProtocolError
+from hublabio.errors import (
+    Cancelled,
+    ConfigError,
+    GGUFError,
+    HublabError,
+    ModelNotFound,
+    ProtocolError,
+)
 
 log = logging.getLogger("hublabd")
 
@@ -117,7 +124,7 @@ class Service:
 
             pool = ModelPool(budget_mb(self.settings, self.board),
                              idle_ttl_s=self.settings.idle_ttl_s,
-                             n_threads=self.settings.threads or None,
+                             n_threads=self.settings.threads or _user_threads(),
                              use_mmap=self.settings.mmap, use_mlock=self.settings.mlock)
         self.pool = pool
         self.stats = Stats()
@@ -311,16 +318,15 @@ class Service:
         yielding token events; returns the result data. Used by generate/ask and the HTTP API."""
         from hublabio.engine import SamplingOptions
 
-        if cfg.type != "gguf":
-            raise HublabError(f"model {cfg.name!r} is type {cfg.type!r}: only local GGUF models "
-                              "can generate on this device")
-        if cfg.missing:
+        if cfg.type == "gguf" and cfg.missing:
             raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
         inf = self.inference(cfg)
         opts = SamplingOptions.from_inference(inf, **_check_options(options))
         if system_prompt and inf.system_prompt and isinstance(prompt, list) \
                 and not any(m.get("role") == "system" for m in prompt):
             prompt = [{"role": "system", "content": inf.system_prompt}, *prompt]
+        if cfg.type == "remote":
+            return (yield from self._stream_remote(req, cfg, prompt, opts))
         if not self.is_loaded(cfg.name):
             yield protocol.info(f"loading {cfg.name} ...")
         parts: list[str] = []
@@ -333,8 +339,66 @@ class Service:
         self.record_generation(cfg.name, stats)
         return {"text": "".join(parts), "model": cfg.name, **stats.as_dict()}
 
+    def _stream_remote(self, req: Req, cfg: ModelConfig, prompt, opts) -> Iterator[dict]:
+        """A type = "remote" model: stream from its OpenAI-compatible server (hublabio.remote)."""
+        from hublabio.remote import RemoteExpert
+
+        if not isinstance(prompt, list):
+            raise ProtocolError(f"model {cfg.name!r} is remote (chat API): send 'messages', "
+                                "not a raw 'prompt'")
+        remote = RemoteExpert(cfg.url, cfg.remote_model or cfg.name)
+        parts: list[str] = []
+        logprobs: list[float] = []
+        t0 = time.perf_counter()
+        t_first = None
+        reason = None
+        try:
+            for tok in remote.stream(prompt, max_tokens=opts.max_tokens,
+                                     temperature=opts.temperature, top_p=opts.top_p,
+                                     cancel=req.cancel):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                parts.append(tok.text)
+                if tok.logprob is not None:
+                    logprobs.append(tok.logprob)
+                yield protocol.token(tok.text, tok.logprob)
+        except Cancelled:
+            reason = "cancelled"
+        end = time.perf_counter()
+        n = len(parts)
+        stats = _RemoteStats(
+            completion_tokens=n, ttft_s=(t_first - t0) if t_first else 0.0,
+            gen_tps=(n - 1) / (end - t_first) if t_first and n > 1 and end > t_first else 0.0,
+            finish_reason=reason or ("length" if n >= opts.max_tokens else "stop"),
+            mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None)
+        self.record_generation(cfg.name, stats)
+        return {"text": "".join(parts), "model": cfg.name, "remote": cfg.url,
+                **dataclasses.asdict(stats)}
+
     def close(self) -> None:
         self.pool.close()
+
+
+@dataclass
+class _RemoteStats:
+    """GenerationStats' fields for an answer streamed from a remote server."""
+    prompt_tokens: int = 0  # not reported by the remote stream
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    prompt_tps: float = 0.0
+    gen_tps: float = 0.0
+    finish_reason: str = "stop"
+    mean_logprob: float | None = None
+
+
+def _user_threads() -> int | None:
+    """`ai config threads N` as persisted by the user (None: physical cores)."""
+    try:
+        return read_settings().get("inference", {}).get("threads") or None
+    except ConfigError as exc:
+        log.warning("ignoring user settings: %s", exc)
+        return None
 
 
 _OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,

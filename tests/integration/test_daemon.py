@@ -457,3 +457,22 @@ def test_slow_reader_gets_every_event_in_order(models):
         assert infos == [f"{i:06d}" for i in range(300)]
         assert flood.result == {"n": 300}
         assert list(hello)[-1]["data"]["protocol"] == protocol.VERSION
+
+
+def test_load_by_path_then_generate_by_its_name(models, smollm2_path):
+    with make_daemon(models) as d, Client(d.socket_path, timeout=120) as c:
+        data = c.call("models.load", path=str(smollm2_path))
+        assert data["name"] == smollm2_path.stem and data["quantization"] == "Q4_1"
+        assert c.call("info")["model"] == smollm2_path.stem  # the current model now
+        out = c.call("generate", model=smollm2_path.stem, prompt="Hi", options={"max_tokens": 2})
+        assert out["model"] == smollm2_path.stem and out["completion_tokens"] >= 1
+        with pytest.raises(ModelNotFound, match="no such file"):
+            c.call("models.load", path="/nowhere/x.gguf")
+
+
+def test_idle_model_is_unloaded(models):
+    with make_daemon(models, idle_ttl_s=0.3) as d, Client(d.socket_path, timeout=120) as c:
+        c.call("models.load", name=MODEL)
+        assert c.call("info")["loaded"]
+        wait_for(lambda: not c.call("info")["loaded"], timeout=20)
+        assert c.call("stats")["used_mb"] == 0

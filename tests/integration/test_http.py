@@ -189,3 +189,25 @@ def test_keep_alive_and_http10(api):
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 OK") and b'"object": "list"' in data
+
+
+def test_remote_model_through_another_daemons_api(api, tmp_path, smollm2_path):
+    """A type = "remote" model answers through hublabio.remote from another hublabd's HTTP API."""
+    handle, _ = api
+    host, port = handle.http_address
+    folder = tmp_path / "m"
+    write_model_config(folder, smollm2_path)
+    (folder / "far.toml").write_text(
+        f'[model]\nname = "far"\ntype = "remote"\nurl = "http://{host}:{port}/v1"\n'
+        f'remote_model = "{MODEL}"\n\n[inference]\nmax_tokens = 5\ntemperature = 0.0\n')
+    with make_daemon(folder) as d, Client(d.socket_path, timeout=120) as c:
+        events = list(c.stream("generate", model="far",
+                               messages=[{"role": "user", "content": "Say hi."}]))
+        tokens = [e for e in events if e["type"] == "token"]
+        data = events[-1]["data"]
+        assert data["remote"].endswith(f":{port}/v1") and data["model"] == "far"
+        assert tokens and data["text"] == "".join(t["text"] for t in tokens)
+        assert 0 < data["completion_tokens"] <= 5
+        assert all(t["logprob"] is not None and t["logprob"] <= 0 for t in tokens)
+        with pytest.raises(HublabError, match="send 'messages'"):
+            c.call("generate", model="far", prompt="raw text")
