@@ -437,6 +437,8 @@ class HttpApi:
 
         async def send(ev):
             kind = ev["type"]
+            if kind == "info":
+                return  # progress lines ("loading ...") have no place in OpenAI's stream
             if kind == "error" and not state["started"]:
                 state["error"] = ev  # nothing sent yet: a proper HTTP error status
                 return

@@ -36,6 +36,7 @@ log = logging.getLogger("hublabd")
 SOCKET_MODE = 0o660
 MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 SHUTDOWN_GRACE_S = 10.0
+LIGHT_WORKERS = 16  # quick ops (hello, info, models.list, ...) running at once
 
 
 @dataclass(eq=False)
@@ -59,6 +60,7 @@ class Dispatcher:
         self.service = service
         self.queue_size = max(0, int(queue_size))
         self._slot = asyncio.Semaphore(1)
+        self._light = asyncio.Semaphore(LIGHT_WORKERS)
         self.running = 0
         self.waiting = 0
         self.jobs: set[Job] = set()  # every live job, for cancel by id from any connection
@@ -100,7 +102,8 @@ class Dispatcher:
                 await safe_send(protocol.error_event(exc, job.id))
                 return
             if not spec.queued:
-                await self._execute(job, params, safe_send, direct)
+                async with self._light:  # bounds the worker threads of quick ops
+                    await self._execute(job, params, safe_send, direct)
                 return
             if self.running and self.waiting >= self.queue_size:
                 with self.service._lock:

@@ -407,12 +407,14 @@ def test_sigterm_subprocess_clean_exit(models, tmp_path):
             msgs = _recv_all(ns, "READY=1", 60)
             assert any(m.startswith("READY=1") for m in msgs), msgs
             assert (sock.stat().st_mode & 0o777) == 0o660
-            with Client(sock, timeout=120) as c:
-                assert c.call("hello")["budget_mb"] == 900
-                assert c.call("generate", prompt="Hi", options={"max_tokens": 2})
             msgs = _recv_all(ns, "WATCHDOG=1", 5)
             assert "WATCHDOG=1" in msgs
-            proc.send_signal(signal.SIGTERM)
+            with Client(sock, timeout=120) as c:
+                assert c.call("hello")["budget_mb"] == 900
+                running = c.stream("generate", prompt="A long story:", options={"max_tokens": 400})
+                assert next(e for e in running if e["type"] == "token")
+                proc.send_signal(signal.SIGTERM)  # mid-answer: the answer is cancelled, not lost
+                assert [e for e in running][-1]["data"]["finish_reason"] == "cancelled"
             assert proc.wait(30) == 0
             msgs = _recv_all(ns, "STOPPING=1", 2)
         finally:

@@ -211,3 +211,13 @@ def test_remote_model_through_another_daemons_api(api, tmp_path, smollm2_path):
         assert all(t["logprob"] is not None and t["logprob"] <= 0 for t in tokens)
         with pytest.raises(HublabError, match="send 'messages'"):
             c.call("generate", model="far", prompt="raw text")
+
+
+def test_stream_that_fails_before_any_token_gets_an_error_status(api):
+    _, http = api
+    with http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "word " * 600}], "stream": True}) as r:
+        assert r.status_code >= 400
+        r.read()
+        err = r.json()["error"]
+    assert "does not fit the context" in err["message"]
