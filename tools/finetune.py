@@ -158,7 +158,7 @@ def finetune(args) -> dict:
     if args.qlora:
         check_qlora()
     out = Path(args.out)
-    accelerator = make_accelerator(args.precision)
+    accelerator = make_accelerator(args.precision, args.grad_accum)
     main_proc = accelerator.is_main_process
     train_rows, valid_rows = load_finetune_rows(args.data, args.base)
     if not train_rows:

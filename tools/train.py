@@ -352,6 +352,11 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
+        raise ToolError("internal: the Accelerator was made with another gradient accumulation")
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # no dataloader is prepared, so DeepSpeed is told the micro-batch
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
     # The scheduler is stepped by hand (once per optimizer step, whatever the process count).
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -385,15 +390,15 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
         n_targets = sum(train_items.targets[i] for i in indices)
         mine = micro[rank::world]
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for k, chunk in enumerate(mine):
+        for chunk in mine:
             batch = {key: v.to(accelerator.device) for key, v in train_items.collate(chunk).items()}
-            last = k == len(mine) - 1
-            ctx = accelerator.no_sync(model) if not last else _nullcontext()
-            with ctx:
+            # accumulate(): no gradient sync (DDP/FSDP) or optimizer step (DeepSpeed) until the
+            # last micro-batch of this optimizer step.
+            with accelerator.accumulate(model):
                 loss, _ = _token_ce(model, batch)
-                # DDP averages gradients over processes: scale so the result is the token mean
-                # over the whole global batch.
-                accelerator.backward(loss * world / max(n_targets, 1))
+                # backward divides by grad_accum and the processes average their gradients:
+                # undo both so the gradient is that of the token mean over the global batch.
+                accelerator.backward(loss * (world * cfg.grad_accum / max(n_targets, 1)))
             loss_sum += loss.detach().double()
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -434,15 +439,7 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
             "model": model}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, grad_accum: int = 1):
     """An Accelerator; several processes without CUDA (torchrun / accelerate launch --cpu) get
     the CPU DDP backend (gloo)."""
     import os
@@ -451,7 +448,8 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=pick_precision(precision), cpu=multi_cpu)
+    return Accelerator(mixed_precision=pick_precision(precision), cpu=multi_cpu,
+                       gradient_accumulation_steps=grad_accum)
 
 
 # ----------------------------------------------------------------------------- verb
@@ -512,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    accelerator = make_accelerator(args.precision)
+    micro_batch = pick(args.micro_batch, "micro_batch", 8)
+    grad_accum = pick(args.grad_accum, "grad_accum", 1)
+    accelerator = make_accelerator(args.precision, grad_accum)
     main_proc = accelerator.is_main_process
     train_rows, valid_rows = load_training_rows(args.data)
     if not train_rows:
@@ -542,8 +542,6 @@ def main(argv: list[str] | None = None) -> int:
         vdocs = [ids for ids, _ in encode_segments(valid_rows, tokenizer)]
         valid_items = PackedBlocks(*pack_documents(vdocs, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, pad))
 
-    micro_batch = pick(args.micro_batch, "micro_batch", 8)
-    grad_accum = pick(args.grad_accum, "grad_accum", 1)
     global_batch = micro_batch * grad_accum * accelerator.num_processes
     if args.max_steps is not None:
         max_steps = args.max_steps

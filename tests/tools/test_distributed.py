@@ -64,3 +64,23 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
         assert val2[step] == pytest.approx(val1[step], rel=1e-4), step
     assert loss1[5] < loss1[1]  # it learned something, so the comparison is not trivial
     assert (two / "model.safetensors").exists()
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from hublabio_tools.common import DISTRIBUTED_DIR
+
+    kinds = {}
+    for path in sorted(DISTRIBUTED_DIR.glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        kinds[path.stem] = str(config.distributed_type).rsplit(".", 1)[-1]
+        if kinds[path.stem] == "DEEPSPEED":
+            ds_file = config.deepspeed_config["deepspeed_config_file"]
+            ds = json.loads((DISTRIBUTED_DIR.parent.parent / ds_file).read_text())
+            assert ds["zero_optimization"]["stage"] == int(path.stem[-1])
+            assert ds["train_micro_batch_size_per_gpu"] == "auto"
+        if kinds[path.stem] == "FSDP":
+            assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert kinds == {"ddp": "MULTI_GPU", "ddp_cpu": "MULTI_CPU", "fsdp": "FSDP",
+                     "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
