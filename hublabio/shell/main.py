@@ -57,10 +57,12 @@ class Connection:
     """Connects on first use (so `help` works without a model) and starts an in-process
     daemon when none is listening; `close()` stops that daemon."""
 
-    def __init__(self, socket_path: Path | None, overrides: dict):
+    def __init__(self, socket_path: Path | None, overrides: dict, warn=None):
         self.socket_path = socket_path
         self.overrides = overrides
+        self.warn = warn or (lambda text: print(text, file=sys.stderr))
         self.handle = None
+        self._checked = False
 
     def __call__(self):
         from hublabio.client import Client, connect_or_start
@@ -69,12 +71,32 @@ class Connection:
             return Client(self.handle.socket_path)
         client, handle = connect_or_start(self.socket_path, **self.overrides)
         self.handle = handle
+        if handle is None and self.overrides and not self._checked:
+            self._checked = True
+            self._check_overrides(client)
         return client
 
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.stop()
-            self.handle = None
+    def _check_overrides(self, client) -> None:
+        """A daemon that was already running keeps its own settings: say so when the flags
+        ask for something else."""
+        hello = client.call("hello")
+        wanted = self.overrides.get("models_dir")
+        if wanted is not None and Path(hello.get("models_dir", "")) != Path(wanted):
+            self.warn(f"warning: --models-dir ignored: the daemon already listening on "
+                      f"{client.socket_path} uses {hello.get('models_dir')}")
+        budget = self.overrides.get("budget_mb")
+        if budget is not None and hello.get("budget_mb") != budget:
+            self.warn(f"warning: --budget-mb ignored: the daemon already listening on "
+                      f"{client.socket_path} has a budget of {hello.get('budget_mb')} MiB")
+
+    def close(self, timeout: float = 15.0) -> bool:
+        """Stop a daemon started here; False if it is still busy after `timeout` seconds
+        (an operation that cannot be cancelled, such as a benchmark, is still running)."""
+        if self.handle is None:
+            return True
+        handle, self.handle = self.handle, None
+        handle.stop(timeout)
+        return not handle.alive
 
 
 def log_to_file() -> Path:
@@ -105,48 +127,57 @@ def run_lines(ctx: ShellContext, lines) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.models_dir is not None:
-        os.environ["HUBLAB_MODELS_DIR"] = str(args.models_dir.expanduser().resolve())
     overrides = {}
     if args.models_dir is not None:
-        overrides["models_dir"] = args.models_dir.expanduser().resolve()
+        models_dir = args.models_dir.expanduser().resolve()
+        os.environ["HUBLAB_MODELS_DIR"] = str(models_dir)  # for add-on commands (pkg) too
+        overrides["models_dir"] = models_dir
     if args.budget_mb is not None:
         overrides["budget_mb"] = args.budget_mb
     socket_path = args.socket.expanduser() if args.socket else None
-    connection = Connection(socket_path, overrides)
-    out = Output.for_streams()
-    ctx = ShellContext(connect=connection, out=out,
+    ctx = ShellContext(connect=lambda: connection(), out=Output.for_streams(),
                        history=lambda: read_history_file(paths.history_file()))
+    connection = Connection(socket_path, overrides, warn=ctx.out.error)
     log_to_file()
     for warning in load_plugins():
         print(warning, file=sys.stderr)
     try:
-        if args.serial:
-            from hublabio.shell.serial_console import SerialConsole, open_port
-
-            port = open_port(args.serial, args.baud)
-            try:
-                return SerialConsole(port, ctx, paths.history_file()).run(
-                    banner=f"HubLab IO shell {__version__} - type `help`")
-            finally:
-                port.close()
-        if args.command is not None:
-            return run_lines(ctx, [args.command])
-        if not sys.stdin.isatty():
-            return run_lines(ctx, sys.stdin)
-        from hublabio.shell import repl
-
-        return repl.run(ctx, paths.history_file(),
-                        banner=f"HubLab IO shell {__version__} - type `help`, "
-                               "`?question` to ask, Ctrl-D to leave")
+        status = run(args, ctx)
     except HublabError as exc:
-        print(render.error(exc), file=sys.stderr)
-        return 1
+        ctx.out.error(render.error(exc))
+        status = 1
     except KeyboardInterrupt:
-        return 130
-    finally:
-        ctx.reset_client()
-        connection.close()
+        status = 130
+    ctx.reset_client()
+    if not connection.close():
+        # The in-process daemon is stuck in an operation that cannot be interrupted: leave
+        # anyway (settings are written atomically, so nothing is half-written).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    return status
+
+
+def run(args, ctx: ShellContext) -> int:
+    if args.serial:
+        from hublabio.shell.serial_console import SerialConsole, open_port
+
+        port = open_port(args.serial, args.baud)
+        try:
+            return SerialConsole(port, ctx, paths.history_file()).run(
+                banner=f"HubLab IO shell {__version__} - type `help`")
+        finally:
+            port.close()
+    if args.command is not None:
+        return run_lines(ctx, [args.command])
+    if not sys.stdin.isatty():
+        return run_lines(ctx, sys.stdin)
+    from hublabio.shell import repl
+
+    return repl.run(ctx, paths.history_file(),
+                    banner=f"HubLab IO shell {__version__} - type `help`, "
+                           "`?question` to ask, Ctrl-D to leave")
 
 
 if __name__ == "__main__":
