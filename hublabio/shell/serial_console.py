@@ -130,6 +130,10 @@ class SerialConsole:
 
     # ------------------------------------------------------------------ loop
     def run(self, banner: str | None = None) -> int:
+        if threading.current_thread() is threading.main_thread():
+            # Started from a service or a background job, SIGINT may be ignored; Ctrl-C on the
+            # line relies on it to interrupt a running command.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         reader = threading.Thread(target=self._reader, name="serial-reader", daemon=True)
         reader.start()
         if banner:

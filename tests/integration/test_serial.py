@@ -87,6 +87,13 @@ def test_serial_console_runs_commands_with_echo_editing_and_crlf(console):
     assert b"\n" not in listing.replace(b"\r\n", b"")  # every newline is CRLF
     c.expect(rb"hublab> ")
 
+    # Up arrow recalls the previous line (echoed), Enter runs it again.
+    c.send(b"\x1b[A")
+    c.expect(rb"ai list")
+    c.send(b"\r")
+    c.expect(rb"(?s)NAME.*?\(\* = loaded\)\r\n")
+    c.expect(rb"hublab> ")
+
     # A question streams an answer; LF alone also ends a line.
     c.send(b"?What is the capital of France?\n")
     answer = c.expect(rb"AI: ([^\r\n]+)\r\n").group(1)
