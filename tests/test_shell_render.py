@@ -59,6 +59,20 @@ def test_model_list_marks_loaded_and_missing():
     assert lines[-1] == "(* = loaded)"
 
 
+def test_model_list_reports_skipped_configs_and_unreadable_files():
+    text = render.model_list(
+        [{"name": "a", "type": "gguf", "size_mb": 1.0, "loaded": False, "missing": None,
+          "error": "/m/a.gguf: not a GGUF file (magic b'JUNK')"},
+         {"name": "b", "type": "gguf", "size_mb": None, "loaded": False,
+          "missing": "file not found: /m/b.gguf"}],
+        [{"path": "/m/bad.toml", "key": "temperature",
+          "message": "/m/bad.toml: [inference] temperature: expected a number"}])
+    assert "(* = loaded)\n" in text
+    assert "  skipped: /m/bad.toml: [inference] temperature: expected a number" in text
+    assert "  a: /m/a.gguf: not a GGUF file" in text
+    assert "  b: file not found: /m/b.gguf" in text
+
+
 def test_model_list_empty_says_what_to_do():
     assert "model-config.toml" in render.model_list([])
 

@@ -319,9 +319,10 @@ def ask(ctx: ShellContext, question: str) -> None:
 def ai_list(ctx: ShellContext, args: list[str]) -> None:
     """List the models in the models directory: size, parameters, quantization; * = loaded."""
     _require(args, 0, 0, "ai list")
-    models = ctx.client.call("models.list").get("models", [])
+    data = ctx.client.call("models.list")
+    models = data.get("models", [])
     ctx._names = (time.monotonic(), [m["name"] for m in models if "name" in m])
-    ctx.out.line(render.model_list(models))
+    ctx.out.line(render.model_list(models, data.get("errors") or ()))
 
 
 @command("ai load", usage="ai load <name|path> [--ctx N]",

@@ -73,10 +73,17 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
     return "\n".join([fmt(headers), rule] + [fmt(r) for r in rows])
 
 
-def model_list(models: Sequence[Mapping[str, Any]]) -> str:
-    """`ai list`: one row per model on disk, `*` marks the loaded ones."""
+def model_list(models: Sequence[Mapping[str, Any]],
+               errors: Sequence[Mapping[str, Any]] = ()) -> str:
+    """`ai list`: one row per model on disk, `*` marks the loaded ones; then the problems
+    (config files that were skipped, model files that cannot be read or are missing)."""
+    problems = [f"skipped: {e.get('message') or e.get('path')}" for e in errors]
+    problems += [f"{m.get('name')}: {m['missing'] if isinstance(m.get('missing'), str) else m['error']}"
+                 for m in models if isinstance(m.get("missing"), str) or m.get("error")]
+    notes = "".join(f"\n  {p}" for p in problems)
     if not models:
-        return "No models found (put a model-config.toml and a .gguf in the models directory)."
+        return ("No models found (put a model-config.toml and a .gguf in the models "
+                "directory)." + notes)
     rows = []
     for m in models:
         mark = "*" if m.get("loaded") else " "
@@ -84,7 +91,7 @@ def model_list(models: Sequence[Mapping[str, Any]]) -> str:
         rows.append([mark, m.get("name", "?"), m.get("type", ""), size,
                      _params_text(m), m.get("quantization") or "-"])
     body = table([" ", "NAME", "TYPE", "SIZE", "PARAMS", "QUANT"], rows, "lllrrl")
-    return body + "\n(* = loaded)"
+    return body + "\n(* = loaded)" + notes
 
 
 def model_loaded(data: Mapping[str, Any]) -> str:

@@ -111,6 +111,16 @@ def test_ai_config_persists_across_a_restart(models_dir, isolated_state):
     assert run.returncode == 1 and "temperature" in run.stderr
 
 
+def test_ai_list_reports_a_bad_config_and_lists_the_good_ones(models_dir):
+    (models_dir / "broken.toml").write_text('[model]\nname = "broken"\ntype = "gguf"\n'
+                                            'path = "x.gguf"\ncolour = "red"\n')
+    run = hublab("-c", "ai list")
+    assert run.returncode == 0, run.stderr
+    assert "smollm2-135m" in run.stdout
+    skipped = [ln for ln in run.stdout.splitlines() if ln.strip().startswith("skipped:")]
+    assert skipped and "broken.toml" in skipped[0] and "colour" in skipped[0], run.stdout
+
+
 def test_benchmark_and_stats(models_dir):
     run = hublab(stdin="ai benchmark -p 16 -n 4\nai stats\n")
     assert run.returncode == 0, run.stderr
