@@ -232,8 +232,16 @@ class MoE:
         """Experts from <models_dir>/experts/*.toml, the router from <models_dir>/router/
         (keyword fallback), settings from the user settings file. Returns (moe, warnings)."""
         models_dir = Path(models_dir)
-        experts, errors = load_experts(models_dir)
+        found, errors = load_experts(models_dir)
         warnings = [f"skipped expert config: {e}" for e in errors]
+        experts, seen = [], {}
+        for cfg in found:
+            if cfg.expert.domain in seen:
+                warnings.append(f"skipped expert config: {cfg.source}: [expert] domain: "
+                                f"{cfg.expert.domain!r} is already served by {seen[cfg.expert.domain]}")
+                continue
+            seen[cfg.expert.domain] = cfg.source
+            experts.append(cfg)
         router, warning = load_router(models_dir / "router", experts_keywords_of(experts))
         if warning:
             warnings.append(warning)

@@ -16,15 +16,17 @@ changes; settings are read from the user settings file on every request.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
 import weakref
 from pathlib import Path
 
+from hublabio import protocol
 from hublabio.config import read_settings
 from hublabio.daemon.service import Req, Service, _check_options, op
-from hublabio.errors import ProtocolError
+from hublabio.errors import HublabError, ProtocolError
 from hublabio.moe import MoE, MoESettings, set_moe_setting
 
 log = logging.getLogger("hublabd")
@@ -63,7 +65,8 @@ def moe_for(svc: Service) -> tuple[MoE, list[str]]:
                 log.warning("moe: %s", w)
             hit = (sig, moe, warnings)
             _cache[svc] = hit
-    _, moe, warnings = hit
+    _, shared, warnings = hit
+    moe = copy.copy(shared)  # per-request settings on a shallow copy: no races between ops
     moe.settings = moe_settings
     moe.inference_overrides = dict(settings.get("inference") or {})
     return moe, warnings
@@ -137,8 +140,12 @@ def _ask(svc: Service, req: Req, question: str, model: str | None = None,
     if not isinstance(question, str) or not question.strip():
         raise ProtocolError("ask needs a non-empty 'question'")
     if model is None:
-        moe, _ = moe_for(svc)
-        if moe.settings.enabled and moe.available():
+        try:
+            moe, _ = moe_for(svc)
+        except HublabError as err:  # broken MoE settings or experts must not break `?question`
+            moe = None
+            yield protocol.info(f"[MoE] not used: {err}")
+        if moe is not None and moe.settings.enabled and moe.available():
             return (yield from _run_moe(svc, req, moe, question.strip(), options))
     cfg = svc.config_for(model)
     return (yield from svc.stream_generation(req, cfg, [{"role": "user", "content": question}],

@@ -348,6 +348,13 @@ def test_daemon_ops_route_experts_and_ask_through_moe(daemon):
                                options={"max_tokens": 4}))
         assert not any(line.startswith("[Router]") for line in infos(events))
         assert events[-1]["data"]["model"] == "smol"
+        # a hand-broken [moe] section: moe ops name the key, `?question` still answers
+        paths.settings_file().write_text('[moe]\nrouting = "fastest"\n')
+        with pytest.raises(ConfigError, match=r"\[moe\] routing: unknown routing 'fastest'"):
+            c.call("settings.moe.get")
+        events = list(c.stream("ask", question="Say hi.", options={"max_tokens": 2}))
+        assert infos(events)[0].startswith("[MoE] not used: ")
+        assert events[-1]["type"] == "result" and events[-1]["data"]["model"] == "smol"
 
 
 def test_remote_expert_over_hublabd_http(daemon, tmp_path, smollm2_path):
