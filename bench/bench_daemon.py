@@ -7,7 +7,9 @@ the raw side is `llama_cpp.Llama` in this process. Each repetition uses a fresh 
 neither side reuses the previous prompt's KV cache, and the order alternates (raw first, then
 daemon first) so drift on a shared machine hits both.
 
-Reported per side: decode tok/s = (tokens - 1) / (last token - first token), and time to first
+Reported per side: CPU time per token (this process, plus the daemon process for the daemon
+side — the cost that decides speed on an idle board, and far less noisy than wall time on a
+shared machine), decode tok/s = (tokens - 1) / (last token - first token), and time to first
 token (TTFT, request sent → first token received, prompt processing included). Targets:
 daemon/raw tok/s ratio >= 0.97 and added TTFT (daemon - raw, paired per repetition) <= 10 ms.
 Because that paired difference carries the machine's noise, the daemon's own overhead is also
@@ -31,15 +33,30 @@ import time
 from pathlib import Path
 
 import llama_cpp
+import psutil
 
 from hublabio.client import Client
 from hublabio.paths import embedded_model_path
+
+DAEMON: "psutil.Process | None" = None  # set once the daemon runs
+
+
+def cpu_s(with_daemon: bool = False) -> float:
+    """CPU seconds used so far by this process (+ the daemon's when asked): unlike wall time,
+    barely affected by other programs competing for the cores."""
+    total = time.process_time()
+    if with_daemon and DAEMON is not None:
+        t = DAEMON.cpu_times()
+        total += t.user + t.system
+    return total
+
 
 PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
           "bottle. Describe the sea, the weather and every room of the lighthouse.")
 
 
 def raw_run(llm: llama_cpp.Llama, prompt: str, n: int) -> dict:
+    c0 = cpu_s(False)
     t0 = time.perf_counter()
     first = last = None
     count = 0
@@ -53,11 +70,14 @@ def raw_run(llm: llama_cpp.Llama, prompt: str, n: int) -> dict:
         last = now
         count += 1
         text.append(chunk["choices"][0]["text"])
+    cpu = cpu_s(False) - c0
     return {"ttft": first - t0, "tokens": count, "tps": (count - 1) / (last - first),
+            "cpu_ms_per_token": cpu * 1e3 / count,
             "text": "".join(text)}
 
 
 def daemon_run(client: Client, prompt: str, n: int) -> dict:
+    c0 = cpu_s(True)
     t0 = time.perf_counter()
     first = last = None
     count = 0
@@ -74,7 +94,9 @@ def daemon_run(client: Client, prompt: str, n: int) -> dict:
         last = now
         count += 1
         text.append(ev["text"])
+    cpu = cpu_s(True) - c0
     return {"ttft": first - t0, "tokens": count, "tps": (count - 1) / (last - first),
+            "cpu_ms_per_token": cpu * 1e3 / count,
             "text": "".join(text), "overhead": first - t0 - engine_ttft}
 
 
@@ -82,6 +104,7 @@ def engine_run(engine, prompt: str, n: int) -> dict:
     from hublabio.engine import SamplingOptions
 
     opts = SamplingOptions(max_tokens=n, temperature=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0)
+    c0 = cpu_s(False)
     t0 = time.perf_counter()
     first = last = None
     count = 0
@@ -92,7 +115,9 @@ def engine_run(engine, prompt: str, n: int) -> dict:
         last = now
         count += 1
         text.append(tok.text)
+    cpu = cpu_s(False) - c0
     return {"ttft": first - t0, "tokens": count, "tps": (count - 1) / (last - first),
+            "cpu_ms_per_token": cpu * 1e3 / count,
             "text": "".join(text)}
 
 
@@ -107,6 +132,8 @@ def start_daemon(model: Path, threads: int, workdir: Path):
     proc = subprocess.Popen([sys.executable, "-m", "hublabio.daemon.main", "--models-dir",
                              str(models), "--socket", str(sock), "--threads", str(threads),
                              "--budget-mb", "4096", "--log-level", "WARNING"], env=env)
+    global DAEMON
+    DAEMON = psutil.Process(proc.pid)
     end = time.monotonic() + 60
     while time.monotonic() < end:
         try:
@@ -146,6 +173,11 @@ def main() -> int:
                 sides["engine"] = lambda p, n: engine_run(engine, p, n)
             for fn in sides.values():  # page in the weights, build the graphs
                 fn("Warm up: " + PROMPT, 8)
+            rtts = []
+            for _ in range(50):  # the transport floor: a quick op's round trip
+                t0 = time.perf_counter()
+                client.call("hello")
+                rtts.append((time.perf_counter() - t0) * 1e3)
             names = list(sides)
             rows = []
             for rep in range(args.reps):
@@ -167,13 +199,14 @@ def main() -> int:
     print(f"model {args.model.name}, threads {args.threads}, {args.tokens} tokens, {args.reps} reps "
           f"(order rotated), {platform.machine()} {os.cpu_count()} cpus, "
           f"load avg {os.getloadavg()[0]:.1f}")
-    print("| side | median tok/s | median TTFT ms |")
-    print("| --- | --- | --- |")
+    print("| side | median tok/s | median TTFT ms | median CPU ms per token (prompt included) |")
+    print("| --- | --- | --- | --- |")
     labels = {"raw": "raw llama-cpp-python (Llama)", "daemon": "hublabd via Unix socket",
               "engine": "hublabio.engine in-process"}
     for n in names:
         print(f"| {labels[n]} | {med(r[n]['tps'] for r in rows):.1f} | "
-              f"{med(r[n]['ttft'] for r in rows) * 1e3:.1f} |")
+              f"{med(r[n]['ttft'] for r in rows) * 1e3:.1f} | "
+              f"{med(r[n]['cpu_ms_per_token'] for r in rows):.2f} |")
     ratio = med(r["daemon"]["tps"] / r["raw"]["tps"] for r in rows)
     add = med((r["daemon"]["ttft"] - r["raw"]["ttft"]) * 1e3 for r in rows)
     print(f"\nratio daemon/raw tok/s (median of paired reps): {ratio:.3f}  (target >= 0.97: "
@@ -185,9 +218,16 @@ def main() -> int:
         eadd = med((r["daemon"]["ttft"] - r["engine"]["ttft"]) * 1e3 for r in rows)
         print(f"daemon vs in-process engine: tok/s ratio {eratio:.3f}, added TTFT {eadd:+.1f} ms "
               "(the socket + queue + thread hand-off alone)")
+    same = [r for r in rows if r["raw"]["tokens"] == r["daemon"]["tokens"]] or rows
+    cpu_ratio = med(r["raw"]["cpu_ms_per_token"] / r["daemon"]["cpu_ms_per_token"] for r in same)
+    print(f"CPU-time ratio raw/daemon per token (median of {len(same)} paired reps with equal token "
+          f"counts; daemon = daemon process + client): {cpu_ratio:.3f}  (what the speed ratio "
+          f"would be on an otherwise idle machine)")
     over = [r["daemon"]["overhead"] * 1e3 for r in rows]
     print(f"daemon's own TTFT overhead, measured inside each request (client TTFT - the engine's "
           f"TTFT): median {med(over):.2f} ms, min {min(over):.2f} ms, max {max(over):.2f} ms")
+    print(f"round trip of a quick op (hello) over the socket: median {med(rtts):.2f} ms, "
+          f"min {min(rtts):.2f} ms")
     print(f"identical greedy text raw vs daemon in {sum(r['same_text'] for r in rows)}/{len(rows)} reps")
     if args.json:
         print(json.dumps({"rows": rows, "ratio": ratio, "added_ttft_ms": add}, default=str))

@@ -261,7 +261,8 @@ class Service:
         req = Req(request_id or protocol.new_id(), name, cancel or threading.Event())
         with self._lock:
             self.stats.requests += 1
-            self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
+            if name in self.ops:  # unknown names are not counted per op (unbounded labels)
+                self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
         try:
             spec = self.spec(name)
             self.check_params(spec, params)
