@@ -26,13 +26,14 @@ from tiny_models import SAMPLE_TEXTS, bpe_tokenizer, build  # noqa: E402
 from hublabio_tools.convert import convert, main  # noqa: E402
 from hublabio_tools.gguf_arch import ConvertError  # noqa: E402
 
-ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "llama3", "scratch"]
+ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "llama3", "scratch", "train"]
 EXPECTED = {  # arch -> (general.architecture, tokenizer.ggml.model, tokenizer.ggml.pre)
     "llama": ("llama", "llama", "default"), "mistral": ("llama", "llama", "default"),
     "qwen2": ("qwen2", "gpt2", "qwen2"), "phi3": ("phi3", "llama", "default"),
     "gemma": ("gemma", "llama", "default"), "gemma2": ("gemma2", "llama", "default"),
     "gemma3": ("gemma3", "llama", "default"), "llama3": ("llama", "gpt2", "llama-bpe"),
     "scratch": ("llama", "gpt2", "gpt-2"),
+    "train": ("llama", "gpt2", "gpt-2"),  # hublabio_tools.train.train_tokenizer, as trained by the CLI
 }
 PROMPT = "The quick brown fox jumps over the lazy dog. 12345 café"
 _CACHE: dict[str, Path] = {}
@@ -92,14 +93,15 @@ def test_f32_logits_and_tokenizer_match_transformers(arch, tiny, tmp_path, test_
     assert field(reader, "tokenizer.ggml.model") == tmodel
     assert field(reader, "tokenizer.ggml.pre") == pre
     assert field(reader, "general.file_type") == gguf.LlamaFileType.ALL_F32
-    assert "<|im_start|>" in field(reader, "tokenizer.chat_template")
+    assert ("<|end|>" if arch == "train" else "<|im_start|>") in field(reader, "tokenizer.chat_template")
 
     tok = hf_tokenizer(hf_dir)
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
     llm = llama_cpp(out, test_threads)
     spm_prefix = tmodel == "llama" and not arch.startswith("gemma")
-    for text in SAMPLE_TEXTS:
+    texts = SAMPLE_TEXTS + (["<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n"] if arch == "train" else [])
+    for text in texts:
         got = llm.tokenize(text.encode(), add_bos=True, special=True)
         if spm_prefix and (text[0].isspace() or "<|" in text):
             # transformers 5 (Metaspace prepend_scheme="first") differs from SentencePiece itself
@@ -352,3 +354,19 @@ def test_smollm2_round_trip(smollm2_path, tmp_path, test_threads):
     got = cpp_logits(llm, ids)
     assert np.abs(ref - got).max() <= 2e-3 * max(1.0, np.abs(ref).max() / 10)
     assert (ref.argmax(-1) == got.argmax(-1)).all()
+
+
+def test_tensors_are_streamed_one_at_a_time(tiny, tmp_path, monkeypatch):
+    """Each tensor is read, then written, before the next is read: the converter never holds
+    more than one source tensor (peak memory is measured in bench/bench_convert.py)."""
+    import hublabio_tools.convert as conv
+
+    events: list[str] = []
+    real_read, real_write = conv.SafetensorsFile.read, gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(conv.SafetensorsFile, "read",
+                        lambda self, name: events.append("read") or real_read(self, name))
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data",
+                        lambda self, t, *a, **k: events.append("write") or real_write(self, t, *a, **k))
+    convert(tiny("qwen2"), tmp_path / "m.gguf", "f16", log=lambda *_: None)
+    assert len(events) > 20
+    assert events == ["read", "write"] * (len(events) // 2)
