@@ -12,8 +12,8 @@ chat template (--model: a local HF directory or a .gguf file), or with the seed'
 `<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>` format for models trained from scratch.
 
 Writes DIR/train.jsonl and DIR/valid.jsonl (rows {"text", "segments": [[text, trained], ...],
-"source": "file:line"}; the segments keep the prompt/response boundaries so `finetune` puts the
-loss on response tokens only) and DIR/meta.json (format and counts). Exact duplicates
+"source": "file:line"} plus "messages" for conversations; the segments keep the prompt/response
+boundaries so `finetune` puts the loss on response tokens only) and DIR/meta.json (format and counts). Exact duplicates
 (normalised text hash) and near-duplicates (MinHash over character 5-gram shingles, verified
 by exact Jaccard >= --near-dup) are removed, keeping the first. A bad line is reported as
 file:line: reason and skipped (--strict: the first bad line is an error and nothing is written).
@@ -340,7 +340,10 @@ def prepare(inputs: list[str], fmt: ChatFormat, *, near_dup: float = 0.85, min_c
                 counts["near_duplicates"] += 1
                 continue
             counts["text" if "text" in record else "chat"] += 1
-            rows.append({"text": text, "segments": segments, "source": item.where})
+            row = {"text": text, "segments": segments, "source": item.where}
+            if "messages" in record:  # mlx-lm reads these (with --mask-prompt) directly
+                row["messages"] = record["messages"]
+            rows.append(row)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_valid = round(len(rows) * val_fraction) if val_fraction > 0 else 0

@@ -59,7 +59,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     bos_id = core.token_to_id("<s>")
     # Encoding adds <s> like Llama tokenizers do (packing adds it explicitly per document).
     core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", bos_id)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>")
     tokenizer.add_special_tokens({"additional_special_tokens": SEED_SPECIAL_TOKENS[3:]})
