@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Iterator
 
 from hublabio import paths, protocol
 from hublabio.errors import DaemonUnavailable, HublabError, ProtocolError

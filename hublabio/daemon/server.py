@@ -521,6 +521,11 @@ def start_in_thread(service_or_settings: Service | DaemonSettings | None = None,
         try:
             loop.run_until_complete(server.serve_forever())
         finally:
+            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in leftover:  # e.g. idle HTTP keep-alive connections
+                task.cancel()
+            if leftover:
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 

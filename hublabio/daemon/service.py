@@ -487,8 +487,8 @@ def _models_list(svc: Service, req: Req) -> dict:
                "missing": cfg.missing, "size_mb": None, "quantization": None, "parameters": None,
                "error": None}
         if cfg.type == "gguf" and not cfg.missing:
-            row["size_mb"] = _mb(cfg.path.stat().st_size)
             try:
+                row["size_mb"] = _mb(cfg.path.stat().st_size)
                 info = svc.model_info(cfg.path)
                 row["quantization"] = info.quantization
                 row["parameters"] = info.parameters_human
@@ -501,7 +501,7 @@ def _models_list(svc: Service, req: Req) -> dict:
 
 def _resident_rows(svc: Service) -> list[dict]:
     return [{"names": list(r.names), "path": str(r.path), "n_ctx": r.n_ctx,
-             "memory_mb": round(r.estimate.total_mb, 1), "pinned": r.pinned,
+             "memory_mb": round(getattr(r, "mb", r.estimate.total_mb), 1), "pinned": r.pinned,
              "idle_s": round(time.monotonic() - r.last_used, 1) if r.last_used else None}
             for r in svc.pool.resident()]
 
@@ -528,7 +528,8 @@ def _models_load(svc: Service, req: Req, name: str | None = None, path: str | No
     return {"name": cfg.name, "path": str(cfg.path), "architecture": info.architecture,
             "parameters": info.parameters, "parameters_human": info.parameters_human,
             "quantization": info.quantization, "context_size": res.n_ctx,
-            "memory_mb": round(res.estimate.total_mb, 1), "load_s": round(time.perf_counter() - t0, 3),
+            "memory_mb": round(getattr(res, "mb", res.estimate.total_mb), 1),
+            "load_s": round(time.perf_counter() - t0, 3),
             "already_loaded": was_loaded, "used_mb": round(svc.pool.used_mb(), 1),
             "budget_mb": svc.pool.budget_mb}
 
