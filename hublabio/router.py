@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
@@ -24,7 +25,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 from hublabio.errors import RouterError
-from hublabio.router_features import FeatureSpec, featurize, featurize_sparse
+from hublabio.router_features import FeatureSpec, featurize, featurize_into
 
 ONNX_FILE = "router.onnx"
 DOMAINS_FILE = "domains.json"
@@ -87,7 +88,8 @@ class OnnxRouter:
         self.meta = meta
         self.source = source
         self._row = np.zeros((1, spec.dim), dtype=np.float32)
-        self._last = np.zeros(0, dtype=np.int64)
+        self._last = np.zeros(0, dtype=np.intp)
+        self._lock = threading.Lock()  # score() reuses one input row
 
     @classmethod
     def load(cls, router_dir: str | Path) -> "OnnxRouter":
@@ -138,12 +140,11 @@ class OnnxRouter:
         return self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
     def score(self, text: str) -> dict[str, float]:
-        idx, vals = featurize_sparse(text, self.spec)
-        row = self._row
-        row[0, self._last] = 0.0
-        row[0, idx] = vals
-        self._last = idx
-        probs = self._run(row)[0]
+        with self._lock:
+            row = self._row
+            row[0, self._last] = 0.0  # clear only what the previous text set
+            self._last = featurize_into(row[0], text, self.spec)
+            probs = self._run(row)[0]
         return {d: float(p) for d, p in zip(self.domains, probs)}
 
     def score_many(self, texts: Sequence[str]) -> list[dict[str, float]]:

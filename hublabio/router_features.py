@@ -152,33 +152,37 @@ def char_ngram_hashes(text: str, nmin: int, nmax: int) -> np.ndarray:
     return _mix32(np.concatenate(parts))
 
 
-def _group(hashes: np.ndarray, mask: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """(unique buckets, log1p(count) L2-normalised and weighted) of one feature group."""
-    if hashes.size == 0 or weight == 0.0:
-        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.float32)
-    idx, counts = np.unique(hashes & np.uint32(mask), return_counts=True)
-    vals = np.log1p(counts.astype(np.float32))
-    vals *= np.float32(weight) / np.sqrt(np.dot(vals, vals))
-    return idx.astype(np.intp), vals
-
-
 def featurize_into(row: np.ndarray, text: str, spec: FeatureSpec = DEFAULT_SPEC) -> np.ndarray:
     """Write the features of `text` into `row` (float32 [spec.dim], all zero on entry) and
     return the indices that may be non-zero (to clear them cheaply before the next text)."""
-    mask = spec.dim - 1
-    words = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in tokens(text, spec.word_ngrams)),
-                        dtype=np.uint32)
-    wi, wv = _group(_mix32(words), mask, spec.word_weight)
-    ci, cv = _group(char_ngram_hashes(text, spec.char_min, spec.char_max), mask,
-                    spec.char_weight)
-    row[wi] = wv
-    row[ci] += cv
-    touched = np.concatenate([wi, ci])
+    mask = np.uint32(spec.dim - 1)
+    parts = []
+    if spec.word_weight > 0:
+        words = np.fromiter((zlib.crc32(t.encode("utf-8"))
+                             for t in tokens(text, spec.word_ngrams)), dtype=np.uint32)
+        parts.append((_mix32(words) & mask).astype(np.int64) << 1)       # even keys: words
+    if spec.char_weight > 0:
+        chars = char_ngram_hashes(text, spec.char_min, spec.char_max)
+        parts.append(((chars & mask).astype(np.int64) << 1) | 1)          # odd keys: chars
+    keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if keys.size == 0:
+        return np.zeros(0, dtype=np.intp)
+    keys, counts = np.unique(keys, return_counts=True)
+    vals = np.log1p(counts.astype(np.float32))
+    is_char = (keys & 1).astype(bool)
+    squares = vals * vals
+    norm_c = np.sqrt(squares[is_char].sum())
+    norm_w = np.sqrt(squares[~is_char].sum())
+    # each group L2-normalised and weighted
+    vals *= np.where(is_char, np.float32(spec.char_weight / norm_c) if norm_c else 0,
+                     np.float32(spec.word_weight / norm_w) if norm_w else 0).astype(np.float32)
+    buckets = (keys >> 1).astype(np.intp)
+    np.add.at(row, buckets, vals)  # a word and a char n-gram may share a bucket
     norm = np.sqrt(np.dot(row, row))
     if norm > 0:
-        # a duplicated index is divided once: fancy-index assignment reads, then writes
-        row[touched] /= norm
-    return touched
+        # a repeated index is divided once: fancy-index assignment reads all, then writes
+        row[buckets] /= norm
+    return buckets
 
 
 def featurize_sparse(text: str, spec: FeatureSpec = DEFAULT_SPEC) -> tuple[np.ndarray, np.ndarray]:
