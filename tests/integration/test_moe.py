@@ -205,6 +205,10 @@ def test_routing_strategies_with_the_keyword_router(shared):
     assert len(route(routing="all").selected) == 5
     t = sorted(scores.values())[-2]  # the second-best score passes, lower ones do not
     assert [r.domain for r in route(routing="threshold", threshold=t).selected] == ranked[:2]
+    # topk skips domains the router all but rules out
+    fake = type("R", (), {"score": lambda self, q: {"rust": 0.97, "python": 0.03}})()
+    r = MoE(pool, experts, fake, MoESettings(routing="topk", k=2)).route("E0382")
+    assert [x.domain for x in r.selected] == ["rust"]
     off_topic = MoE(pool, experts, router, MoESettings(routing="topk")).route("Good morning!")
     assert off_topic.fallback and [r.domain for r in off_topic.selected] == ["general"]
 
