@@ -423,3 +423,69 @@ def test_shell_moe_commands_and_settings_survive_a_restart(shell_models):
     assert run.returncode != 0 and "unknown routing 'fastest'" in (run.stderr + run.stdout)
     run = hublab("-c", "moe experts")
     assert run.returncode == 0 and "DOMAIN" in run.stdout and "rust-expert" in run.stdout
+
+
+class _NoLogprobsServer:
+    """A minimal OpenAI-style server (real socket) that refuses `logprobs`, like servers that do
+    not implement them: the remote expert must retry without and report confidence n/a."""
+
+    def __init__(self, words: list[str]):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                seen.append(body)
+                if "logprobs" in body:
+                    data = json.dumps({"error": {"message": "logprobs is not supported"}}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for w in words:
+                    chunk = {"choices": [{"index": 0, "delta": {"content": w}}]}
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_remote_without_logprobs_and_unreachable_remote(tmp_path):
+    server = _NoLogprobsServer(["Use ", "pandas.read_csv", "."])
+    try:
+        models = write_experts(tmp_path, None, domains=("python", "rust", "general"),
+                               remote={"python": (server.url, "m1"), "rust": (server.url, "m2"),
+                                       "general": ("http://127.0.0.1:9/v1", "gone")})
+        experts = load(models)
+        moe = MoE(ModelPool(64), experts, KeywordRouter(experts),
+                  MoESettings(routing="all", synthesis="concatenate"))
+        events, result = drain(moe.query("python pandas cargo"))
+        by = {a["domain"]: a for a in result["experts"]}
+        assert by["python"]["text"] == "Use pandas.read_csv." and by["python"]["confidence"] is None
+        assert "### python (confidence n/a)\nUse pandas.read_csv." in result["text"]
+        assert result["basis"] == "router"
+        assert "general" not in by and len(result["errors"]) == 1
+        assert any(line.startswith("[Expert] general failed: remote expert http://127.0.0.1:9/v1 "
+                                   "is unreachable") for line in infos(events))
+        # each expert asked once with logprobs (refused), then once without
+        assert ["logprobs" in b for b in server.bodies] == [True, False, True, False]
+        assert server.bodies[1]["model"] == "m1" and server.bodies[1]["stream"] is True
+    finally:
+        server.close()
