@@ -132,7 +132,10 @@ def finetune_peak_rss(args) -> dict:
                "--max-len", "512", "--eval-every", "0", "--quiet"]
         start = time.perf_counter()
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - start
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if result.returncode != 0:
@@ -150,8 +153,12 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--finetune-steps", type=int, default=3)
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")

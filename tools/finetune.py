@@ -200,13 +200,17 @@ def finetune(args) -> dict:
     base_abs = str(Path(args.base).resolve())
     model.peft_config["default"].base_model_name_or_path = base_abs
     best = {"step": None}
+    best_file = out / "best_adapter.json"
+    if args.resume and best_file.exists() and (out / "adapter_model.safetensors").exists():
+        best["step"] = json.loads(best_file.read_text())["step"]  # saved by an earlier session
 
     def save_adapter(step, val_loss, wrapped):
         state_dict = accelerator.get_state_dict(wrapped)
         if accelerator.is_main_process:
             accelerator.unwrap_model(wrapped).save_pretrained(str(out), state_dict=state_dict,
                                                               safe_serialization=True)
-            best["step"] = step
+            write_json_atomic(best_file, {"step": step, "val_loss": val_loss})
+        best["step"] = step
         accelerator.wait_for_everyone()
 
     cfg = LoopConfig(out=out, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
@@ -217,7 +221,7 @@ def finetune(args) -> dict:
     result = run_loop(accelerator, model, train_items, valid_items, cfg,
                       on_improved=save_adapter if valid_items is not None else None, run_name="finetune")
     wrapped = result.pop("model")
-    if best["step"] is None:  # no validation set, or it never improved: keep the final weights
+    if best["step"] is None:  # no validation set: keep the final weights
         save_adapter(result["steps"], None, wrapped)
     summary = dict(result, base=base_abs, adapter_step=best["step"], trainable_parameters=trainable,
                    lora={"r": args.r, "alpha": args.alpha, "dropout": args.dropout,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hublabio.fsutil import atomic_write_text
 from hublabio_tools.common import (
     SEED_CHAT_TEMPLATE, SEED_SPECIAL_TOKENS, Progress, ToolError, load_recipe, main_guard,
     pick_precision, seed_everything, write_json_atomic,
@@ -302,12 +303,18 @@ def _resolve_resume(cfg: LoopConfig) -> Path | None:
 class MetricsLog:
     """metrics.jsonl + TensorBoard (+ wandb) on the main process."""
 
-    def __init__(self, accelerator, cfg: LoopConfig, run_name: str):
+    def __init__(self, accelerator, cfg: LoopConfig, run_name: str, resumed_step: int | None):
         self.main = accelerator.is_main_process
         self.path = cfg.out / "metrics.jsonl"
         self.tb = self.wandb = None
         if not self.main:
             return
+        if resumed_step is None:  # a fresh run starts a fresh log
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():  # drop what was logged after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if json.loads(line)["step"] <= resumed_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -370,7 +377,7 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
         state.update(json.loads((resume_from / "trainer_state.json").read_text()))
         if not cfg.quiet and accelerator.is_main_process:
             print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
-    log = MetricsLog(accelerator, cfg, run_name)
+    log = MetricsLog(accelerator, cfg, run_name, state["step"] if resume_from is not None else None)
     first_val = None
     if state["step"] == 0 and valid_items is not None and len(valid_items):
         first_val = evaluate(accelerator, model, valid_items, cfg.micro_batch)

@@ -4,11 +4,15 @@ path prepare -> train -> resume (same losses) -> finetune -> merge (same logits)
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 
 torch = pytest.importorskip("torch")
+# One intra-op thread: on a shared 2-core machine torch's spinning OpenMP threads make a step
+# several times slower than one thread (measured 12 s vs 40 s for a SmolLM2-sized step).
+torch.set_num_threads(int(os.environ.get("HUBLAB_TORCH_THREADS", "1")))
 
 from hublabio_tools import cli  # noqa: E402
 from hublabio_tools.common import RECIPES_DIR, SEED_CHAT_TEMPLATE, load_recipe  # noqa: E402
@@ -169,6 +173,8 @@ def test_resume_continues_exactly(pipeline):
     got, _ = metrics(split)
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    lines = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one line per step
 
 
 def test_finetune_then_merge_gives_the_same_logits(pipeline):
