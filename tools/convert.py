@@ -193,7 +193,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     try:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name)
-        write_hparams(w, hf_arch, rule, cfg, where)
+        write_hparams(w, hf_arch, rule, cfg, where, n_vocab)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab = add_vocab(w, hf_dir, rule, n_vocab, pre_override=pre)

@@ -65,17 +65,28 @@ def head_dim(cfg: dict[str, Any]) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
-def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+def _rope_params(cfg: dict[str, Any], sliding: bool = False) -> dict[str, Any]:
+    """Rope settings of the full-attention (or sliding-window) layers, from either the old
+    `rope_scaling` + `rope_theta` keys or transformers 5's `rope_parameters` (flat, or nested per
+    layer type as in Gemma 3)."""
+    raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if "full_attention" in raw or "sliding_attention" in raw:
+        raw = raw.get("sliding_attention" if sliding else "full_attention") or {}
+    params = dict(raw)
     if "rope_type" not in params and "type" in params:
         params["rope_type"] = params["type"]
-    if "rope_theta" not in params and cfg.get("rope_theta") is not None:
-        params["rope_theta"] = cfg["rope_theta"]
+    fallback = cfg.get("rope_local_base_freq") if sliding else cfg.get("rope_theta")
+    if "rope_theta" not in params and fallback is not None:
+        params["rope_theta"] = fallback
     return params
 
 
+def _partial_rotary(cfg: dict[str, Any]) -> float:
+    return float(cfg.get("partial_rotary_factor") or _rope_params(cfg).get("partial_rotary_factor") or 1.0)
+
+
 def write_hparams(w: gguf.GGUFWriter, hf_arch: str, rule: ArchRule, cfg: dict[str, Any],
-                  where: str) -> None:
+                  where: str, n_vocab: int) -> None:
     """Architecture metadata (everything llama.cpp reads from `<arch>.*` keys)."""
     n_embd = int(_need(cfg, "hidden_size", where))
     n_head = int(_need(cfg, "num_attention_heads", where))
@@ -87,7 +98,7 @@ def write_hparams(w: gguf.GGUFWriter, hf_arch: str, rule: ArchRule, cfg: dict[st
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps") or 1e-6))
-    w.add_vocab_size(int(_need(cfg, "vocab_size", where)))
+    w.add_vocab_size(n_vocab)  # rows of the embedding matrix = entries of the token list
     rope = _rope_params(cfg)
     theta = rope.get("rope_theta", 10000.0)
     rope_type = str(rope.get("rope_type") or "default").lower()
@@ -101,7 +112,7 @@ def write_hparams(w: gguf.GGUFWriter, hf_arch: str, rule: ArchRule, cfg: dict[st
     elif rope_type not in ("default", "llama3", "longrope", "su"):
         raise ConvertError(f"{where}: rope_scaling type {rope_type!r} is not supported")
     if rule.arch == gguf.MODEL_ARCH.PHI3:
-        rot = int(float(cfg.get("partial_rotary_factor", 1.0)) * n_embd) // n_head
+        rot = int(_partial_rotary(cfg) * n_embd) // n_head
         w.add_rope_dimension_count(rot)
         w.add_rope_freq_base(float(theta))
         w.add_rope_scaling_orig_ctx_len(int(cfg.get("original_max_position_embeddings")
@@ -136,8 +147,9 @@ def write_hparams(w: gguf.GGUFWriter, hf_arch: str, rule: ArchRule, cfg: dict[st
     if rule.arch == gguf.MODEL_ARCH.GEMMA3:
         if cfg.get("attn_logit_softcapping"):
             raise ConvertError(f"{where}: Gemma 3 with attn_logit_softcapping is not supported")
-        if cfg.get("rope_local_base_freq") is not None:
-            w.add_rope_freq_base_swa(float(cfg["rope_local_base_freq"]))
+        swa_theta = _rope_params(cfg, sliding=True).get("rope_theta")
+        if swa_theta is not None:
+            w.add_rope_freq_base_swa(float(swa_theta))
     if cfg.get("tie_word_embeddings") is False and rule.drop_lm_head:
         raise ConvertError(f"{where}: {hf_arch} with untied lm_head is not supported")
 
@@ -228,8 +240,7 @@ def _generated(rule: ArchRule, cfg: dict[str, Any], where: str) -> list[TensorPl
         out.append(TensorPlan("", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                               data.shape, generated=data, force_f32=True))
     if rule.arch == gguf.MODEL_ARCH.PHI3 and rope_type in ("longrope", "su"):
-        rot = int(float(cfg.get("partial_rotary_factor", 1.0)) * cfg["hidden_size"]) \
-            // cfg["num_attention_heads"]
+        rot = int(_partial_rotary(cfg) * cfg["hidden_size"]) // cfg["num_attention_heads"]
         for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
                             ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
             vals = rope.get(key)

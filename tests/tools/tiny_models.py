@@ -185,7 +185,9 @@ def build(arch: str, out: Path, seed: int = 0, tokenizer_json_only: bool = False
                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
         model = tf.Gemma2ForCausalLM(cfg)
     elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(**COMMON, **ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
+        # 6 layers: llama.cpp's Gemma 3 has every 6th layer global (rope base 1e6), the rest local
+        cfg = tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6}, **ids, head_dim=16,
+                                  query_pre_attn_scalar=16, sliding_window=128,
                                   rope_theta=1000000.0, rope_local_base_freq=10000.0)
         model = tf.Gemma3ForCausalLM(cfg)
     else:
