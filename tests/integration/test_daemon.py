@@ -230,6 +230,9 @@ def test_config_set_persists_and_applies(client, isolated_state):
     assert client.call("config.get")["settings"]["max_tokens"] == 3
     data = client.call("generate", prompt="One, two, three, four, five, six")
     assert data["completion_tokens"] <= 3
+    assert "reloads" in client.call("config.set", key="context_size", value=256)["note"]
+    client.call("generate", prompt="Hi")  # the model reloads lazily at the new context
+    assert [r["n_ctx"] for r in client.call("info")["resident"]] == [256]
 
 
 def test_benchmark(client):
@@ -478,3 +481,26 @@ def test_idle_model_is_unloaded(models):
         assert c.call("info")["loaded"]
         wait_for(lambda: not c.call("info")["loaded"], timeout=20)
         assert c.call("stats")["used_mb"] == 0
+
+
+def test_systemd_unit():
+    import configparser
+
+    unit_path = Path(__file__).resolve().parents[2] / "systemd" / "hublabd.service"
+    unit = configparser.RawConfigParser(strict=False)
+    unit.optionxform = str
+    unit.read_string(unit_path.read_text())
+    svc = unit["Service"]
+    assert svc["Type"] == "notify" and svc["Restart"] == "on-failure"
+    assert int(svc["WatchdogSec"]) == 30 and svc["NotifyAccess"] == "main"
+    assert svc["User"] == svc["Group"] == "hublab"
+    runtime = svc["RuntimeDirectory"]
+    assert f"--socket /run/{runtime}/hublabd.sock" in svc["ExecStart"]
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    analyze = shutil.which("systemd-analyze")
+    if analyze:  # only the missing ExecStart binary (not installed here) may be reported
+        out = subprocess.run([analyze, "verify", str(unit_path)], capture_output=True, text=True)
+        problems = [ln for ln in (out.stdout + out.stderr).splitlines()
+                    if ln.strip() and "is not executable" not in ln]
+        assert not problems, problems

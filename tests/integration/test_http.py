@@ -221,3 +221,16 @@ def test_stream_that_fails_before_any_token_gets_an_error_status(api):
         r.read()
         err = r.json()["error"]
     assert "does not fit the context" in err["message"]
+
+
+def test_busy_daemon_answers_429(smollm2_path, tmp_path):
+    folder = tmp_path / "m"
+    write_model_config(folder, smollm2_path)
+    with make_daemon(folder, queue_size=0, http="127.0.0.1:0") as d, \
+            Client(d.socket_path, timeout=120) as c:
+        host, port = d.http_address
+        running = c.stream("generate", prompt="A long story:", options={"max_tokens": 400})
+        assert next(e for e in running if e["type"] == "token")
+        r = httpx.post(f"http://{host}:{port}/v1/completions", json={"prompt": "Hi"}, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "busy"
+        running.close()
