@@ -410,6 +410,7 @@ class MoE:
             answers.append(answer)
             result = synth.collect(synth.run("best", query, answers))
             result.strategy = strategy
+            result.detail = f"{strategy}: one expert ({r.domain}), nothing to combine"
             text = result.text if strategy != "concatenate" else \
                 f"### {r.domain}\n{answer.text}"
             result.text = text

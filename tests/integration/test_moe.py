@@ -489,3 +489,27 @@ def test_remote_without_logprobs_and_unreachable_remote(tmp_path):
         assert server.bodies[1]["model"] == "m1" and server.bodies[1]["stream"] is True
     finally:
         server.close()
+
+
+def test_fresh_install_shipped_router_and_experts(monkeypatch, isolated_state):
+    """`moe route` / `moe query` on the repo's own models dir: the shipped ONNX router and the
+    five shipped experts (answers kept short through the user's `ai config` overrides)."""
+    monkeypatch.setenv("HUBLAB_MODELS_DIR", str(paths.REPO_ROOT / "models"))
+    (isolated_state / "settings.toml").write_text(
+        f"[inference]\nmax_tokens = 4\ncontext_size = 512\nthreads = {THREADS}\n")
+    question = "My cargo build fails with E0382: borrow of moved value"
+    run = subprocess.run([sys.executable, "-m", "hublabio.shell.main"], capture_output=True,
+                         text=True, timeout=300, env=os.environ.copy(),
+                         input=f'moe route "{question}"\nmoe query "{question}"\n')
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.splitlines()
+    assert out[0] == f'Query: "{question}"'
+    assert out[1].startswith("  → Expert: rust (confidence: ")
+    assert len([line for line in out if line.startswith("  → Expert: ")]) == 5
+    selected = next(line for line in out if line.startswith("  Selected: "))
+    assert selected.startswith("  Selected: rust")
+    q = out.index(next(line for line in out if line.startswith("[Router] ")))
+    assert out[q].startswith("[Router] Selected expert: rust")
+    assert out[q + 1].startswith("[Expert] rust")
+    synth_line = next(i for i in range(q, len(out)) if out[i].startswith("[Synthesizer] "))
+    assert out[synth_line + 1] == "" and out[synth_line + 2].startswith("AI: ")
