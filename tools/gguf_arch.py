@@ -115,14 +115,15 @@ def write_hparams(w: gguf.GGUFWriter, hf_arch: str, rule: ArchRule, cfg: dict[st
         rot = int(_partial_rotary(cfg) * n_embd) // n_head
         w.add_rope_dimension_count(rot)
         w.add_rope_freq_base(float(theta))
-        w.add_rope_scaling_orig_ctx_len(int(cfg.get("original_max_position_embeddings")
-                                            or cfg.get("max_position_embeddings") or 4096))
+        orig = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                   or cfg.get("max_position_embeddings") or 4096)
+        w.add_rope_scaling_orig_ctx_len(orig)
         w.add_sliding_window(int(cfg.get("sliding_window") or 0))
         if rope_type in ("longrope", "su"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-            scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
-            orig = cfg["original_max_position_embeddings"]
-            attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+            scale = cfg["max_position_embeddings"] / orig
+            attn = rope.get("attention_factor") or (
+                math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
             w.add_rope_scaling_attn_factors(attn)
         return
     w.add_rope_freq_base(float(theta))

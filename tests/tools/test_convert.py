@@ -370,3 +370,20 @@ def test_tensors_are_streamed_one_at_a_time(tiny, tmp_path, monkeypatch):
     convert(tiny("qwen2"), tmp_path / "m.gguf", "f16", log=lambda *_: None)
     assert len(events) > 20
     assert events == ["read", "write"] * (len(events) // 2)
+
+
+@pytest.mark.parametrize("n_tokens,n_ctx", [(20, 128), (300, 512)])
+def test_phi3_longrope_short_and_long_factors(n_tokens, n_ctx, tiny, tmp_path, test_threads):
+    """Phi-3-128k style longrope: rope_factors_short/long + attention factor. Under the original
+    context (256) both sides use the short factors; past it, the long ones."""
+    from llama_cpp import Llama
+
+    hf_dir = tiny("phi3-longrope")
+    out = convert(hf_dir, tmp_path / "m.gguf", "f32", log=lambda *_: None)
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+    rng = np.random.default_rng(0)
+    ids = [1] + rng.integers(5, 400, n_tokens - 1).tolist()
+    llm = Llama(str(out), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=test_threads,
+                verbose=False, type_k=0, type_v=0)
+    assert np.abs(hf_logits(hf_dir, ids) - cpp_logits(llm, ids)).max() <= 1e-4

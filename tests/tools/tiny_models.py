@@ -141,9 +141,9 @@ def build(arch: str, out: Path, seed: int = 0, tokenizer_json_only: bool = False
     seed = seed or sum(map(ord, arch))
     torch.manual_seed(seed)
     gemma = arch.startswith("gemma")
-    if arch in ("llama", "mistral", "phi3") or gemma:
+    if arch in ("llama", "mistral", "phi3", "phi3-longrope") or gemma:
         # llama.cpp looks up "<|endoftext|>" by text for models named phi3 (real Phi-3 has it)
-        extra = ("<|endoftext|>",) if arch == "phi3" else ()
+        extra = ("<|endoftext|>",) if arch.startswith("phi3") else ()
         spm_tokenizer(out, gemma=gemma, keep_model=not tokenizer_json_only, extra_symbols=extra)
     elif arch == "qwen2":
         bpe_tokenizer(out, pre="qwen2")
@@ -173,6 +173,15 @@ def build(arch: str, out: Path, seed: int = 0, tokenizer_json_only: bool = False
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**COMMON, **ids, tie_word_embeddings=True, rope_theta=1000000.0)
         model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "phi3-longrope":  # Phi-3-128k style: longrope factors, context 4x the original
+        half = COMMON["hidden_size"] // COMMON["num_attention_heads"] // 2
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                "long_factor": [2.0 + 0.5 * i for i in range(half)]}
+        cfg = tf.Phi3Config(**{**COMMON, "num_key_value_heads": 4, "max_position_embeddings": 1024}, **ids,
+                            original_max_position_embeddings=256, rope_scaling=rope,
+                            tie_word_embeddings=False, sliding_window=None, resid_pdrop=0.0)
+        model = tf.Phi3ForCausalLM(cfg)
     elif arch == "phi3":
         cfg = tf.Phi3Config(**{**COMMON, "num_key_value_heads": 4}, **ids, original_max_position_embeddings=256,
                             tie_word_embeddings=False, sliding_window=None, resid_pdrop=0.0)
