@@ -28,7 +28,6 @@ from hublabio import protocol, synth
 from hublabio.config import (
     ExpertConfig,
     ModelConfig,
-    effective_inference,
     load_experts,
     read_settings,
     write_settings,

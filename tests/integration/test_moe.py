@@ -19,7 +19,7 @@ import tomli_w
 from hublabio import paths, synth
 from hublabio.budget import estimate_memory
 from hublabio.client import Client
-from hublabio.config import load_experts, load_model_config
+from hublabio.config import load_experts
 from hublabio.engine import SamplingOptions
 from hublabio.errors import Cancelled, ConfigError
 from hublabio.gguf_info import read_gguf_info
