@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 import numpy as np
@@ -176,6 +176,9 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     cfg = load_config(hf_dir)
     where = str(hf_dir / "config.json")
     hf_arch, rule = rule_for(cfg, where)
+    if hf_arch == "MistralForCausalLM" and cfg.get("sliding_window"):
+        log(f"note: sliding_window={cfg['sliding_window']} is not applied by llama.cpp's llama "
+            f"architecture; outputs match transformers up to that many tokens of context")
     weights = open_weights(hf_dir)
     shapes = {name: f.shapes()[name] for name, f in weights.items()}
     plans = plan_tensors(rule, cfg, shapes, where)
@@ -207,7 +210,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for p, kind in zip(plans, kinds):
+        for p, kind in zip(plans, kinds, strict=True):
             data = p.generated if p.generated is not None else weights[p.src].read(p.src)
             if p.transform is not None:
                 data = p.transform(data)
