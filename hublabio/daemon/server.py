@@ -23,6 +23,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ SOCKET_MODE = 0o660
 MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 SHUTDOWN_GRACE_S = 10.0
 LIGHT_WORKERS = 16  # quick ops (hello, info, models.list, ...) running at once
+WRITE_STALL_S = 30.0  # a client whose socket stays full this long is disconnected
 
 
 @dataclass(eq=False)
@@ -189,7 +191,7 @@ class Dispatcher:
             await send(ev)
             if ev["type"] in protocol.TERMINAL:
                 break
-        await loop.run_in_executor(None, thread.join)
+        # the worker's last act was that event: it ends now (no executor thread spent on a join)
 
     def track(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -218,15 +220,26 @@ class Connection:
         self.closed = False
 
     def _write_locked(self, data: memoryview, *, block: bool) -> memoryview:
-        """Write what the socket takes (waiting for room when `block`); the unsent rest."""
+        """Write what the socket takes (waiting for room when `block`); the unsent rest.
+        A client that takes nothing for WRITE_STALL_S is dropped (its work is cancelled), so it
+        cannot hold a worker thread or the queue forever."""
+        stalled_since = None
         while data:
             if self.closed:
                 raise ConnectionResetError("client disconnected")
             try:
                 data = data[self._sock.send(data):]
+                stalled_since = None
             except BlockingIOError:
                 if not block:
                     return data
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > WRITE_STALL_S:
+                    self.closed = True
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)  # the loop sees EOF: cancels
+                    raise ConnectionResetError(f"client read nothing for {WRITE_STALL_S:.0f} s")
                 select.select([], [self._sock], [], 0.5)
         return data
 

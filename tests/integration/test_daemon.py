@@ -504,3 +504,33 @@ def test_systemd_unit():
         problems = [ln for ln in (out.stdout + out.stderr).splitlines()
                     if ln.strip() and "is not executable" not in ln]
         assert not problems, problems
+
+
+def test_client_that_stops_reading_is_dropped(models, monkeypatch):
+    """A client that never reads cannot hold the queue: after WRITE_STALL_S its connection is
+    closed and its request cancelled; the next queued request runs."""
+    from hublabio.daemon import server
+    from hublabio.daemon.service import op
+
+    monkeypatch.setattr(server, "WRITE_STALL_S", 1.0)
+    seen = {}
+
+    @op("test.endless", queued=True)
+    def _endless(svc, req):
+        n = 0
+        while not req.cancel.is_set():
+            n += 1
+            yield protocol.info("y" * 8000)
+        seen["stopped_after"] = n
+        return {"n": n}
+
+    with make_daemon(models) as d, Client(d.socket_path, timeout=120) as reader:
+        stuck = Client(d.socket_path)
+        pending = stuck.stream("test.endless")  # and never read it
+        wait_for(lambda: d.server.dispatcher.running == 1)
+        t0 = time.monotonic()
+        out = reader.call("generate", prompt="Hi", options={"max_tokens": 2})
+        assert out["completion_tokens"] >= 1
+        assert time.monotonic() - t0 < 30
+        assert seen["stopped_after"] > 10 and not pending.done
+        stuck.close()
