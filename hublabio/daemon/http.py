@@ -259,7 +259,7 @@ class HttpApi:
             out["ev"] = ev
 
         job = self.dispatcher.new_job(f"http-{protocol.new_id()}", op)
-        await self.dispatcher.submit(job, params, send)
+        await self.dispatcher.track(self.dispatcher.submit(job, params, send))
         ev = out["ev"]
         if ev["type"] == "error":
             raise HttpError.from_event(ev)
@@ -393,7 +393,7 @@ class HttpApi:
             elif ev["type"] in protocol.TERMINAL:
                 final["ev"] = ev
 
-        await self.dispatcher.submit(job, params, send)
+        await self.dispatcher.track(self.dispatcher.submit(job, params, send))
         ev = final["ev"]
         if ev["type"] == "error":
             raise HttpError.from_event(ev)
@@ -472,7 +472,7 @@ class HttpApi:
                 await write_sse(b"[DONE]")
                 state["status"] = HttpError.from_event(ev).status
 
-        await self.dispatcher.submit(job, params, send)
+        await self.dispatcher.track(self.dispatcher.submit(job, params, send))
         if "error" in state:
             raise HttpError.from_event(state["error"])
         if chunked:
