@@ -118,7 +118,7 @@ def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
 
     out = tmp_path / "models"
     assert cli.main(["train-expert", "rust", "--out", str(out), "--max-steps", "1", "--r", "4",
-                     "--alpha", "8", "--micro-batch", "2", "--grad-accum", "1", "--max-len", "96",
+                     "--alpha", "8", "--micro-batch", "2", "--grad-accum", "1", "--max-len", "256",
                      "--eval-every", "1", "--quiet"]) == 0
     config = load_model_config(out / "experts" / "rust.toml", require_expert=True)
     assert config.name == "rust-expert" and config.expert.domain == "rust"
