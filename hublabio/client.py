@@ -72,7 +72,13 @@ class Client:
         for line in self._splitter.feed(data):
             if isinstance(line, protocol.TooLong):
                 raise ProtocolError(f"daemon sent a line of {line.size} bytes, over the limit")
-            ev = protocol.decode_event(line)
+            try:
+                ev = protocol.decode_event(line)
+            except protocol.VersionMismatch:
+                raise
+            except ProtocolError:
+                # a torn line: bytes lost when Ctrl-C interrupted a read; the next line is whole
+                continue
             box = self._inbox.get(ev.get("id"))
             if box is not None:
                 box.append(ev)

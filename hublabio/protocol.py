@@ -92,6 +92,10 @@ def _parse(line: bytes | str, what: str) -> dict:
     return msg
 
 
+class VersionMismatch(ProtocolError):
+    """The other side speaks another protocol version."""
+
+
 class RequestError(ProtocolError):
     """A request line that could not be accepted; carries the request id when one was readable."""
 
@@ -168,8 +172,9 @@ def decode_event(line: bytes | str) -> dict:
     msg = _parse(line, "event")
     v = msg.get("v")
     if v != VERSION:
-        raise ProtocolError(
-            f"protocol version mismatch: daemon sent v={v!r}, this client speaks v={VERSION}")
+        raise VersionMismatch(
+            f"protocol version mismatch: daemon sent v={v!r}, this client speaks v={VERSION}; "
+            "upgrade the client or the daemon so both match")
     if msg.get("type") not in EVENT_TYPES:
         raise ProtocolError(f"event has unknown type {msg.get('type')!r}")
     return msg

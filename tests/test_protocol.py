@@ -109,3 +109,11 @@ def test_encode_refuses_unserializable_objects():
     with pytest.raises(TypeError):
         protocol.encode({"x": object()})
     assert json.loads(protocol.encode({"p": __import__("pathlib").Path("/a")}))["p"] == "/a"
+
+
+def test_version_mismatch_is_its_own_error():
+    with pytest.raises(protocol.VersionMismatch):
+        protocol.decode_event(b'{"v": 2, "id": "r", "type": "token"}')
+    with pytest.raises(ProtocolError) as ei:
+        protocol.decode_event(b'{"v": 1, "id": "r", "type": "tok')
+    assert not isinstance(ei.value, protocol.VersionMismatch)

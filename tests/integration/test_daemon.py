@@ -534,3 +534,32 @@ def test_client_that_stops_reading_is_dropped(models, monkeypatch):
         assert time.monotonic() - t0 < 30
         assert seen["stopped_after"] > 10 and not pending.done
         stuck.close()
+
+
+def test_client_skips_a_torn_line_but_not_a_version_mismatch():
+    """The client's side of framing, against a scripted peer on a real Unix socket."""
+    sock_path = short_dir() / "peer.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    server.listen(1)
+    replies = []
+
+    def peer():
+        conn, _ = server.accept()
+        with conn:
+            for reply in replies:
+                req = protocol.decode_request(conn.recv(65536).splitlines()[0])
+                conn.sendall(reply(req.id))
+
+    replies.append(lambda rid: b'"type":"token","text":"lost"}\n' + protocol.encode(
+        protocol.token("ok", -0.1, rid)) + protocol.encode(protocol.result({"x": 1}, rid)))
+    replies.append(lambda rid: b'{"v": 2, "id": "%s", "type": "result", "data": {}}\n' % rid.encode())
+    t = threading.Thread(target=peer, daemon=True)
+    t.start()
+    with Client(sock_path, timeout=10) as c:
+        events = list(c.stream("anything"))
+        assert [e["type"] for e in events] == ["token", "result"] and events[0]["text"] == "ok"
+        with pytest.raises(protocol.VersionMismatch, match="v=2"):
+            c.call("anything")
+    t.join(5)
+    server.close()
