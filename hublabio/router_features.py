@@ -7,10 +7,10 @@ Python's salted hash() or on a tokenizer file.
 Features of one text (version 1):
 - words: runs of letters/digits of the lowercased text (`DataFrame.groupby` -> `dataframe`,
   `groupby`), plus the camelCase / PascalCase parts of each run (`DataFrame` -> `data`, `frame`),
-  plus word bigrams of the runs;
+  plus word bigrams (trigrams) of the runs when word_ngrams >= 2 (3);
 - compounds: whitespace-separated chunks that keep inner punctuation (`dataframe.groupby`,
   `tokio::spawn`, `box<dyn`), edge punctuation stripped;
-- character n-grams (3..5 by default) of the lowercased text with whitespace collapsed and a
+- character n-grams (2..4 by default) of the lowercased text with whitespace collapsed and a
   space at each end, over its UTF-8 bytes.
 Tokens are hashed with zlib.crc32 of "<kind>:<token>"; byte n-grams with 32-bit FNV-1a
 (vectorised) followed by a 32-bit avalanche mix. Each hash picks one of `dim` buckets
@@ -46,9 +46,9 @@ class FeatureSpec:
     """Hashing parameters; written to domains.json["features"] and checked on load."""
 
     dim: int = 1 << 15
-    word_ngrams: int = 2          # 1 = unigrams only, 2 = unigrams + bigrams
-    char_min: int = 3
-    char_max: int = 5
+    word_ngrams: int = 1          # 1 = unigrams only, 2 = + bigrams, 3 = + trigrams
+    char_min: int = 2
+    char_max: int = 4
     word_weight: float = 1.0
     char_weight: float = 1.0
     kind: str = FEATURE_KIND
@@ -132,9 +132,10 @@ def _mix32(h: np.ndarray) -> np.ndarray:
 def char_ngram_hashes(text: str, nmin: int, nmax: int) -> np.ndarray:
     """32-bit hashes (uint32) of every byte n-gram, nmin <= n <= nmax, of the normalised text
     (lowercased, whitespace collapsed, one space at each end): FNV-1a then _mix32."""
-    if nmax <= 0:
-        return np.zeros(0, dtype=np.uint32)
-    norm = " " + " ".join(text.lower().split()) + " "
+    words = text.lower().split()
+    if nmax <= 0 or not words:
+        return np.zeros(0, dtype=np.uint32)  # blank text has no features at all
+    norm = " " + " ".join(words) + " "
     b = np.frombuffer(norm.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
     size = b.size
     nmin = max(nmin, 1)

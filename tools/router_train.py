@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hublabio.errors import RouterError
 from hublabio.fsutil import atomic_write_bytes
 from hublabio.router import DOMAINS_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, KeywordRouter
 from hublabio.router_features import FeatureSpec, featurize
@@ -242,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                         " on the shipped data an MLP was no more accurate and 10x slower)")
     p.add_argument("--dim", type=int, default=FeatureSpec().dim,
                    help="hashed feature dimension, a power of two (default %(default)s)")
+    p.add_argument("--word-ngrams", type=int, default=FeatureSpec().word_ngrams,
+                   help="word n-grams up to this n (default %(default)s)")
+    p.add_argument("--char-min", type=int, default=FeatureSpec().char_min,
+                   help="shortest byte n-gram (default %(default)s)")
+    p.add_argument("--char-max", type=int, default=FeatureSpec().char_max,
+                   help="longest byte n-gram; 0 disables them (default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.2, help="MLP only")
@@ -265,9 +272,11 @@ def train_router(args) -> dict:
     if args.epochs < 1:
         raise ToolError(f"--epochs must be >= 1, got {args.epochs}")
     try:
-        spec = FeatureSpec.from_dict({**FeatureSpec().to_dict(), "dim": args.dim})
-    except Exception as err:
-        raise ToolError(f"--dim: {err}") from None
+        spec = FeatureSpec.from_dict({**FeatureSpec().to_dict(), "dim": args.dim,
+                                      "word_ngrams": args.word_ngrams,
+                                      "char_min": args.char_min, "char_max": args.char_max})
+    except RouterError as err:
+        raise ToolError(f"feature options: {err}") from None
     torch.set_num_threads(max(1, args.threads))
     started = time.perf_counter()
     data_path = Path(args.data)

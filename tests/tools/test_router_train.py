@@ -121,7 +121,10 @@ def test_help_is_the_docstring(capsys):
 def test_shipped_router_is_reproduced_by_its_recorded_command(tmp_path):
     doc = json.loads((REPO / "models" / "router" / "domains.json").read_text())
     shipped = doc["trained"]
-    args = ["--data", str(DATA), "--out", str(tmp_path), "--dim", str(doc["features"]["dim"])]
+    features = doc["features"]
+    args = ["--data", str(DATA), "--out", str(tmp_path), "--dim", str(features["dim"]),
+            "--word-ngrams", str(features["word_ngrams"]), "--char-min", str(features["char_min"]),
+            "--char-max", str(features["char_max"])]
     for key in ("seed", "epochs", "holdout", "hidden", "lr", "weight_decay", "dropout",
                 "label_smoothing", "batch_size"):
         args += [f"--{key.replace('_', '-')}", str(shipped[key])]
