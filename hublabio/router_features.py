@@ -99,7 +99,7 @@ class FeatureSpec:
 DEFAULT_SPEC = FeatureSpec()
 
 
-def tokens(text: str, word_ngrams: int = 2) -> list[str]:
+def tokens(text: str, word_ngrams: int = 1) -> list[str]:
     """The word-level tokens of `text`, each prefixed by its kind (w: word, b: bigram,
     t: trigram, c: compound). Deterministic; exposed for tests and debugging."""
     lowered = text.lower()

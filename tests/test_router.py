@@ -60,7 +60,7 @@ def shipped_experts():
 # ------------------------------------------------------------------------------ features
 
 def test_identifiers_give_sub_tokens_and_compounds():
-    toks = tokens("Why does DataFrame.groupby drop NaN keys?")
+    toks = tokens("Why does DataFrame.groupby drop NaN keys?", word_ngrams=2)
     for t in ("w:dataframe", "w:groupby", "w:data", "w:frame", "c:dataframe.groupby",
               "b:dataframe groupby"):
         assert t in toks
@@ -68,7 +68,9 @@ def test_identifiers_give_sub_tokens_and_compounds():
     for t in ("w:box", "w:dyn", "w:error", "c:box<dyn", "c:tokio::spawn", "w:tokio",
               "w:spawn", "w:read", "w:csv", "c:read_csv"):
         assert t in toks
-    assert "w:cuda" in tokens("CUDA out of memory") and "b:out of" in tokens("CUDA out of memory")
+    assert "w:cuda" in tokens("CUDA out of memory")
+    assert "b:out of" in tokens("CUDA out of memory", word_ngrams=2)
+    assert not any(t.startswith("b:") for t in tokens("CUDA out of memory"))
 
 
 def test_features_are_deterministic_normalised_and_hash_seed_independent():
