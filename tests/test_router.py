@@ -314,3 +314,13 @@ def test_missing_files(tmp_path, shipped_experts):
     assert isinstance(router, KeywordRouter) and "no ONNX router" in warning
     router, warning = load_router(SHIPPED, shipped_experts)
     assert isinstance(router, OnnxRouter) and warning is None
+
+
+def test_score_is_safe_from_several_threads(onnx_router):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [json.loads(line)["text"] for line in DATA.read_text().splitlines()[::15]]
+    serial = [onnx_router.score(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(onnx_router.score, texts))
+    assert threaded == serial
