@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base .gguf (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="training jsonl for the (single) domain")
     p.add_argument("--domains-file", default=str(DOMAINS_FILE), help="domains TOML")
-    shared = {"r", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
+    shared = {"rank", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
               "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
               "gradient_checkpointing", "seed", "quiet"}
     for action in finetune_parser()._actions:
@@ -143,7 +143,7 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
 
     ft_argv = ["--base", str(base), "--data", str(prepared_dir), "--out", str(adapter_dir)]
     ft_args = finetune_parser().parse_args(ft_argv)
-    for key in ("r", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
+    for key in ("rank", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
                 "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
                 "gradient_checkpointing", "seed", "quiet"):
         setattr(ft_args, key, getattr(args, key))

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepare-data directory or raw jsonl")
     p.add_argument("--out", required=True, help="adapter output directory")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base (CUDA + bitsandbytes)")
-    p.add_argument("--r", type=int, default=64, help="LoRA rank (64)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (64)")
     p.add_argument("--alpha", type=float, default=128, help="LoRA alpha (128)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0.05)")
     p.add_argument("--targets", help="comma-separated module names (default: all attention+MLP projections)")
@@ -184,7 +184,7 @@ def finetune(args) -> dict:
         raise ToolError("no training example has response tokens within --max-len")
     targets = lora_targets(model, args.targets.split(",") if args.targets else None)
     torch.manual_seed(args.seed)
-    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
+    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -192,7 +192,7 @@ def finetune(args) -> dict:
     global_batch = args.micro_batch * args.grad_accum * accelerator.num_processes
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_items) / global_batch))
     if main_proc and not args.quiet:
-        print(f"LoRA r={args.r} alpha={args.alpha} on {targets}: {trainable / 1e6:.2f}M trainable of "
+        print(f"LoRA r={args.rank} alpha={args.alpha} on {targets}: {trainable / 1e6:.2f}M trainable of "
               f"{total / 1e6:.1f}M; {len(train_items)} train / {len(valid_items or [])} valid examples; "
               f"{max_steps} steps of {global_batch} examples", file=sys.stderr)
 
@@ -224,7 +224,7 @@ def finetune(args) -> dict:
     if best["step"] is None:  # no validation set: keep the final weights
         save_adapter(result["steps"], None, wrapped)
     summary = dict(result, base=base_abs, adapter_step=best["step"], trainable_parameters=trainable,
-                   lora={"r": args.r, "alpha": args.alpha, "dropout": args.dropout,
+                   lora={"r": args.rank, "alpha": args.alpha, "dropout": args.dropout,
                          "targets": targets if isinstance(targets, str) else list(targets)},
                    train_examples=len(train_items), valid_examples=len(valid_items or []))
     if main_proc:

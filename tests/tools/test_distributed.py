@@ -87,3 +87,29 @@ def test_shipped_accelerate_configs_load():
             assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     assert kinds == {"ddp": "MULTI_GPU", "ddp_cpu": "MULTI_CPU", "fsdp": "FSDP",
                      "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
+
+
+def test_finetune_two_processes_match_one_process(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n=45)
+    data = tmp_path / "data"
+    assert cli.main(["prepare-data", str(corpus), "--out", str(data)]) == 0
+    base = tmp_path / "base"
+    assert cli.main(["train", "--data", str(data), "--out", str(base), "--max-steps", "2", "--quiet"]) == 0
+    common = ["--base", str(base), "--data", str(data), "--rank", "4", "--alpha", "8", "--dropout", "0",
+              "--lr", "5e-3", "--max-steps", "3", "--micro-batch", "2", "--eval-every", "3", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "hublabio_tools.cli", "finetune", "--out", str(two), "--grad-accum", "1"] + common
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = tmp_path / "one"
+    assert cli.main(["finetune", "--out", str(one), "--grad-accum", "2"] + common) == 0
+    loss2, val2, tokens2 = losses(two)
+    loss1, val1, tokens1 = losses(one)
+    assert sorted(loss1) == sorted(loss2) == [1, 2, 3] and tokens1 == tokens2
+    for step in loss1:
+        assert loss2[step] == pytest.approx(loss1[step], rel=1e-4), step
+    assert val2[3] == pytest.approx(val1[3], rel=1e-4) and val1[3] != val1[0]
+    assert (two / "adapter_model.safetensors").exists()

@@ -79,7 +79,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_base, tmp_path):
     out = tmp_path / "adapter"
     # A learning rate this high makes validation loss climb after the first steps.
     assert cli.main(["finetune", "--base", str(root), "--data", str(data), "--out", str(out),
-                     "--r", "4", "--alpha", "8", "--dropout", "0", "--lr", "0.5", "--max-steps", "12",
+                     "--rank", "4", "--alpha", "8", "--dropout", "0", "--lr", "0.5", "--max-steps", "12",
                      "--micro-batch", "4", "--grad-accum", "1", "--eval-every", "1", "--patience", "2",
                      "--quiet"]) == 0
     summary = json.loads((out / "finetune_summary.json").read_text())
@@ -103,7 +103,7 @@ def test_smollm2_gguf_finetune_lowers_the_loss(smollm2_path, tmp_path):
     (prepared / "valid.jsonl").write_text((prepared / "train.jsonl").read_text())
     out = tmp_path / "adapter"
     assert cli.main(["finetune", "--base", str(smollm2_path), "--data", str(prepared), "--out", str(out),
-                     "--r", "8", "--alpha", "16", "--dropout", "0", "--lr", "1e-3", "--max-steps", "3",
+                     "--rank", "8", "--alpha", "16", "--dropout", "0", "--lr", "1e-3", "--max-steps", "3",
                      "--micro-batch", "4", "--grad-accum", "1", "--max-len", "128", "--eval-every", "3",
                      "--quiet"]) == 0
     summary = json.loads((out / "finetune_summary.json").read_text())
@@ -117,7 +117,7 @@ def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
     from hublabio.config import load_model_config
 
     out = tmp_path / "models"
-    assert cli.main(["train-expert", "rust", "--out", str(out), "--max-steps", "1", "--r", "4",
+    assert cli.main(["train-expert", "rust", "--out", str(out), "--max-steps", "1", "--rank", "4",
                      "--alpha", "8", "--micro-batch", "2", "--grad-accum", "1", "--max-len", "256",
                      "--eval-every", "1", "--quiet"]) == 0
     config = load_model_config(out / "experts" / "rust.toml", require_expert=True)

@@ -184,7 +184,7 @@ def test_finetune_then_merge_gives_the_same_logits(pipeline):
     root, data, full, _ = pipeline
     adapter = root / "adapter"
     assert cli.main(["finetune", "--base", str(full), "--data", str(data), "--out", str(adapter),
-                     "--r", "4", "--alpha", "8", "--dropout", "0", "--lr", "5e-3", "--max-steps", "4",
+                     "--rank", "4", "--alpha", "8", "--dropout", "0", "--lr", "5e-3", "--max-steps", "4",
                      "--micro-batch", "4", "--grad-accum", "1", "--eval-every", "2", "--quiet"]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "hublab_base.json"):
         assert (adapter / name).exists(), name
