@@ -26,7 +26,8 @@ from tiny_models import SAMPLE_TEXTS, bpe_tokenizer, build  # noqa: E402
 from hublabio_tools.convert import convert, main  # noqa: E402
 from hublabio_tools.gguf_arch import ConvertError  # noqa: E402
 
-ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "llama3", "scratch", "train"]
+ARCHS = ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "llama3", "scratch", "train",
+         "smollm"]
 EXPECTED = {  # arch -> (general.architecture, tokenizer.ggml.model, tokenizer.ggml.pre)
     "llama": ("llama", "llama", "default"), "mistral": ("llama", "llama", "default"),
     "qwen2": ("qwen2", "gpt2", "qwen2"), "phi3": ("phi3", "llama", "default"),
@@ -34,6 +35,7 @@ EXPECTED = {  # arch -> (general.architecture, tokenizer.ggml.model, tokenizer.g
     "gemma3": ("gemma3", "llama", "default"), "llama3": ("llama", "gpt2", "llama-bpe"),
     "scratch": ("llama", "gpt2", "gpt-2"),
     "train": ("llama", "gpt2", "gpt-2"),  # hublabio_tools.train.train_tokenizer, as trained by the CLI
+    "smollm": ("llama", "gpt2", "smollm"),
 }
 PROMPT = "The quick brown fox jumps over the lazy dog. 12345 café"
 _CACHE: dict[str, Path] = {}

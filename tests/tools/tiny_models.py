@@ -151,6 +151,8 @@ def build(arch: str, out: Path, seed: int = 0, tokenizer_json_only: bool = False
         bpe_tokenizer(out, pre="llama3", bos=True)
     elif arch == "scratch":
         bpe_tokenizer(out, pre="gpt2", bos=True)
+    elif arch == "smollm":  # SmolLM2's tokenizer layout: digits split one by one, then ByteLevel
+        bpe_tokenizer(out, pre="smollm")
     elif arch == "train":  # the tokenizer exactly as `hublab-tools train` makes and saves it
         from hublabio_tools.train import save_tokenizer, train_tokenizer
 
@@ -160,11 +162,11 @@ def build(arch: str, out: Path, seed: int = 0, tokenizer_json_only: bool = False
     tok = tf.AutoTokenizer.from_pretrained(out)
     ids = dict(vocab_size=_vocab_size(out), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
-    if arch in ("llama", "scratch", "llama3", "train"):
+    if arch in ("llama", "scratch", "llama3", "train", "smollm"):
         extra = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
                      ) if arch == "llama3" else {}
-        cfg = tf.LlamaConfig(**COMMON, **ids, tie_word_embeddings=arch == "llama3", rope_theta=10000.0,
+        cfg = tf.LlamaConfig(**COMMON, **ids, tie_word_embeddings=arch in ("llama3", "smollm"), rope_theta=10000.0,
                              **extra)
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "mistral":
