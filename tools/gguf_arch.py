@@ -141,6 +141,14 @@ def write_hparams(w: gguf.GGUFWriter, hf_arch: str, rule: ArchRule, cfg: dict[st
                                f"{head_dim(cfg)}; llama.cpp cannot express that scaling")
         if cfg.get("sliding_window"):
             w.add_sliding_window(int(cfg["sliding_window"]))
+        # llama.cpp fixes the pattern: every 2nd (Gemma 2) / 6th (Gemma 3) layer is global
+        period = 2 if rule.arch == gguf.MODEL_ARCH.GEMMA2 else 6
+        types = cfg.get("layer_types")
+        expected = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                    for i in range(int(cfg["num_hidden_layers"]))]
+        if types is not None and list(types) != expected:
+            raise ConvertError(f"{where}: layer_types {types} differ from llama.cpp's fixed "
+                               f"pattern (every {period}th layer global) for {hf_arch}")
         if cfg.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
     if rule.arch == gguf.MODEL_ARCH.GEMMA2:

@@ -265,6 +265,15 @@ def test_errors_name_the_problem_and_write_nothing(tiny, tmp_path):
     with pytest.raises(ConvertError, match="--outtype 'q4_0'"):
         convert(src, out, "q4_0")
 
+    g3 = tmp_path / "g3"  # Gemma 3 whose global layers are not where llama.cpp puts them
+    shutil.copytree(tiny("gemma3"), g3, ignore=shutil.ignore_patterns("*.gguf"))
+    cfg = json.loads((g3 / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention"] + cfg["layer_types"][1:]
+    (g3 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match="layer_types .* differ from llama.cpp's fixed pattern"):
+        convert(g3, out)
+    _assert_nothing_written(tmp_path, out)
+
 
 def test_failure_mid_write_leaves_no_file(tiny, tmp_path, monkeypatch):
     """A crash while tensors are being written (disk full, bad tensor) removes the temp file."""
