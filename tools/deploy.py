@@ -85,10 +85,7 @@ class _Builder:
         if dest.exists():
             raise DeployError(f"{rel}: two different files would be deployed under this name")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dest)  # same filesystem: no copy of a multi-GB GGUF
-        except OSError:
-            shutil.copyfile(src, dest)
+        shutil.copyfile(src, dest)  # a copy, never a hardlink: the package must not alias sources
         self.copied[src] = rel
         return rel
 

@@ -119,13 +119,15 @@ def quantize(src: str | os.PathLike, ftype: str, out: str | os.PathLike | None =
     job = {"src": str(src), "tmp": str(tmp), "ftype": ftype, "threads": threads,
            "imatrix": str(imatrix) if imatrix is not None else None}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hublabio_tools.quantize", "--child",
-                           json.dumps(job)], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0 or not tmp.exists():
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hublabio_tools.quantize", "--child",
+                               json.dumps(job)], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0 or not tmp.exists():
+            raise QuantizeError(_failure_message(src, ftype, proc))
+        os.replace(tmp, out)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise QuantizeError(_failure_message(src, ftype, proc))
-    os.replace(tmp, out)
     return QuantizeResult(out=out, file_type=ftype, in_bytes=src.stat().st_size,
                           out_bytes=out.stat().st_size, seconds=seconds,
                           imatrix_entries=n_entries)
