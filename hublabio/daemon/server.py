@@ -24,6 +24,7 @@ import socket
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,10 @@ class Dispatcher:
         self.queue_size = max(0, int(queue_size))
         self._slot = asyncio.Semaphore(1)
         self._light = asyncio.Semaphore(LIGHT_WORKERS)
+        # Reused worker threads: handing a job to an idle one is one wake-up, where starting a
+        # thread costs a start-up handshake (two context switches) before the op even begins.
+        self._workers = ThreadPoolExecutor(max_workers=LIGHT_WORKERS + 2,
+                                           thread_name_prefix="hublabd-op")
         self.running = 0
         self.waiting = 0
         self.jobs: set[Job] = set()  # every live job, for cancel by id from any connection
@@ -182,8 +187,12 @@ class Dispatcher:
                     with contextlib.suppress(RuntimeError):  # loop closed at shutdown
                         loop.call_soon_threadsafe(queue.put_nowait, None)
 
-        thread = threading.Thread(target=work, name=f"hublabd-{job.op}-{job.id}", daemon=True)
-        thread.start()
+        try:
+            self._workers.submit(work)
+        except RuntimeError:  # shut down between the request and now
+            await send(protocol.error_event(DaemonUnavailable("the daemon is shutting down"),
+                                            job.id))
+            return
         while True:
             ev = await queue.get()
             if ev is None:
@@ -192,6 +201,10 @@ class Dispatcher:
             if ev["type"] in protocol.TERMINAL:
                 break
         # the worker's last act was that event: it ends now (no executor thread spent on a join)
+
+    def close(self) -> None:
+        """Let the worker threads go once their current op ends."""
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     def track(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -347,6 +360,7 @@ class Server:
             log.warning("some requests did not stop within %.0f s", SHUTDOWN_GRACE_S)
         for task in list(self._connections):
             task.cancel()
+        self.dispatcher.close()
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.run_in_executor(None, self.service.close), SHUTDOWN_GRACE_S)
