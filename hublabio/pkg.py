@@ -410,6 +410,21 @@ def _roll_forward(models_dir: Path, journal: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _owner_alive(staging_name: str) -> bool:
+    """Is the process that made this staging folder (pid in its name) still running? Then the
+    folder is a concurrent install in progress, not debris."""
+    m = re.match(re.escape(STAGING_PREFIX) + r"(\d+)-", staging_name)
+    if not m or int(m.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def recover(models_dir) -> list[str]:
     """Finish interrupted installs (journal present) and discard unjournaled staging folders.
     Returns what was done, one line each."""
@@ -425,10 +440,12 @@ def recover(models_dir) -> list[str]:
                 j.unlink(missing_ok=True)  # torn journal: written before its fsync'd rename
                 continue
             journaled.add(journal["staging"])
+            if _owner_alive(journal["staging"]):
+                continue
             _roll_forward(models_dir, journal)
             done.append(f"finished the interrupted install of {journal['name']}")
     for d in models_dir.glob(STAGING_PREFIX + "*"):
-        if d.name not in journaled and d.is_dir():
+        if d.name not in journaled and d.is_dir() and not _owner_alive(d.name):
             shutil.rmtree(d, ignore_errors=True)
             done.append(f"discarded an incomplete install ({d.name})")
     return done

@@ -259,10 +259,14 @@ def test_power_loss_during_commit_is_finished_by_recovery(tmp_path, models, monk
 
 def test_power_loss_before_the_journal_leaves_the_old_state(tmp_path, models):
     before = listing(models)
-    staging = models / ".pkg-staging-123-456"
-    staging.mkdir()
-    (staging / "demo.gguf").write_bytes(b"half")
-    assert pkg.recover(models) == ["discarded an incomplete install (.pkg-staging-123-456)"]
+    dead = models / ".pkg-staging-4194305-456"  # above Linux's pid_max: no such process
+    dead.mkdir()
+    (dead / "demo.gguf").write_bytes(b"half")
+    live = models / f".pkg-staging-{os.getppid()}-789"  # a concurrent install still running
+    live.mkdir()
+    assert pkg.recover(models) == ["discarded an incomplete install (.pkg-staging-4194305-456)"]
+    assert live.is_dir()
+    live.rmdir()
     assert listing(models) == before
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hublabio.board import profile_for
 from hublabio.budget import estimate_memory, max_context_fitting
-from hublabio.errors import HublabError
+from hublabio.errors import GGUFError, HublabError
 from hublabio.gguf_info import ModelInfo, read_gguf_info
 
 # (label, device-tree model string, RAM in MiB) - the boards a card gives advice for
@@ -74,6 +74,16 @@ def find_models(inputs) -> list[Path]:
             if p.resolve() not in {o.resolve() for o in out}:
                 out.append(p)
     return out
+
+
+def _is_imatrix(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get("general.type")
+        return field is not None and field.contents() == "imatrix"
+    except (ValueError, OSError, IndexError):
+        return False
 
 
 def board_budget(model_string: str, ram_mb: int) -> int:
@@ -189,7 +199,12 @@ def make_card(inputs, *, eval_text: Path | None = None, ctx: int = 512, chunks: 
     paths = find_models(inputs)
     entries = []
     for p in paths:
-        info = read_gguf_info(p)
+        try:
+            info = read_gguf_info(p)
+        except GGUFError:
+            if _is_imatrix(p):
+                continue
+            raise
         if info.general_type != "model":
             continue
         entries.append(Entry(p, info))

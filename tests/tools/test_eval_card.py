@@ -10,7 +10,7 @@ from hublabio.gguf_info import read_gguf_info
 from hublabio_tools import card
 from hublabio_tools import evaluate as ev
 from hublabio_tools.quantize import quantize
-from quant_fixtures import smollm2_f16, text_file, tiny_model
+from quant_fixtures import smollm2_f16, text_file, tiny_imatrix, tiny_model
 
 
 def test_smollm2_perplexity_on_real_text_is_sane(smollm2_path, tmp_path_factory, capsys):
@@ -57,6 +57,7 @@ def test_card_has_real_sizes_perplexity_and_board_advice(tmp_path, tmp_path_fact
     for t in ("Q8_0", "Q4_0"):
         quantize(src, t, folder / f"tiny-{t}.gguf", threads=2)
     (folder / "tiny.imatrix.gguf").write_bytes(b"GGUF")  # skipped by name
+    (folder / "importance.gguf").write_bytes(tiny_imatrix(tmp_path_factory).read_bytes())  # by type
     evaltext = text_file(tmp_path_factory, "evaluation")
     out = tmp_path / "README.md"
     assert card.main([str(folder), "--eval-text", str(evaltext), "--ctx", "64", "--chunks", "1",
@@ -69,7 +70,8 @@ def test_card_has_real_sizes_perplexity_and_board_advice(tmp_path, tmp_path_fact
         row = next(line for line in text.splitlines() if line.startswith(f"| {p.name} |"))
         assert f"({p.stat().st_size} bytes)" in row and f"| {t} |" in row
         assert " ± " in row  # measured perplexity
-    assert "imatrix" not in text.split("## Files")[1].split("## Which")[0]
+    files_section = text.split("## Files")[1].split("## Which")[0]
+    assert "imatrix" not in files_section and "importance" not in files_section
     for label, _, _ in card.BOARDS:
         assert f"| {label} |" in text
     assert "Raspberry Pi Zero 2 W (512 MB) | 384 MiB |" in text  # 512 MB minus its OS reserve
