@@ -7,9 +7,10 @@ model.safetensors.index.json, or pytorch_model*.bin) and the tokenizer (tokenize
 tokenizer.model, tokenizer_config.json). Supported: Llama, Mistral, Qwen2, Phi-3, Gemma 1/2/3.
 
 Tensors are streamed: the GGUF header is laid out from the safetensors headers, then each tensor
-is read, transformed and written before the next is touched, so peak memory is about one tensor
-(plus its converted copy). The GGUF is written to a temporary file next to --out and renamed
-only when complete. Default output: HF_DIR/<name>-<OUTTYPE>.gguf.
+is read, transformed and written in chunks of rows (32 MB of float32 at a time) before the next
+is touched, so peak memory stays near the import baseline whatever the model size. The GGUF is
+written to a temporary file next to --out and renamed only when complete. Default output:
+HF_DIR/<name>-<OUTTYPE>.gguf.
 """
 
 from __future__ import annotations
@@ -62,11 +63,20 @@ class SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v["shape"]) for k, v in self.entries.items()}
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor (or rows[start:stop] of it, which are contiguous on disk) as float32."""
         e = self.entries[name]
         dtype = _ST_DTYPES[e["dtype"]]
+        shape = list(e["shape"])
         begin, end = e["data_offsets"]
-        count = (end - begin) // np.dtype(dtype).itemsize
+        itemsize = np.dtype(dtype).itemsize
+        if (end - begin) != int(np.prod(shape)) * itemsize:
+            raise ConvertError(f"{self.path}: tensor {name!r}: data_offsets do not match shape {shape}")
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin += rows.start * row_bytes
+            shape[0] = rows.stop - rows.start
+        count = int(np.prod(shape))
         with open(self.path, "rb") as f:
             f.seek(self.base + begin)
             a = np.fromfile(f, dtype=dtype, count=count)
@@ -74,7 +84,7 @@ class SafetensorsFile:
             raise ConvertError(f"{self.path}: tensor {name!r} is truncated")
         if e["dtype"] == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        return a.astype(np.float32, copy=False).reshape(e["shape"])
+        return a.astype(np.float32, copy=False).reshape(shape)
 
 
 class TorchBinFile:
@@ -96,8 +106,9 @@ class TorchBinFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.sd.items()}
 
-    def read(self, name: str) -> np.ndarray:
-        return self.sd[name].float().numpy()
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        t = self.sd[name] if rows is None else self.sd[name][rows]
+        return t.float().numpy()
 
 
 def open_weights(hf_dir: Path) -> dict[str, Any]:
@@ -157,6 +168,25 @@ def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
 
 
+CHUNK_BYTES = 32 << 20  # float32 bytes converted at a time (a few rows of the largest matrices)
+
+
+def _row_chunks(p: TensorPlan) -> list[slice | None]:
+    """Row ranges to convert one after the other; None = the whole (small or generated) tensor."""
+    if p.generated is not None or len(p.shape) < 2:
+        return [None]
+    row_bytes = int(np.prod(p.shape[1:])) * 4
+    step = max(p.row_align, (CHUNK_BYTES // row_bytes) // p.row_align * p.row_align)
+    if step >= p.shape[0]:
+        return [None]
+    return [slice(i, min(i + step, p.shape[0])) for i in range(0, p.shape[0], step)]
+
+
+def _write_chunk(fout, data: np.ndarray) -> int:
+    data.tofile(fout)
+    return data.nbytes
+
+
 def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[tuple[int, ...], int, Any]:
     if qtype == gguf.GGMLQuantizationType.F32:
         return shape, int(np.prod(shape)) * 4, np.float32
@@ -210,14 +240,29 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        fout = w.fout[0]
         for p, kind in zip(plans, kinds, strict=True):
-            data = p.generated if p.generated is not None else weights[p.src].read(p.src)
-            if p.transform is not None:
-                data = p.transform(data)
-            if tuple(data.shape) != p.shape:
-                raise ConvertError(f"{hf_dir}: tensor {p.src!r} has shape {data.shape}, header says {p.shape}")
-            w.write_tensor_data(_encode(np.ascontiguousarray(data), kind))
-            del data
+            # stream: rows are read, transformed, encoded and written chunk by chunk, laid out
+            # exactly as GGUFWriter.write_tensor_data would (aligned start, padded end)
+            ti = w.tensors[0].pop(p.dst)
+            w.write_padding(fout, fout.tell())
+            written = 0
+            for rows in _row_chunks(p):
+                if p.generated is not None:
+                    data = p.generated
+                else:
+                    data = weights[p.src].read(p.src, rows)
+                if p.transform is not None:
+                    data = p.transform(data, p.shape[0] if rows is not None else None)
+                expect = p.shape if rows is None else (rows.stop - rows.start, *p.shape[1:])
+                if tuple(data.shape) != tuple(expect):
+                    raise ConvertError(f"{hf_dir}: tensor {p.src!r} has shape {data.shape}, "
+                                       f"header says {p.shape}")
+                written += _write_chunk(fout, _encode(np.ascontiguousarray(data), kind))
+                del data
+            if written != ti.nbytes:
+                raise ConvertError(f"{hf_dir}: tensor {p.src!r}: wrote {written} bytes, expected {ti.nbytes}")
+            w.write_padding(fout, written)
         for fout in w.fout or []:
             fout.flush()
             os.fsync(fout.fileno())

@@ -178,6 +178,7 @@ class TensorPlan:
     transform: Callable[[np.ndarray], np.ndarray] | None = None
     generated: np.ndarray | None = None  # data for tensors computed from config (rope factors)
     force_f32: bool = False
+    row_align: int = 1  # the transform needs whole groups of this many rows (one attention head)
 
 
 def gguf_name(tmap: gguf.TensorNameMap, hf_name: str) -> str | None:
@@ -201,14 +202,14 @@ def plan_tensors(rule: ArchRule, cfg: dict[str, Any], shapes: dict[str, tuple[in
         dst = gguf_name(tmap, name)
         if dst is None:
             raise ConvertError(f"{where}: tensor {name!r} has no GGUF name for {rule.arch.name}")
-        transform = None
+        transform, align = None, 1
         if rule.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-            transform = _partial(permute_rotary, n_head)
+            transform, align = _partial(permute_rotary, n_head), shape[0] // n_head
         elif rule.permute_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-            transform = _partial(permute_rotary, n_kv)
+            transform, align = _partial(permute_rotary, n_kv), shape[0] // n_kv
         elif rule.norm_plus_one and name.endswith("norm.weight"):
             transform = _plus_one
-        plans.append(TensorPlan(name, dst, tuple(shape), transform))
+        plans.append(TensorPlan(name, dst, tuple(shape), transform, row_align=align))
     if not has_lm_head and not cfg.get("tie_word_embeddings", True) and not rule.drop_lm_head:
         raise ConvertError(f"{where}: tie_word_embeddings is false but lm_head.weight is missing")
     plans += _generated(rule, cfg, where)
@@ -216,10 +217,11 @@ def plan_tensors(rule: ArchRule, cfg: dict[str, Any], shapes: dict[str, tuple[in
 
 
 def _partial(fn: Callable[[np.ndarray, int], np.ndarray], n: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda a: fn(a, n)
+    # applied to whole heads (row_align rows each): n heads in the full tensor, fewer in a chunk
+    return lambda a, total=None: fn(a, n if total is None else n * a.shape[0] // total)
 
 
-def _plus_one(a: np.ndarray) -> np.ndarray:
+def _plus_one(a: np.ndarray, total: int | None = None) -> np.ndarray:
     return a + np.float32(1.0)
 
 
