@@ -454,7 +454,14 @@ def make_accelerator(precision: str, grad_accum: int = 1):
     import torch
     from accelerate import Accelerator
 
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    multi_cpu = not torch.cuda.is_available() and world > 1
+    if world == 1:
+        # One process may run several verbs (train-expert --all, tests) with different precisions;
+        # accelerate keeps its state in a singleton that would refuse the change.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     return Accelerator(mixed_precision=pick_precision(precision), cpu=multi_cpu,
                        gradient_accumulation_steps=grad_accum)
 

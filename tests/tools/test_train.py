@@ -205,3 +205,16 @@ def test_finetune_then_merge_gives_the_same_logits(pipeline):
         adapted = peft_model(ids).logits
     assert torch.allclose(adapted, merged_logits, atol=1e-4)
     assert not torch.allclose(base_logits, merged_logits, atol=1e-4)  # the adapter changed something
+
+
+def test_gradient_checkpointing_and_bf16_follow_the_fp32_run(pipeline, tmp_path):
+    root, data, full, _ = pipeline
+    common = ["--data", str(data), "--tokenizer", str(full / "tokenizer"), "--max-steps", "3",
+              "--eval-every", "3", "--micro-batch", "2", "--quiet"]
+    runs = {}
+    for name, extra in (("fp32", []), ("gc", ["--gradient-checkpointing"]), ("bf16", ["--precision", "bf16"])):
+        assert cli.main(["train", "--out", str(tmp_path / name)] + common + extra) == 0
+        runs[name] = metrics(tmp_path / name)[0]
+    for step in (1, 2, 3):
+        assert runs["gc"][step] == pytest.approx(runs["fp32"][step], abs=1e-5)   # recomputation only
+        assert runs["bf16"][step] == pytest.approx(runs["fp32"][step], abs=2e-2)  # autocast rounding
