@@ -1,6 +1,7 @@
 """hublab-tools quantize: GGUF -> a llama.cpp quantization, optionally guided by an importance matrix.
 
 Usage: hublab-tools quantize IN.gguf TYPE [--out FILE] [--imatrix FILE] [--threads N]
+                            [--allow-requantize]
 
 TYPE is a llama.cpp file type: F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q5_1 Q5_0 Q4_K_M Q4_K_S
 Q4_1 Q4_0 IQ4_NL IQ4_XS Q3_K_L Q3_K_M Q3_K_S IQ3_M IQ3_S IQ3_XS IQ3_XXS Q2_K Q2_K_S IQ2_M IQ2_S
@@ -10,6 +11,8 @@ importance matrix (`hublab-tools imatrix`). Q8_K is not a file type (see the mes
 The work is done by llama.cpp's own quantizer (llama_model_quantize from llama-cpp-python, no
 llama.cpp checkout or binaries) in a child process, so a crash inside the C code is reported as a
 message, never a dead CLI. The result is written to a temporary file and renamed on success.
+Quantize from an F32/F16/BF16 GGUF; an already-quantized input is refused unless
+--allow-requantize (its rounding errors add up with the new ones).
 Mixed layouts are llama.cpp's: e.g. Q4_K_M keeps some attn_v/ffn_down tensors at Q6_K, and a
 tensor whose row length is not a multiple of 256 falls back to a 32-block type.
 """
@@ -90,7 +93,8 @@ def default_output(src: Path, ftype: str) -> Path:
 
 
 def quantize(src: str | os.PathLike, ftype: str, out: str | os.PathLike | None = None, *,
-             imatrix: str | os.PathLike | None = None, threads: int = 0) -> QuantizeResult:
+             imatrix: str | os.PathLike | None = None, threads: int = 0,
+             allow_requantize: bool = False) -> QuantizeResult:
     src = Path(src)
     ftype = normalize_type(ftype)
     try:
@@ -117,7 +121,8 @@ def quantize(src: str | os.PathLike, ftype: str, out: str | os.PathLike | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     job = {"src": str(src), "tmp": str(tmp), "ftype": ftype, "threads": threads,
-           "imatrix": str(imatrix) if imatrix is not None else None}
+           "imatrix": str(imatrix) if imatrix is not None else None,
+           "allow_requantize": bool(allow_requantize)}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "hublabio_tools.quantize", "--child",
@@ -141,6 +146,9 @@ def _failure_message(src: Path, ftype: str, proc: subprocess.CompletedProcess) -
     else:
         why = "llama.cpp's quantizer failed"
     detail = lines[-1] if lines else "no message"
+    if "requantizing from type" in detail:
+        detail += (" (the input is already quantized: quantize from an F32/F16/BF16 GGUF, or "
+                   "pass --allow-requantize and accept the extra loss)")
     return f"{src} -> {ftype}: {why}: {detail}"
 
 
@@ -160,6 +168,7 @@ def _child(job: dict) -> int:
     params = lc.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[job["ftype"]]
     params.nthread = int(job["threads"])
+    params.allow_requantize = bool(job.get("allow_requantize"))
     keep = []  # every buffer the C struct points into stays alive until the call returns
     if job["imatrix"]:
         from hublabio_tools.imatrix import load_imatrix
@@ -219,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output file (default: <input stem>-<TYPE>.gguf)")
     ap.add_argument("--imatrix", type=Path, help="importance matrix from `hublab-tools imatrix`")
     ap.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
+    ap.add_argument("--allow-requantize", action="store_true",
+                    help="accept an already-quantized input (quality loses twice)")
     args = ap.parse_args(argv)
     try:
-        res = quantize(args.input, args.type, args.out, imatrix=args.imatrix, threads=args.threads)
+        res = quantize(args.input, args.type, args.out, imatrix=args.imatrix, threads=args.threads,
+                       allow_requantize=args.allow_requantize)
     except HublabError as err:
         print(f"hublab-tools quantize: {err}", file=sys.stderr)
         return 1

@@ -133,3 +133,14 @@ def test_default_output_name(tmp_path):
     assert q.normalize_type("q4_k") == "Q4_K_M"
     with pytest.raises(q.QuantizeError, match="unknown quantization type 'Q9'"):
         q.normalize_type("Q9")
+
+
+def test_quantized_input_needs_allow_requantize(smollm2_path, tmp_path):
+    out = tmp_path / "smol-q8.gguf"
+    with pytest.raises(q.QuantizeError) as err:
+        q.quantize(smollm2_path, "Q8_0", out, threads=2)
+    assert "requantizing from type q4_1 is disabled" in str(err.value)
+    assert "--allow-requantize" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    res = q.quantize(smollm2_path, "Q8_0", out, threads=2, allow_requantize=True)
+    assert GGUFReader(res.out).fields["general.file_type"].contents() == q.FILE_TYPES["Q8_0"]
