@@ -318,6 +318,23 @@ def owners(models_dir) -> dict[str, str]:
     return {f.path: pkg.name for pkg in list_packages(models_dir) for f in pkg.files}
 
 
+def _os_errors_named(func):
+    """OS failures (permissions, a full SD card) become PackageErrors naming the file."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PackageError:
+            raise
+        except OSError as err:
+            where = err.filename or (args[1] if len(args) > 1 else "models directory")
+            raise PackageError(f"{where}: {err.strerror or err}") from err
+    return wrapper
+
+
+@_os_errors_named
 def install(src, models_dir, *, force: bool = False) -> InstalledPackage:
     """Verify and install a package folder or .tar.gz into models_dir (see the module doc)."""
     src, models_dir = Path(src), Path(models_dir)
@@ -457,6 +474,7 @@ def _remove_file(models_dir: Path, rel: str) -> None:
         target.unlink()
 
 
+@_os_errors_named
 def remove(name: str, models_dir) -> InstalledPackage:
     """Delete exactly the files recorded for package `name`, then its record."""
     models_dir = Path(models_dir)

@@ -273,3 +273,24 @@ def test_power_loss_before_the_journal_leaves_the_old_state(tmp_path, models):
 def test_remove_unknown_package(models):
     with pytest.raises(PackageError, match="no installed package named 'nope'"):
         pkg.remove("nope", models)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_models_dir_is_a_package_error(tmp_path, models):
+    models.chmod(0o555)
+    try:
+        with pytest.raises(PackageError, match="Permission denied"):
+            pkg.install(make_dir(tmp_path / "p"), models)
+    finally:
+        models.chmod(0o755)
+
+
+def test_os_errors_become_package_errors(tmp_path, models, monkeypatch):
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(models / "demo.gguf"))
+
+    monkeypatch.setattr(pkg, "_copy_verified", full_disk)
+    before = listing(models)
+    with pytest.raises(PackageError, match="demo.gguf: No space left on device"):
+        pkg.install(make_dir(tmp_path / "p"), models)
+    assert listing(models) == before
