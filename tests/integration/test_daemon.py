@@ -56,9 +56,21 @@ system_prompt = "You are a helpful assistant."
     return path
 
 
+_SHORT_DIRS: list[Path] = []
+
+
 def short_dir() -> Path:
     """Unix socket paths are limited to 107 bytes: keep them out of pytest's long tmp paths."""
-    return Path(tempfile.mkdtemp(prefix="hl", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="hl", dir="/tmp"))
+    _SHORT_DIRS.append(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_short_dirs():
+    yield
+    while _SHORT_DIRS:
+        shutil.rmtree(_SHORT_DIRS.pop(), ignore_errors=True)
 
 
 def make_daemon(models: Path, **settings):
@@ -428,7 +440,6 @@ def test_sigterm_subprocess_clean_exit(models, tmp_path):
     assert any("STOPPING=1" in m for m in msgs)
     assert not sock.exists()
     assert "received SIGTERM" in stderr and "Traceback" not in stderr
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_daemon_cli_reports_bad_config(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from hublabio.client import Client
 from hublabio.daemon.http import parse_listen
 from hublabio.errors import HublabError
+from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
 from .test_daemon import MODEL, make_daemon, wait_for, write_model_config
 
 
