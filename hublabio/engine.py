@@ -29,7 +29,7 @@ import numpy as np
 
 import llama_cpp as C
 
-from hublabio.errors import Cancelled, GGUFError, HublabError
+from hublabio.errors import Cancelled, ContextOverflow, GGUFError, HublabError
 
 # llama-cpp-python routes llama.cpp's log through this logger; without a level it prints every
 # line of the model load to stderr.
@@ -308,7 +308,7 @@ class Engine:
         tokens = self._prompt_tokens(prompt)
         max_new = min(opts.max_tokens, self.n_ctx - len(tokens))
         if max_new <= 0:
-            raise HublabError(f"prompt of {len(tokens)} tokens does not fit the context of "
+            raise ContextOverflow(f"prompt of {len(tokens)} tokens does not fit the context of "
                               f"{self.n_ctx} tokens (ai config context_size)")
         stats = GenerationStats(prompt_tokens=len(tokens))
         self.last_stats = stats
@@ -374,22 +374,25 @@ class Engine:
         tokens = list(self.generate(prompt, opts, **kwargs))
         return "".join(t.text for t in tokens), tokens, self.last_stats
 
-    def bench(self, pp: int = 128, tg: int = 32) -> dict:
+    def bench(self, pp: int = 128, tg: int = 32, cancel: threading.Event | None = None) -> dict:
         """llama-bench style: prompt processing of `pp` tokens in one batch, then generation of
-        `tg` tokens one at a time; tokens per second for each (the KV cache is cleared)."""
+        `tg` tokens one at a time; tokens per second for each (the KV cache is cleared).
+        Raises Cancelled if `cancel` is set meanwhile."""
         pp = min(pp, self.n_ctx - tg - 1)
         C.llama_memory_clear(self._memory, True)
         self._cached = []
         ids = [int(i) for i in np.random.default_rng(0).integers(0, self.n_vocab, size=pp)]
-        t0 = time.perf_counter()
-        self._decode(ids, None)
-        t1 = time.perf_counter()
-        tok = ids[-1]
-        for _ in range(tg):
-            self._decode([tok], None)
-        t2 = time.perf_counter()
-        C.llama_memory_clear(self._memory, True)
-        self._cached = []
+        try:
+            t0 = time.perf_counter()
+            self._decode(ids, cancel)
+            t1 = time.perf_counter()
+            tok = ids[-1]
+            for _ in range(tg):
+                self._decode([tok], cancel)
+            t2 = time.perf_counter()
+        finally:
+            C.llama_memory_clear(self._memory, True)
+            self._cached = []
         return {"pp": pp, "tg": tg, "pp_tps": pp / (t1 - t0), "tg_tps": tg / (t2 - t1),
                 "threads": self.n_threads}
 

@@ -46,6 +46,12 @@ class BudgetError(HublabError):
         super().__init__(message if not suggestion else f"{message} {suggestion}")
 
 
+class ContextOverflow(HublabError):
+    """A prompt does not fit the model's context window."""
+
+    code = "context"
+
+
 class ModelNotFound(HublabError):
     code = "not_found"
 

@@ -97,7 +97,8 @@ class ModelPool:
                 self._unload_key(key)  # context size changed: reload at the new size
                 res = None
             if res is None:
-                res = self._load(key, path, n_ctx, cfg.name)
+                threads = getattr(cfg.inference, "threads", 0) or self.n_threads
+                res = self._load(key, path, n_ctx, cfg.name, threads)
             res.names.add(cfg.name)
             res.pinned = res.pinned or bool(cfg.pinned)
             if cfg.adapter is not None and Path(cfg.adapter).resolve() not in res.engine.adapters:
@@ -109,7 +110,8 @@ class ModelPool:
             res.last_used = time.monotonic()
             return res
 
-    def _load(self, key: str, path: Path, n_ctx: int, name: str) -> ResidentModel:
+    def _load(self, key: str, path: Path, n_ctx: int, name: str,
+              n_threads: int | None) -> ResidentModel:
         info = read_gguf_info(path)
         est = estimate_memory(info, n_ctx)
         others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
@@ -117,7 +119,7 @@ class ModelPool:
         for victim in plan_admission(est.total_mb, self.budget_mb, others, info=info, n_ctx=n_ctx):
             self._unload_key(victim)
         t0 = time.perf_counter()
-        engine = Engine(path, n_ctx=n_ctx, n_threads=self.n_threads,
+        engine = Engine(path, n_ctx=n_ctx, n_threads=n_threads,
                         use_mmap=self.use_mmap, use_mlock=self.use_mlock)
         res = ResidentModel(key=key, path=path, n_ctx=n_ctx, info=info, estimate=est,
                             engine=engine, names={name}, load_s=time.perf_counter() - t0)

@@ -38,4 +38,6 @@ def gemma_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def test_threads() -> int:
-    return int(os.environ.get("HUBLAB_TEST_THREADS", "2"))
+    # One llama.cpp thread: on 2 shared cores, 2 threads that compete with the test process
+    # (or a daemon subprocess) slow generation by orders of magnitude.
+    return int(os.environ.get("HUBLAB_TEST_THREADS", "1"))

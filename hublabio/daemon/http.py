@@ -40,6 +40,7 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
 ERROR_STATUS = {
     "protocol": (400, "invalid_request_error"),
     "config": (400, "invalid_request_error"),
+    "context": (400, "context_length_exceeded"),
     "not_found": (404, "invalid_request_error"),
     "busy": (429, "server_busy"),
     "budget": (503, "insufficient_memory"),

@@ -604,7 +604,7 @@ def _benchmark(svc: Service, req: Req, name: str | None = None, pp: int = 128,
         raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
     inf = svc.inference(cfg)
     with svc.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
-        out = engine.bench(pp=pp, tg=tg)
+        out = engine.bench(pp=pp, tg=tg, cancel=req.cancel)
     info = svc.model_info(cfg.path)
     return {"model": cfg.name, "parameters_human": info.parameters_human,
             "quantization": info.quantization, **out}

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from hublabio.engine import Engine, SamplingOptions
-from hublabio.errors import GGUFError, HublabError
+from hublabio.errors import Cancelled, ContextOverflow, GGUFError, HublabError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = SamplingOptions(max_tokens=24, temperature=0)
@@ -78,13 +78,17 @@ def test_seeded_sampling_repeats(engine):
 
 def test_prompt_longer_than_context_is_a_clear_error(smollm2_path, test_threads):
     with Engine(smollm2_path, n_ctx=64, n_threads=test_threads) as e:
-        with pytest.raises(HublabError, match="does not fit the context of"):
+        with pytest.raises(ContextOverflow, match="does not fit the context of"):
             e.complete("word " * 400, GREEDY)
 
 
-def test_bench_measures_both_phases(engine):
+def test_bench_measures_both_phases_and_cancels(engine):
     result = engine.bench(pp=32, tg=8)
     assert result["pp_tps"] > 0 and result["tg_tps"] > 0
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        engine.bench(pp=32, tg=8, cancel=cancel)
 
 
 def test_close_is_idempotent_and_final(smollm2_path, test_threads):
