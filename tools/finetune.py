@@ -71,6 +71,13 @@ def load_base(base: str | Path, *, qlora: bool = False, device_index: int = 0, d
     directory, extra = _split_base(base)
     kwargs = dict(extra, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    if qlora and extra:
+        raise ToolError(f"--qlora needs an HF checkpoint base, not a GGUF ({base}): LoRA works on the GGUF, "
+                        "or merge/convert it to an HF directory first")
+    if extra:  # GGUF: always de-quantize to dense weights that LoRA can wrap and save
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if qlora:
         from transformers import BitsAndBytesConfig
 
@@ -81,9 +88,24 @@ def load_base(base: str | Path, *, qlora: bool = False, device_index: int = 0, d
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
+    if extra:
+        _forget_gguf_origin(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _forget_gguf_origin(model) -> None:
+    """transformers keeps a GGUF 'quantizer' on a de-quantized model, and it refuses to save; the
+    weights are plain dense tensors by now, so drop the marker (and its config entry)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return
+    if not getattr(quantizer.quantization_config, "dequantize", True):
+        raise ToolError("transformers kept this GGUF's weights packed; LoRA needs dense weights")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def lora_targets(model, requested: list[str] | None) -> list[str] | str:

@@ -111,6 +111,21 @@ def test_smollm2_gguf_finetune_lowers_the_loss(smollm2_path, tmp_path):
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < losses[0]
 
+    # merge finds the GGUF base from the adapter and writes a plain HF checkpoint.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hublabio_tools.finetune import load_base
+
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(out), "--out", str(merged)]) == 0
+    ids = torch.tensor([[1, 504, 2683, 314, 260, 3575, 47]])
+    with torch.no_grad():
+        base, _ = load_base(smollm2_path, dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
+        folded = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(ids).logits
+    assert torch.allclose(adapted, folded, atol=1e-3)
+
 
 @pytest.mark.slow
 def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
