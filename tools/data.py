@@ -27,6 +27,7 @@ import json
 import random
 import re
 import sys
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -307,9 +308,13 @@ def prepare(inputs: list[str], fmt: ChatFormat, *, near_dup: float = 0.85, min_c
     rows: list[dict] = []
     exact: set[str] = set()
     near = NearDuplicateIndex(near_dup) if 0 < near_dup < 1 else None
+    last_report = time.monotonic()
     for path in inputs:
         for item in iter_jsonl(path):
             counts["read"] += 1
+            if not quiet and time.monotonic() - last_report > 2:
+                last_report = time.monotonic()
+                print(f"prepare-data: {counts['read']} lines read, {len(rows)} kept", file=sys.stderr)
             try:
                 if item.error:
                     raise ValueError(item.error)
