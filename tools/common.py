@@ -6,6 +6,7 @@ Nothing here imports torch at module level: `prepare-data` and `--help` stay tor
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -208,10 +209,8 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                    bos_token: str = "", eos_token: str = "") -> str:
-    """Render a HF/GGUF chat template with jinja2 the way transformers does (sandboxed,
-    trim_blocks, lstrip_blocks, raise_exception)."""
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -223,7 +222,14 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    return env.from_string(template).render(
+    return env.from_string(template)
+
+
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                    bos_token: str = "", eos_token: str = "") -> str:
+    """Render a HF/GGUF chat template with jinja2 the way transformers does (sandboxed,
+    trim_blocks, lstrip_blocks, raise_exception); compiled once per template."""
+    return _compiled_template(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt,
         bos_token=bos_token, eos_token=eos_token)
 
