@@ -174,9 +174,12 @@ def finetune(args) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from hublabio_tools.common import seed_everything
-    from hublabio_tools.train import LoopConfig, PaddedExamples, encode_segments, make_accelerator, run_loop
+    from hublabio_tools.train import (
+        LoopConfig, PaddedExamples, _resolve_resume, encode_segments, make_accelerator, run_loop,
+    )
 
-    _split_base(args.base)  # a wrong --base is reported before anything else
+    _split_base(args.base)  # a wrong --base or --resume is reported before anything else
+    _resolve_resume(LoopConfig(out=Path(args.out), resume=args.resume))
     if args.qlora:
         check_qlora()
     out = Path(args.out)

@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe)
     rt = recipe["train"]
     out = Path(args.out)
+    _resolve_resume(LoopConfig(out=out, resume=args.resume))  # a bad --resume fails before any work
     pick = lambda value, key, default: value if value is not None else rt.get(key, default)  # noqa: E731
 
     import torch
