@@ -234,13 +234,25 @@ def cosine_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
 
 
 def _token_ce(model, batch) -> tuple:
-    """Summed next-token cross entropy and the number of predicted tokens."""
+    """Summed next-token cross entropy and the number of predicted tokens. When most positions
+    carry no loss (prompts in fine-tuning), only the positions that predict a target go through
+    the output layer (`logits_to_keep`), which saves the vocabulary-wide logits of the rest."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    keep = (labels != IGNORE).any(dim=0).nonzero().squeeze(1)
+    logits = None
+    if keep.numel() < 0.75 * labels.shape[1]:
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+            labels = labels[:, keep]
+        except TypeError:  # an architecture without logits_to_keep
+            logits = None
+    if logits is None:
+        logits = model(**inputs).logits[:, :-1]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
     return loss, (labels != IGNORE).sum()
 
 

@@ -218,3 +218,27 @@ def test_gradient_checkpointing_and_bf16_follow_the_fp32_run(pipeline, tmp_path)
     for step in (1, 2, 3):
         assert runs["gc"][step] == pytest.approx(runs["fp32"][step], abs=1e-5)   # recomputation only
         assert runs["bf16"][step] == pytest.approx(runs["fp32"][step], abs=2e-2)  # autocast rounding
+
+
+def test_loss_on_kept_positions_equals_the_full_loss():
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hublabio_tools.train import _token_ce
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 8:11] = ids[0, 8:11]   # a response span per row; the rest is prompt or padding
+    labels[1, 5:7] = ids[1, 5:7]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        loss, count = _token_ce(model, batch)
+        logits = model(input_ids=ids).logits
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    assert int(count) == 5
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
