@@ -111,3 +111,14 @@ def test_imatrix_reaches_the_quantizer(tmp_path, tmp_path_factory):
     assert fields["quantize.imatrix.file"].contents() == im.name
     assert int(fields["quantize.imatrix.entries_count"].contents()) == 14
     assert "quantize.imatrix.file" not in GGUFReader(plain.out).fields
+
+
+def test_gemma_imatrix_covers_every_matrix(gemma_path, tmp_path_factory):
+    """A second architecture (Gemma 3: GELU gate, extra norms, SWA layers) through the callback."""
+    text = text_file(tmp_path_factory, "calibration").read_text(encoding="utf-8")
+    im = imx.compute_imatrix(gemma_path, text, n_ctx=64, n_chunks=1, threads=2)
+    matrices = {n for n, t in _weights(gemma_path).items()
+                if n.startswith("blk.") and len(t.shape) == 2}
+    assert set(im.sums) == matrices
+    assert all((m > 0).all() for m in im.means().values())
+    assert 1.0 < im.ppl < 100.0
