@@ -120,5 +120,14 @@ def test_gemma_imatrix_covers_every_matrix(gemma_path, tmp_path_factory):
     matrices = {n for n, t in _weights(gemma_path).items()
                 if n.startswith("blk.") and len(t.shape) == 2}
     assert set(im.sums) == matrices
-    assert all((m > 0).all() for m in im.means().values())
+    weights = _weights(gemma_path)
+    for name, m in im.means().items():
+        assert np.isfinite(m).all() and (m >= 0).all()
+        zero = set(np.flatnonzero(m == 0).tolist())
+        if name.endswith(("ffn_gate.weight", "ffn_up.weight")):
+            # Gemma's ffn_norm has exact zeros: those input columns are truly always 0
+            norm = np.asarray(weights[name.rsplit(".", 2)[0] + ".ffn_norm.weight"].data)
+            assert zero == set(np.flatnonzero(norm == 0).tolist()), name
+        else:
+            assert not zero, name
     assert 1.0 < im.ppl < 100.0
