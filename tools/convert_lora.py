@@ -9,7 +9,9 @@ general.type=adapter, adapter.type=lora, adapter.lora.alpha, and per adapted mat
 `<gguf name>.lora_a` (ne=[n_in, r]) and `.lora_b` (ne=[r, n_out]); Llama/Mistral q/k adapters
 get the same row permutation as the base weights. peft's per-module scaling (rank_pattern,
 alpha_pattern, rsLoRA) is folded into lora_b where llama.cpp's alpha/r cannot express it.
-Default output: PEFT_DIR/adapter.lora.gguf.
+--outtype f16 halves the file and its resident memory on the device (llama.cpp applies F16 LoRA
+tensors directly; the logits move by the rounding of the adapter weights only — tests/tools/
+test_convert_lora.py); train-expert writes f16. Default output: PEFT_DIR/adapter.lora.gguf.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def convert_lora(peft_dir: str | Path, base: str | Path, out_path: str | Path | 
             tmp.unlink(missing_ok=True)
         raise
     log(f"wrote {out} (lora for {rule.arch.name.lower()}, {len(out_tensors) // 2} matrices, "
-        f"alpha {alpha_gguf:g}, {out.stat().st_size / 1e6:.2f} MB)")
+        f"{outtype.upper()}, alpha {alpha_gguf:g}, {out.stat().st_size / 1e6:.2f} MB)")
     return out
 
 
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("peft_dir", type=Path, help="peft adapter directory")
     ap.add_argument("--base", type=Path, required=True, help="base model: HF directory or GGUF file")
     ap.add_argument("--out", type=Path, help="output .gguf path")
-    ap.add_argument("--outtype", default="f32", choices=("f32", "f16"), help="tensor type (default f32)")
+    ap.add_argument("--outtype", default="f32", choices=("f32", "f16"), help="lora_a/lora_b tensor type (default f32; f16 = half the memory)")
     args = ap.parse_args(argv)
     try:
         convert_lora(args.peft_dir, args.base, args.out, args.outtype)

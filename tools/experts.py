@@ -12,12 +12,19 @@ chat template and the domain's system prompt, a LoRA adapter is fine-tuned on th
   MODELS_DIR/experts/<domain>.lora.gguf    the adapter as GGUF (via hublab-tools convert-lora)
   MODELS_DIR/experts/<domain>.toml         the device's expert config, validated by loading it
 and a short evaluation: validation loss of the base before and with the adapter after.
-LoRA options are finetune's (seed defaults r 64, alpha 128, dropout 0.05, lr 2e-4).
+LoRA options are finetune's, but the defaults are sized for the device: --rank 8 --alpha 16 on
+the attention projections only (--targets q_proj,k_proj,v_proj,o_proj), written as F16
+(--outtype f16). For SmolLM2-135M that is 1.8 MiB per adapter, so five resident experts over one
+shared base stay within 1.2x the base alone; finetune's seed defaults (r 64, alpha 128, all
+seven projections, F32) make 75 MiB adapters and five of them cost 4x (docs/MOE.md "Memory").
+Pass --rank 64 --alpha 128 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+--outtype f32 to get the seed's adapters.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import shlex
@@ -27,6 +34,15 @@ from pathlib import Path
 from hublabio_tools.common import DATA_DIR, ToolError, load_toml, main_guard, write_json_atomic
 
 DOMAINS_FILE = DATA_DIR / "domains.toml"
+
+# Device-sized LoRA defaults for experts (finetune keeps the seed's r 64 / alpha 128 / all
+# projections). Adapter bytes = layers x rank x sum(n_in + n_out) x bytes per value: SmolLM2-135M
+# (30 layers, hidden 576, KV 192) at r 8 on q,k,v,o in F16 is 30*8*3840*2 = 1.8 MiB, against the
+# base's ~126 MiB resident (Q4_1 weights + KV at n_ctx 512). bench/bench_moe.py measures it.
+EXPERT_RANK = 8
+EXPERT_ALPHA = 16.0
+EXPERT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_OUTTYPE = "f16"
 
 
 def load_domains(path: str | Path = DOMAINS_FILE) -> dict[str, dict]:
@@ -89,13 +105,13 @@ def write_expert_toml(path: Path, table: dict) -> None:
         raise ToolError(f"the expert TOML did not validate: {err}") from None
 
 
-def convert_adapter(peft_dir: Path, base: Path, out_path: Path) -> bool:
+def convert_adapter(peft_dir: Path, base: Path, out_path: Path, outtype: str = EXPERT_OUTTYPE) -> bool:
     """peft -> GGUF LoRA with hublabio_tools.convert_lora when that module is installed."""
     if importlib.util.find_spec("hublabio_tools.convert_lora") is None:
         return False
     from hublabio_tools.convert_lora import convert_lora
 
-    convert_lora(peft_dir, base, out_path)
+    convert_lora(peft_dir, base, out_path, outtype=outtype)
     return True
 
 
@@ -113,9 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     shared = {"rank", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
               "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
               "gradient_checkpointing", "seed", "quiet"}
+    device_defaults = {"rank": (EXPERT_RANK, f"LoRA rank r ({EXPERT_RANK}; finetune's default is 64)"),
+                       "alpha": (EXPERT_ALPHA, f"LoRA alpha ({EXPERT_ALPHA:g}; finetune's default is 128)"),
+                       "targets": (",".join(EXPERT_TARGETS),
+                                   f"comma-separated module names (default: {','.join(EXPERT_TARGETS)}; "
+                                   f"finetune's default is every attention and MLP projection)")}
     for action in finetune_parser()._actions:
         if action.dest in shared:
+            if action.dest in device_defaults:
+                action = copy.copy(action)
+                action.default, action.help = device_defaults[action.dest]
             p._add_action(action)
+    p.add_argument("--outtype", default=EXPERT_OUTTYPE, choices=("f16", "f32"),
+                   help=f"adapter GGUF tensor type ({EXPERT_OUTTYPE}; half the bytes of f32)")
     return p
 
 
@@ -149,7 +175,7 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
     summary = finetune(ft_args)
 
     gguf_name = f"{domain}.lora.gguf"
-    converted = convert_adapter(adapter_dir, base, experts_dir / gguf_name)
+    converted = convert_adapter(adapter_dir, base, experts_dir / gguf_name, args.outtype)
     toml_path = experts_dir / f"{domain}.toml"
     write_expert_toml(toml_path, expert_toml(domain, spec, base_spec(base, experts_dir), gguf_name))
     evaluation = {"domain": domain, "val_loss_before": summary["first_val_loss"],
@@ -160,7 +186,7 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
     write_json_atomic(adapter_dir / "eval.json", evaluation)
     if not converted:
         command = shlex.join(["hublab-tools", "convert-lora", str(adapter_dir), "--base", str(base),
-                              "--out", str(experts_dir / gguf_name)])
+                              "--out", str(experts_dir / gguf_name), "--outtype", args.outtype])
         print(f"{domain}: hublabio_tools.convert_lora is not installed, so {gguf_name} was not "
               f"written; run:\n  {command}")
         evaluation["convert_command"] = command

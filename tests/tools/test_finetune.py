@@ -132,9 +132,9 @@ def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
     from hublabio.config import load_model_config
 
     out = tmp_path / "models"
-    assert cli.main(["train-expert", "rust", "--out", str(out), "--max-steps", "1", "--rank", "4",
-                     "--alpha", "8", "--micro-batch", "2", "--grad-accum", "1", "--max-len", "256",
-                     "--eval-every", "1", "--quiet"]) == 0
+    # train-expert's own LoRA defaults (r 8, alpha 16, q/k/v/o, F16 GGUF): the device-sized adapter
+    assert cli.main(["train-expert", "rust", "--out", str(out), "--max-steps", "1", "--micro-batch", "2",
+                     "--grad-accum", "1", "--max-len", "256", "--eval-every", "1", "--quiet"]) == 0
     config = load_model_config(out / "experts" / "rust.toml", require_expert=True)
     assert config.name == "rust-expert" and config.expert.domain == "rust"
     assert "cargo" in config.expert.keywords and config.expert.threshold == 0.5
@@ -142,7 +142,32 @@ def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
     evaluation = json.loads((out / "adapters" / "rust" / "eval.json").read_text())
     assert evaluation["val_loss_before"] > 0 and evaluation["val_loss_after"] <= evaluation["val_loss_before"]
     assert (out / "adapters" / "rust" / "adapter_model.safetensors").exists()
+    peft_cfg = json.loads((out / "adapters" / "rust" / "adapter_config.json").read_text())
+    assert peft_cfg["r"] == 8 and peft_cfg["lora_alpha"] == 16
+    assert sorted(peft_cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     if evaluation["gguf_adapter"]:
-        assert config.adapter.is_file()
+        import gguf
+
+        reader = gguf.GGUFReader(config.adapter)
+        assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F16}
+        kinds = {t.name.split(".")[2] for t in reader.tensors}
+        assert kinds == {"attn_q", "attn_k", "attn_v", "attn_output"}
+        assert len(reader.tensors) == 30 * 4 * 2  # SmolLM2: 30 layers x 4 projections x (a, b)
+        # 30 x 8 x (576+576 + 576+192 + 576+192 + 576+576) x 2 bytes = 1.76 MiB (+ header)
+        assert config.adapter.stat().st_size < 2 * 2**20
     else:
         assert "hublab-tools convert-lora" in capsys.readouterr().out
+
+
+def test_train_expert_defaults_are_device_sized_and_finetune_keeps_the_seed():
+    from hublabio_tools.experts import build_parser as expert_parser
+    from hublabio_tools.finetune import build_parser as finetune_parser
+
+    args = expert_parser().parse_args(["rust", "--out", "m"])
+    assert (args.rank, args.alpha, args.targets, args.outtype) == (8, 16, "q_proj,k_proj,v_proj,o_proj", "f16")
+    args = expert_parser().parse_args(["rust", "--out", "m", "--rank", "64", "--alpha", "128",
+                                       "--targets", "q_proj,gate_proj", "--outtype", "f32"])
+    assert (args.rank, args.alpha, args.targets, args.outtype) == (64, 128, "q_proj,gate_proj", "f32")
+    seed = finetune_parser().parse_args(["--base", "b", "--data", "d", "--out", "o"])
+    assert (seed.rank, seed.alpha, seed.targets) == (64, 128, None)  # None: all 7 projections
+    assert "--rank RANK" in expert_parser().format_help() and "(8;" in expert_parser().format_help()
