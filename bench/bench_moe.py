@@ -12,8 +12,9 @@ usage: python bench/bench_moe.py [--runs N] [--threads N] [--only overhead,switc
 3. rss: resident memory of five experts sharing one base with five LoRA adapters vs five
    separate copies of the GGUF (copied to tmp so mmap cannot share pages) vs the base alone,
    each in a fresh process after one decode per expert. Goal: shared <= 1.2x base alone.
-   Measured for small adapters (r 8 on attn_q/attn_v, like the tests' fixture) and for
-   train-expert's seed default (r 64 on all seven projections).
+   The adapters are written by hublab-tools convert-lora from random peft adapters of
+   train-expert's default shape and type (hublabio_tools.experts EXPERT_*: r 8 on q,k,v,o, F16),
+   of r 16 on q,k,v,o F16, and of finetune's seed default (r 64 on all seven projections, F32).
 Prints a markdown table per part.
 """
 
@@ -30,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -37,7 +40,9 @@ from integration.lora_fixture import make_lora_adapter  # noqa: E402
 
 from hublabio.paths import embedded_model_path  # noqa: E402
 
-ALL_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GGUF_NAME = dict(zip(ALL_PROJ, ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                "ffn_down")))
 QUESTIONS = [f"In python, how do I {verb} a {noun}?" for verb, noun in [
     ("sort", "list"), ("reverse", "string"), ("copy", "dict"), ("merge", "dataframe"),
     ("read", "file"), ("parse", "date"), ("join", "path"), ("split", "string"),
@@ -249,21 +254,57 @@ def run_child(mode: str, files: list[Path], threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"]
 
 
+def peft_adapter_gguf(base: Path, out: Path, *, rank: int, alpha: float, targets, outtype: str,
+                      seed: int) -> Path:
+    """A random peft-layout LoRA (numpy + safetensors, no torch) for the GGUF `base`, converted by
+    hublab-tools convert-lora exactly as train-expert converts a trained one."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    from hublabio_tools.convert_lora import convert_lora
+
+    reader = gguf.GGUFReader(str(base))
+    shapes = {t.name: (int(t.shape[0]), int(t.shape[1])) for t in reader.tensors if len(t.shape) == 2}
+    n_layers = int(reader.fields["llama.block_count"].contents())
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for il in range(n_layers):
+        for t in targets:
+            n_in, n_out = shapes[f"blk.{il}.{GGUF_NAME[t]}.weight"]
+            prefix = f"base_model.model.model.layers.{il}.{'mlp' if t in ALL_PROJ[4:] else 'self_attn'}.{t}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, n_in ** -0.5, (rank, n_in)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, 0.02, (n_out, rank)).astype(np.float32)
+    peft_dir = out.with_suffix(".peft")
+    peft_dir.mkdir()
+    save_file(tensors, str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+         "target_modules": list(targets)}))
+    return convert_lora(peft_dir, base, out, outtype=outtype, log=lambda *_: None)
+
+
 def bench_rss(base: Path, tmp: Path, threads: int) -> dict:
-    small = [make_lora_adapter(base, tmp / f"s{i}.lora.gguf", seed=i) for i in range(5)]
-    big = [make_lora_adapter(base, tmp / f"b{i}.lora.gguf", seed=i, rank=64, targets=ALL_PROJ)
-           for i in range(5)]
+    from hublabio_tools.experts import EXPERT_ALPHA, EXPERT_OUTTYPE, EXPERT_RANK, EXPERT_TARGETS
+
+    kinds = {  # name: (rank, alpha, targets, outtype)
+        "expert_default": (EXPERT_RANK, EXPERT_ALPHA, EXPERT_TARGETS, EXPERT_OUTTYPE),
+        "r16_attn_f16": (16, 32.0, EXPERT_TARGETS, "f16"),
+        "seed_default": (64, 128.0, ALL_PROJ, "f32"),
+    }
+    adapters = {name: [peft_adapter_gguf(base, tmp / f"{name}{i}.lora.gguf", rank=k[0], alpha=k[1],
+                                         targets=k[2], outtype=k[3], seed=i) for i in range(5)]
+                for name, k in kinds.items()}
     copies = []
     for i in range(5):
         dst = tmp / f"copy{i}.gguf"
         shutil.copyfile(base, dst)
         copies.append(dst)
-    out = {"base": run_child("base", [base], threads),
-           "shared_small": run_child("shared", [base, *small], threads),
-           "shared_big": run_child("shared", [base, *big], threads),
-           "separate": run_child("separate", copies, threads),
-           "small_adapter_mb": small[0].stat().st_size / 2**20,
-           "big_adapter_mb": big[0].stat().st_size / 2**20}
+    out = {"base": run_child("base", [base], threads), "kinds": kinds,
+           "separate": run_child("separate", copies, threads)}
+    out["one_default"] = run_child("shared", [base, adapters["expert_default"][0]], threads)
+    for name, files in adapters.items():
+        out[name] = run_child("shared", [base, *files], threads)
+        out[name + "_mb"] = files[0].stat().st_size / 2**20
     return out
 
 
@@ -314,11 +355,14 @@ def main() -> None:
             print("\n### RSS growth, fresh process per row (n_ctx 512, one decode per expert)\n")
             print("| setup | MiB | × base |\n| --- | ---: | ---: |")
             print(f"| base alone (1 engine) | {b:.1f} | 1.00 |")
-            print(f"| 5 experts, shared base + 5 small adapters ({r['small_adapter_mb']:.1f} MiB "
-                  f"each, r 8 q/v) | {r['shared_small']:.1f} | {r['shared_small'] / b:.2f} |")
-            print(f"| 5 experts, shared base + 5 seed-default adapters ({r['big_adapter_mb']:.1f} "
-                  f"MiB each, r 64, all projections) | {r['shared_big']:.1f} | "
-                  f"{r['shared_big'] / b:.2f} |")
+            print(f"| 1 expert, base + 1 train-expert default adapter | {r['one_default']:.1f} | "
+                  f"{r['one_default'] / b:.3f} |")
+            for name, (rank, _, targets, outtype) in r["kinds"].items():
+                what = "all 7 projections" if len(targets) == 7 else ",".join(targets)
+                label = {"expert_default": "train-expert default", "seed_default": "finetune seed default"}
+                print(f"| 5 experts, shared base + 5 adapters: {label.get(name, 'alternative')} "
+                      f"(r {rank} on {what}, {outtype.upper()}, {r[name + '_mb']:.2f} MiB each) | "
+                      f"{r[name]:.1f} | {r[name] / b:.3f} |")
             print(f"| 5 experts, 5 separate GGUF copies | {r['separate']:.1f} | "
                   f"{r['separate'] / b:.2f} |")
 
