@@ -7,6 +7,7 @@ Nothing here imports torch at module level: `prepare-data` and `--help` stay tor
 from __future__ import annotations
 
 import functools
+import contextlib
 import json
 import os
 import random
@@ -247,3 +248,29 @@ def main_guard(func):
     wrapper.__doc__ = func.__doc__
     wrapper.__name__ = func.__name__
     return wrapper
+
+
+@contextlib.contextmanager
+def gguf_output(dst: str | os.PathLike, arch: str):
+    """A gguf.GGUFWriter onto a temp file beside `dst`. The block writes header, metadata and
+    tensors; when it ends normally the file is flushed, fsynced, closed and renamed onto `dst`.
+    On any error it is closed and removed: `dst` is never left half-written."""
+    from gguf import GGUFWriter
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    writer = GGUFWriter(tmp, arch)
+    try:
+        yield writer
+        for f in writer.fout or []:
+            f.flush()
+            os.fsync(f.fileno())
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            writer.close()
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from hublabio_tools.common import gguf_output
 from hublabio_tools.gguf_arch import ConvertError, TensorPlan, plan_tensors, rule_for, write_hparams
 from hublabio_tools.gguf_vocab import add_vocab
 
@@ -220,10 +220,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
     name = str(cfg.get("_name_or_path") or hf_dir.resolve().name).rstrip("/").split("/")[-1] or "model"
     out_path = Path(out) if out else hf_dir / f"{name}-{outtype.upper()}.gguf"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[rule.arch])
-    try:
+    with gguf_output(out_path, gguf.MODEL_ARCH_NAMES[rule.arch]) as w:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name)
         write_hparams(w, hf_arch, rule, cfg, where, n_vocab)
@@ -237,7 +234,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
             bshape, nbytes, dt = _byte_shape(p.shape, kind)
             w.add_tensor_info(p.dst, bshape, np.dtype(dt), nbytes,
                               raw_dtype=None if dt is not np.uint8 else kind)
-        w.write_header_to_file(path=tmp)
+        w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         fout = w.fout[0]
@@ -263,17 +260,6 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
             if written != ti.nbytes:
                 raise ConvertError(f"{hf_dir}: tensor {p.src!r}: wrote {written} bytes, expected {ti.nbytes}")
             w.write_padding(fout, written)
-        for fout in w.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            w.close()
-        finally:
-            tmp.unlink(missing_ok=True)
-        raise
     log(f"wrote {out_path} ({rule.arch.name.lower()}, {outtype}, {len(plans)} tensors, "
         f"tokenizer {vocab.model}/{vocab.pre} from {Path(vocab.source).name}, "
         f"{out_path.stat().st_size / 1e6:.1f} MB)")

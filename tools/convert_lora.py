@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from hublabio_tools.common import gguf_output
 from hublabio_tools.convert import OUTTYPES, SafetensorsFile, TorchBinFile, load_config, open_weights
 from hublabio_tools.gguf_arch import RULES, ArchRule, ConvertError, gguf_name, permute_rotary, rule_for
 
@@ -165,10 +165,8 @@ def convert_lora(peft_dir: str | Path, base: str | Path, out_path: str | Path | 
 
     out = Path(out_path) if out_path else peft_dir / "adapter.lora.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     qtype = OUTTYPES[outtype][0]
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[rule.arch])
-    try:
+    with gguf_output(out, gguf.MODEL_ARCH_NAMES[rule.arch]) as w:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_name(f"{bm.name}-lora")
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -176,20 +174,9 @@ def convert_lora(peft_dir: str | Path, base: str | Path, out_path: str | Path | 
         w.add_file_type(int(OUTTYPES[outtype][1]))
         for name, data in out_tensors:
             w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
-        w.write_header_to_file(path=tmp)
+        w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        for fout in w.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            w.close()
-        finally:
-            tmp.unlink(missing_ok=True)
-        raise
     log(f"wrote {out} (lora for {rule.arch.name.lower()}, {len(out_tensors) // 2} matrices, "
         f"{outtype.upper()}, alpha {alpha_gguf:g}, {out.stat().st_size / 1e6:.2f} MB)")
     return out

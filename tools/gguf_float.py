@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 
 from hublabio.errors import GGUFError
+from hublabio_tools.common import gguf_output
 
 FLOAT_TYPES = {"F32": (GGMLQuantizationType.F32, np.float32, 0),
                "F16": (GGMLQuantizationType.F16, np.float16, 1)}  # name -> (ggml type, dtype, ftype)
@@ -62,9 +63,7 @@ def requantize_to_float(src: str | os.PathLike, dst: str | os.PathLike, out_type
     reader = _open(src)
     arch = reader.fields["general.architecture"].contents()
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    writer = GGUFWriter(tmp, arch)
-    try:
+    with gguf_output(dst, arch) as writer:
         copy_metadata(reader, writer)
         writer.add_file_type(ftype)
         plan = []
@@ -79,12 +78,6 @@ def requantize_to_float(src: str | os.PathLike, dst: str | os.PathLike, out_type
         writer.write_ti_data_to_file()
         for t, out_dtype in plan:
             writer.write_tensor_data(_as_float(t).astype(out_dtype, copy=False))
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return dst
 
 
@@ -121,9 +114,7 @@ def write_tiny_llama(dst: str | os.PathLike, vocab_from: str | os.PathLike, *, n
             (p + "ffn_down.weight", w(n_embd, n_ff)),
         ]
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    writer = GGUFWriter(tmp, "llama")
-    try:
+    with gguf_output(dst, "llama") as writer:
         writer.add_name("hublab-tiny-llama")
         writer.add_file_type(ftype)
         writer.add_context_length(2048)
@@ -142,10 +133,4 @@ def write_tiny_llama(dst: str | os.PathLike, vocab_from: str | os.PathLike, *, n
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return dst

@@ -59,13 +59,13 @@ class Imatrix:
 # ---------------------------------------------------------------------------------------------
 
 def save_imatrix(path: str | os.PathLike, im: Imatrix) -> Path:
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType
+
+    from hublabio_tools.common import gguf_output
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    writer = GGUFWriter(tmp, "imatrix")
-    writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry none
-    try:
+    with gguf_output(path, "imatrix") as writer:
+        writer.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry none
         writer.add_string("general.type", "imatrix")
         writer.add_key_value("imatrix.datasets", list(im.datasets) or [""], GGUFValueType.ARRAY,
                              GGUFValueType.STRING)
@@ -78,12 +78,6 @@ def save_imatrix(path: str | os.PathLike, im: Imatrix) -> Path:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
