@@ -44,9 +44,6 @@ from hublabio.router import (
 )
 
 FALLBACK_DOMAIN = "general"
-# topk skips experts the router gives less than this: a whole generation for a 0.3% domain is
-# wasted time, and its (confident but off-topic) answer could win `best`.
-TOPK_MIN_PROBABILITY = 0.05
 MOE_DEFAULTS: dict[str, Any] = {"enabled": True, "routing": "topk", "k": 2, "threshold": 0.5,
                                 "synthesis": "best"}
 ROUTINGS = ("topk", "threshold", "single", "all")
@@ -274,8 +271,6 @@ class MoE:
         strategy = self.settings.strategy(list(self.experts.values()))
         candidates = {d: p for d, p in scores.items() if d in usable}
         selected = strategy.select(candidates)
-        if self.settings.routing == "topk":
-            selected = [r for r in selected if r.probability >= TOPK_MIN_PROBABILITY]
         fallback = not selected
         if fallback:
             domain = FALLBACK_DOMAIN if FALLBACK_DOMAIN in usable else \

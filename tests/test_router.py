@@ -324,3 +324,13 @@ def test_score_is_safe_from_several_threads(onnx_router):
     with ThreadPoolExecutor(4) as pool:
         threaded = list(pool.map(onnx_router.score, texts))
     assert threaded == serial
+
+
+def test_topk_skips_domains_the_router_all_but_rules_out():
+    from hublabio.router import TopK
+
+    scores = {"python": 0.93, "rust": 0.04, "general": 0.03}
+    assert [r.domain for r in TopK(2).select(scores)] == ["python"]
+    assert [r.domain for r in TopK(2, min_probability=0.0).select(scores)] == ["python", "rust"]
+    with pytest.raises(RouterError):
+        TopK(2, min_probability=1.5)
