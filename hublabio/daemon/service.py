@@ -9,8 +9,9 @@ returns the result dict. Raising a HublabError sends an error event with its cod
 
 `queued=True` ops (generation, loading, benchmarks) go through the daemon's bounded queue and run
 one at a time; the others (hello, models.list, info, stats, config.*) are answered at once.
-A later registration of a name replaces the earlier one (hublabio/daemon/ops_moe.py, when it
-exists, re-registers "ask" to route through the experts).
+The core ops live in hublabio/daemon/ops_core.py. A later registration of a name replaces the
+earlier one (hublabio/daemon/ops_moe.py, imported after the core ops, re-registers "ask" to route
+through the experts).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import hublabio
 from hublabio import paths, protocol
 from hublabio.config import (
     DaemonSettings,
@@ -34,13 +34,11 @@ from hublabio.config import (
     effective_inference,
     load_model_dir,
     read_settings,
-    update_settings,
     validate_inference_override,
 )
 from hublabio.errors import (
     Cancelled,
     ConfigError,
-    GGUFError,
     HublabError,
     ModelNotFound,
     ProtocolError,
@@ -441,197 +439,9 @@ def _check_options(options: dict | None) -> dict:
     return out
 
 
-def _messages(messages, prompt) -> list[dict] | str:
-    if (messages is None) == (prompt is None):
-        raise ProtocolError("generate needs exactly one of 'messages' (chat) or 'prompt' (raw text)")
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise ProtocolError("prompt must be a string")
-        return prompt
-    if not isinstance(messages, list) or not messages:
-        raise ProtocolError("messages must be a non-empty list of {role, content} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise ProtocolError(f"messages[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise ProtocolError(f"messages[{i}].role must be system, user or assistant, "
-                                f"got {m['role']!r}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-# ---- core ops ----------------------------------------------------------------------------
-
-@op("hello")
-def _hello(svc: Service, req: Req) -> dict:
-    board = svc.board
-    return {
-        "version": hublabio.__version__, "protocol": protocol.VERSION,
-        "models_dir": str(svc.models_dir), "budget_mb": svc.pool.budget_mb,
-        "board": dataclasses.asdict(board) if dataclasses.is_dataclass(board) else str(board),
-        "ops": sorted(svc.ops),
-    }
-
-
-@op("models.list")
-def _models_list(svc: Service, req: Req) -> dict:
-    configs, errors = svc.configs()
-    current = svc.default_config().name if configs or svc._current else None
-    resident = {n for r in svc.pool.resident() for n in r.names}
-    models = []
-    for cfg in configs:
-        row = {"name": cfg.name, "type": cfg.type, "path": str(cfg.path) if cfg.path else cfg.url,
-               "loaded": cfg.name in resident, "pinned": cfg.pinned, "current": cfg.name == current,
-               "missing": cfg.missing, "size_mb": None, "quantization": None, "parameters": None,
-               "error": None}
-        if cfg.type == "gguf" and not cfg.missing:
-            try:
-                row["size_mb"] = _mb(cfg.path.stat().st_size)
-                info = svc.model_info(cfg.path)
-                row["quantization"] = info.quantization
-                row["parameters"] = info.parameters_human
-            except (GGUFError, OSError) as exc:
-                row["error"] = str(exc)
-        models.append(row)
-    return {"models": models, "models_dir": str(svc.models_dir),
-            "errors": [{"path": e.path, "key": e.key, "message": str(e)} for e in errors]}
-
-
-def _resident_rows(svc: Service) -> list[dict]:
-    return [{"names": list(r.names), "path": str(r.path), "n_ctx": r.n_ctx,
-             "memory_mb": round(getattr(r, "mb", r.estimate.total_mb), 1), "pinned": r.pinned,
-             "idle_s": round(time.monotonic() - r.last_used, 1) if r.last_used else None}
-            for r in svc.pool.resident()]
-
-
-@op("models.load", queued=True)
-def _models_load(svc: Service, req: Req, name: str | None = None, path: str | None = None,
-                 n_ctx: int | None = None) -> dict:
-    if (name is None) == (path is None):
-        raise ProtocolError("models.load needs exactly one of 'name' or 'path'")
-    cfg = svc.config_for(name or str(Path(path).expanduser().absolute()))
-    if cfg.type != "gguf":
-        raise HublabError(f"model {cfg.name!r} is type {cfg.type!r}: nothing to load locally")
-    if cfg.missing:
-        raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
-    info = svc.model_info(cfg.path)  # a corrupt file fails here, before llama.cpp sees it
-    inf = svc.inference(cfg)
-    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int)):
-        raise ProtocolError(f"n_ctx must be an integer, got {n_ctx!r}")
-    ctx = n_ctx or inf.context_size
-    t0 = time.perf_counter()
-    was_loaded = svc.is_loaded(cfg.name)
-    res = svc.pool.ensure_loaded(cfg, n_ctx=ctx)
-    svc.set_current(cfg.name)
-    return {"name": cfg.name, "path": str(cfg.path), "architecture": info.architecture,
-            "parameters": info.parameters, "parameters_human": info.parameters_human,
-            "quantization": info.quantization, "context_size": res.n_ctx,
-            "memory_mb": round(getattr(res, "mb", res.estimate.total_mb), 1),
-            "load_s": round(time.perf_counter() - t0, 3),
-            "already_loaded": was_loaded, "used_mb": round(svc.pool.used_mb(), 1),
-            "budget_mb": svc.pool.budget_mb}
-
-
-@op("models.unload", queued=True)
-def _models_unload(svc: Service, req: Req, name: str | None = None) -> dict:
-    if name is not None and not svc.is_loaded(name):
-        loaded = ", ".join(n for r in svc.pool.resident() for n in r.names) or "none"
-        raise ModelNotFound(f"model {name!r} is not loaded (loaded: {loaded})")
-    return {"unloaded": svc.pool.unload(name), "used_mb": round(svc.pool.used_mb(), 1)}
-
-
-@op("info")
-def _info(svc: Service, req: Req) -> dict:
-    cfg = svc.default_config()
-    out = {"model": cfg.name, "path": str(cfg.path) if cfg.path else cfg.url,
-           "loaded": svc.is_loaded(cfg.name), "parameters": None, "parameters_human": None,
-           "quantization": None, "architecture": None, "context_size": svc.inference(cfg).context_size,
-           "used_mb": round(svc.pool.used_mb(), 1), "budget_mb": svc.pool.budget_mb,
-           "last_tps": svc.stats.last_tps, "resident": _resident_rows(svc)}
-    if cfg.type == "gguf" and not cfg.missing:
-        try:
-            info = svc.model_info(cfg.path)
-            out.update(parameters=info.parameters, parameters_human=info.parameters_human,
-                       quantization=info.quantization, architecture=info.architecture)
-        except GGUFError as exc:
-            out["error"] = str(exc)
-    return out
-
-
-@op("config.get")
-def _config_get(svc: Service, req: Req) -> dict:
-    cfg = svc.default_config()
-    inf = svc.inference(cfg)
-    return {"model": cfg.name, "settings": dataclasses.asdict(inf),
-            "overrides": read_settings().get("inference", {})}
-
-
-@op("config.set")
-def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
-    typed = validate_inference_override(key, value)
-    update_settings("inference", key, typed)
-    note = "applies to the next request"
-    if key == "context_size":
-        note = "the model reloads with the new context on its next request"
-    elif key == "threads":
-        note = "applies to models loaded from now on (ai unload to reload)"
-        if hasattr(svc.pool, "n_threads"):
-            svc.pool.n_threads = typed or None
-    return {"key": key, "value": typed, "note": note}
-
-
-@op("stats")
-def _stats(svc: Service, req: Req) -> dict:
-    with svc._lock:
-        s = dataclasses.asdict(svc.stats)
-    s["uptime_s"] = round(time.time() - s.pop("started"), 1)
-    s["used_mb"] = round(svc.pool.used_mb(), 1)
-    s["budget_mb"] = svc.pool.budget_mb
-    s["resident"] = _resident_rows(svc)
-    return s
-
-
-@op("benchmark", queued=True)
-def _benchmark(svc: Service, req: Req, name: str | None = None, pp: int = 128,
-               tg: int = 32) -> dict:
-    for key, val, hi in (("pp", pp, 8192), ("tg", tg, 4096)):
-        if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= hi:
-            raise ProtocolError(f"benchmark: {key} must be an integer in [1, {hi}], got {val!r}")
-    cfg = svc.config_for(name)
-    if cfg.missing:
-        raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
-    inf = svc.inference(cfg)
-    with svc.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
-        out = engine.bench(pp=pp, tg=tg, cancel=req.cancel)
-    info = svc.model_info(cfg.path)
-    return {"model": cfg.name, "parameters_human": info.parameters_human,
-            "quantization": info.quantization, **out}
-
-
-@op("generate", queued=True)
-def _generate(svc: Service, req: Req, messages: list | None = None, prompt: str | None = None,
-              model: str | None = None, options: dict | None = None):
-    """Chat messages (the model's system_prompt is added when they have no system message)
-    or a raw prompt (used as is)."""
-    text = _messages(messages, prompt)
-    cfg = svc.config_for(model)
-    return (yield from svc.stream_generation(req, cfg, text, options, system_prompt=True))
-
-
-@op("ask", queued=True)
-def _ask(svc: Service, req: Req, question: str, model: str | None = None,
-         options: dict | None = None):
-    if not isinstance(question, str) or not question.strip():
-        raise ProtocolError("ask needs a non-empty 'question'")
-    cfg = svc.config_for(model)
-    return (yield from svc.stream_generation(req, cfg, [{"role": "user", "content": question}],
-                                             options, system_prompt=True))
-
-
 def _load_extensions() -> None:
     """Import optional op modules (they register with @op and may replace core ops)."""
+    importlib.import_module("hublabio.daemon.ops_core")
     for mod in ("hublabio.daemon.ops_moe",):
         try:
             if importlib.util.find_spec(mod) is None:
