@@ -400,6 +400,26 @@ def load_prepared(directory: str | Path) -> tuple[list[dict], list[dict], dict]:
     return train, valid, meta
 
 
+def load_rows(data: str, fmt, *, hint: str = "") -> tuple[list[dict], list[dict]]:
+    """Training rows from `data`: a prepare-data output directory as it is, or a raw jsonl file
+    prepared on the fly in chat format `fmt` (bad lines skipped with a note). `hint` names the
+    model whose template a prepared directory should match (warns when it does not)."""
+    path = Path(data)
+    if path.is_dir():
+        train, valid, meta = load_prepared(path)
+        if hint and meta.get("chat_template") and meta["chat_template"] != fmt.template:
+            print(f"warning: {path} was prepared with format {meta.get('format')!r}, not {hint}'s "
+                  f"chat template; re-run prepare-data --model {hint} to match", file=sys.stderr)
+        return train, valid
+    if not path.exists():
+        raise ToolError(f"--data {data}: no such file or directory")
+    prepared = prepare([str(path)], fmt, quiet=True)
+    if prepared.problems:
+        print(f"note: {len(prepared.problems)} bad line(s) skipped, first: {prepared.problems[0]}",
+              file=sys.stderr)
+    return prepared.train, prepared.valid
+
+
 def summary_table(counts: Counter) -> str:
     keys = ["read", "bad", "too_short", "too_long", "exact_duplicates", "near_duplicates",
             "chat", "text", "train", "valid"]

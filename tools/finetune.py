@@ -119,23 +119,10 @@ def lora_targets(model, requested: list[str] | None) -> list[str] | str:
 
 
 def load_finetune_rows(data: str, base: str) -> tuple[list[dict], list[dict]]:
-    from hublabio_tools.data import load_chat_format, load_prepared, prepare
+    """Rows for fine-tuning `base`, in its own chat format."""
+    from hublabio_tools.data import load_chat_format, load_rows
 
-    path = Path(data)
-    fmt = load_chat_format(base)
-    if path.is_dir():
-        train, valid, meta = load_prepared(path)
-        if meta.get("chat_template") and meta["chat_template"] != fmt.template:
-            print(f"warning: {path} was prepared with format {meta.get('format')!r}, not {base}'s "
-                  f"chat template; re-run prepare-data --model {base} to match", file=sys.stderr)
-        return train, valid
-    if not path.exists():
-        raise ToolError(f"--data {data}: no such file or directory")
-    prepared = prepare([str(path)], fmt, quiet=True)
-    if prepared.problems:
-        print(f"note: {len(prepared.problems)} bad line(s) skipped, first: {prepared.problems[0]}",
-              file=sys.stderr)
-    return prepared.train, prepared.valid
+    return load_rows(data, load_chat_format(base), hint=base)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -510,19 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_training_rows(data: str) -> tuple[list[dict], list[dict]]:
-    from hublabio_tools.data import SEED_FORMAT, load_prepared, prepare
+    """Rows for training from scratch, in the seed's chat format."""
+    from hublabio_tools.data import SEED_FORMAT, load_rows
 
-    path = Path(data)
-    if path.is_dir():
-        train, valid, _ = load_prepared(path)
-        return train, valid
-    if not path.exists():
-        raise ToolError(f"--data {data}: no such file or directory")
-    prepared = prepare([str(path)], SEED_FORMAT, quiet=True)
-    if prepared.problems:
-        print(f"note: {len(prepared.problems)} bad line(s) skipped, first: {prepared.problems[0]}",
-              file=sys.stderr)
-    return prepared.train, prepared.valid
+    return load_rows(data, SEED_FORMAT)
 
 
 @main_guard
