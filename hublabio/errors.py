@@ -80,3 +80,9 @@ class PackageError(HublabError):
 
 class DaemonUnavailable(HublabError):
     code = "unavailable"
+
+
+class LlamaError(HublabError):
+    """llama.cpp refused or failed (load, context, decode, adapter, quantize): the one error
+    type of hublabio.llama."""
+    code = "engine"
