@@ -201,6 +201,18 @@ class _Run:
     stats: Any = None
 
 
+def _pieces(gen, run: _Run):
+    """(text, logprob) for each Piece of a generation, its text kept in `run`; returns the
+    generation's GenerationStats."""
+    while True:
+        try:
+            piece = next(gen)
+        except StopIteration as done:
+            return done.value
+        run.texts.append(piece.text)
+        yield piece.text, (piece.logprob if piece.tokens else None)
+
+
 # ---------------------------------------------------------------- the pipeline
 
 class MoE:
@@ -305,7 +317,8 @@ class MoE:
     def stream_expert(self, cfg: ModelConfig, messages: list[dict], run: _Run, *,
                       options: Mapping[str, Any] | None = None,
                       cancel=None) -> Iterator[tuple[str, float | None]]:
-        """Generate with one expert, yielding (text, logprob) pieces and filling `run`."""
+        """Generate with one expert (local or remote: one interface), yielding (text, logprob)
+        pieces and filling `run`."""
         from hublabio.engine import SamplingOptions
 
         inf = self.inference(cfg)
@@ -313,32 +326,24 @@ class MoE:
         if cfg.type == "remote":
             remote = RemoteExpert(cfg.url, cfg.remote_model or cfg.name)
             run.tokenizer_key = remote.tokenizer_key
-            for tok in remote.stream(messages, max_tokens=opts.max_tokens,
-                                     temperature=opts.temperature, top_p=opts.top_p,
-                                     cancel=cancel):
-                run.texts.append(tok.text)
-                run.logprobs.append(tok.logprob)
-                yield tok.text, tok.logprob
-            return
-        if cfg.missing:
-            raise ModelNotFound(f"expert {cfg.name!r} cannot be loaded: {cfg.missing}")
-        with self.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
-            run.tokenizer_key = self._tokenizer_key(engine)
-            for tok in engine.generate(messages, opts, adapter=cfg.adapter,
-                                       adapter_scale=cfg.adapter_scale, cancel=cancel):
-                run.texts.append(tok.text)
-                run.logprobs.append(tok.logprob)
-                yield tok.text, tok.logprob
-            run.stats = engine.last_stats
-            run.finish_reason = run.stats.finish_reason if run.stats else "stop"
-        if run.stats is not None and run.stats.logprobs:
-            run.logprobs = list(run.stats.logprobs)  # includes tokens held back by stop strings
+            run.stats = yield from _pieces(remote.generate(messages, opts, cancel=cancel), run)
+        else:
+            if cfg.missing:
+                raise ModelNotFound(f"expert {cfg.name!r} cannot be loaded: {cfg.missing}")
+            with self.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
+                run.tokenizer_key = self._tokenizer_key(engine)
+                run.stats = yield from _pieces(
+                    engine.generate(messages, opts, adapter=cfg.adapter,
+                                    adapter_scale=cfg.adapter_scale, cancel=cancel), run)
+        run.finish_reason = run.stats.finish_reason
+        run.logprobs = list(run.stats.logprobs)  # one per token, stop-string tokens included
 
     def _answer(self, cfg: ModelConfig, route: Route, run: _Run, elapsed: float):
         mean, conf = synth.confidence_from_logprobs(run.logprobs)
         return synth.ExpertAnswer(
             domain=cfg.expert.domain, text="".join(run.texts).strip(), confidence=conf,
-            mean_logprob=mean, router_probability=route.probability, tokens=len(run.texts),
+            mean_logprob=mean, router_probability=route.probability,
+            tokens=run.stats.completion_tokens if run.stats else len(run.texts),
             tokenizer_key=run.tokenizer_key, model=cfg.name, elapsed_s=elapsed)
 
     def describe_expert(self, cfg: ModelConfig) -> str:

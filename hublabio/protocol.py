@@ -138,9 +138,15 @@ def decode_request(line: bytes | str) -> Request:
 
 # --- events -----------------------------------------------------------------------------------
 
-def token(text: str, logprob: float | None = None, request_id: str | None = None) -> dict:
-    return {"v": VERSION, "id": request_id, "type": "token", "text": text,
-            "logprob": _finite(logprob)}
+def token(text: str, logprob: float | None = None, request_id: str | None = None, *,
+          tokens: list[dict] | None = None) -> dict:
+    """A piece of streamed text; `logprob` is the piece's (the sum over its tokens). `tokens`,
+    when asked for, lists each token: text, bytes, logprob and top alternatives."""
+    ev = {"v": VERSION, "id": request_id, "type": "token", "text": text,
+          "logprob": _finite(logprob)}
+    if tokens is not None:
+        ev["tokens"] = tokens
+    return ev
 
 
 def info(text: str, request_id: str | None = None) -> dict:

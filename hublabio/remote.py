@@ -1,6 +1,12 @@
 """Remote experts: any OpenAI-compatible chat endpoint (another hublabd --http, llama-server,
 Ollama's /v1) used as an expert, so experts can be spread over several machines.
 
+`RemoteExpert.generate(messages, opts, cancel=)` has the local engine's interface: it yields
+hublabio.textstream.Piece objects and returns GenerationStats. Every sampling option is
+forwarded (OpenAI names where OpenAI has one; top_k and repeat_penalty as llama-server and
+hublabd name them); a server that rejects one gets a HublabError naming the option, never a
+silent drop.
+
 Only the standard library is used (urllib). A request is ``POST <url>/chat/completions`` with
 ``stream: true`` and ``logprobs: true``; the answer is read as server-sent events. When the
 server sends per-token log-probabilities (``choices[0].logprobs.content[*].logprob``, as
@@ -15,16 +21,16 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .errors import Cancelled, DaemonUnavailable, HublabError
+from .textstream import Piece, TokenInfo
 
-
-@dataclass(frozen=True)
-class RemoteToken:
-    text: str
-    logprob: float | None
+# SamplingOptions field -> request body key, and the value that means "not set".
+_FORWARD = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+            "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
+            "presence_penalty": "presence_penalty", "seed": "seed", "stop": "stop",
+            "logit_bias": "logit_bias"}
 
 
 def is_cancelled(cancel: Any) -> bool:
@@ -60,32 +66,112 @@ class RemoteExpert:
                                      method="POST")
         return urllib.request.urlopen(req, timeout=self.timeout_s)
 
-    def stream(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.7,
-               top_p: float = 0.9, cancel: Any = None) -> Iterator[RemoteToken]:
-        body = {"model": self.model, "messages": messages, "max_tokens": int(max_tokens),
-                "temperature": float(temperature), "top_p": float(top_p), "stream": True,
-                "logprobs": True}
+    def body(self, messages: list[dict], opts) -> dict:
+        """The request body for SamplingOptions `opts`: every option that is set."""
+        body = {"model": self.model, "messages": messages, "max_tokens": int(opts.max_tokens),
+                "stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
+        for field, key in _FORWARD.items():
+            value = getattr(opts, field)
+            if value in (None, (), {}):
+                continue
+            if field in ("frequency_penalty", "presence_penalty") and value == 0.0:
+                continue
+            if field == "stop":
+                value = list(value)
+            elif field == "logit_bias":
+                value = {str(k): v for k, v in value.items()}
+            body[key] = value
+        if opts.top_logprobs:
+            body["top_logprobs"] = int(opts.top_logprobs)
+        return body
+
+    def _open_or_raise(self, body: dict):
         try:
-            try:
-                resp = self._open(body)
-            except urllib.error.HTTPError as err:
-                detail = _read_error(err)
-                if err.code in (400, 422) and "logprob" in detail.lower():
-                    body.pop("logprobs")
-                    resp = self._open(body)
-                else:
-                    raise HublabError(f"remote expert {self.url} (model {self.model!r}): "
-                                      f"HTTP {err.code}: {detail}") from None
+            return self._open(body)
         except urllib.error.HTTPError as err:
-            raise HublabError(f"remote expert {self.url} (model {self.model!r}): HTTP {err.code}: "
-                              f"{_read_error(err)}") from None
+            raise self._refusal(err, _read_error(err), body) from None
         except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
-            reason = getattr(err, "reason", err)
-            raise DaemonUnavailable(f"remote expert {self.url} is unreachable: {reason}") from None
+            raise self._unreachable(err) from None
+
+    def _refusal(self, err: urllib.error.HTTPError, detail: str, body: dict) -> HublabError:
+        sent = [k for k in body if k not in ("model", "messages", "stream")]
+        named = [k for k in sent if k in detail]
+        what = (f"it does not support option {named[0]!r}" if named and err.code in (400, 422)
+                else f"HTTP {err.code}")
+        return HublabError(f"remote expert {self.url} (model {self.model!r}): {what}: {detail}")
+
+    def _unreachable(self, err) -> DaemonUnavailable:
+        reason = getattr(err, "reason", err)
+        return DaemonUnavailable(f"remote expert {self.url} is unreachable: {reason}")
+
+    def generate(self, messages: list[dict], opts, *, cancel: Any = None):
+        """Stream the answer as Pieces; the return value is a GenerationStats."""
+        import time
+
+        from .engine import GenerationStats
+
+        stats = GenerationStats()
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            for piece, final in self._pieces(self.body(messages, opts), cancel):
+                if piece is None:
+                    stats.finish_reason = final.get("finish_reason") or stats.finish_reason
+                    usage = final.get("usage") or {}
+                    stats.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    continue
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t0
+                stats.completion_tokens += max(1, len(piece.tokens))
+                stats.logprobs += [t.logprob for t in piece.tokens]
+                yield piece
+        except Cancelled:
+            stats.finish_reason = "cancelled"
+        end = time.perf_counter()
+        if stats.finish_reason not in ("stop", "length", "cancelled"):
+            stats.finish_reason = "stop"
+        if t_first and stats.completion_tokens > 1 and end > t_first:
+            stats.gen_tps = (stats.completion_tokens - 1) / (end - t_first)
+        if stats.logprobs:
+            stats.mean_logprob = sum(stats.logprobs) / len(stats.logprobs)
+        return stats
+
+    def _pieces(self, body: dict, cancel) -> Iterator[tuple[Piece | None, dict | None]]:
+        """(piece, None) per streamed delta, (None, {finish_reason, usage}) for the end."""
+        final: dict = {}
+        for chunk in self._chunks(body, cancel):
+            if chunk.get("usage"):
+                final["usage"] = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if choice.get("finish_reason"):
+                    final["finish_reason"] = choice["finish_reason"]
+                piece = _choice_piece(choice)
+                if piece is not None:
+                    yield piece, None
+        yield None, final
+
+    def _chunks(self, body: dict, cancel) -> Iterator[dict]:
+        try:
+            resp = self._open(body)
+        except urllib.error.HTTPError as err:
+            detail = _read_error(err)
+            if err.code in (400, 422) and "logprob" in detail.lower() \
+                    and not body.get("top_logprobs"):
+                # logprobs are hublabio's own ask (for confidence), not the user's: do without
+                body = {k: v for k, v in body.items() if k != "logprobs"}
+                resp = self._open_or_raise(body)
+            else:
+                raise self._refusal(err, detail, body) from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
+            raise self._unreachable(err) from None
         with resp:
             ctype = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in ctype:
-                yield from _whole_response(json.loads(resp.read() or b"{}"), self.url)
+                obj = json.loads(resp.read() or b"{}")
+                if "error" in obj:
+                    raise HublabError(f"remote expert {self.url}: {obj['error']}")
+                yield obj
                 return
             for raw in resp:
                 if is_cancelled(cancel):
@@ -102,27 +188,26 @@ class RemoteExpert:
                     raise HublabError(f"remote expert {self.url}: bad stream chunk {data[:80]!r}")
                 if "error" in chunk:
                     raise HublabError(f"remote expert {self.url}: {chunk['error']}")
-                yield from _chunk_tokens(chunk)
+                yield chunk
 
 
-def _chunk_tokens(chunk: dict) -> Iterator[RemoteToken]:
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or choice.get("message") or {}
-        text = delta.get("content") or ""
-        lps = ((choice.get("logprobs") or {}).get("content")) or []
-        if lps:
-            # one entry per token; the delta text is their concatenation
-            for i, entry in enumerate(lps):
-                piece = entry.get("token", "") if len(lps) > 1 else text
-                yield RemoteToken(piece, _float(entry.get("logprob")))
-        elif text:
-            yield RemoteToken(text, None)
-
-
-def _whole_response(obj: dict, url: str) -> Iterator[RemoteToken]:
-    if "error" in obj:
-        raise HublabError(f"remote expert {url}: {obj['error']}")
-    yield from _chunk_tokens(obj)
+def _choice_piece(choice: dict) -> Piece | None:
+    """One streamed (or whole) choice as a Piece: its text, and a TokenInfo per logprobs entry
+    (OpenAI sends one entry per token; the delta text is their concatenation)."""
+    delta = choice.get("delta") or choice.get("message") or {}
+    text = delta.get("content") or ""
+    tokens = []
+    for entry in ((choice.get("logprobs") or {}).get("content")) or []:
+        lp = _float(entry.get("logprob"))
+        if lp is None:
+            continue
+        tok = entry.get("token", "")
+        top = tuple((-1, t.get("token", ""), _float(t.get("logprob")) or 0.0)
+                    for t in entry.get("top_logprobs") or [])
+        tokens.append(TokenInfo(-1, tok.encode("utf-8", "replace"), lp, top, tok))
+    if not text and not tokens:
+        return None
+    return Piece(text, tokens)
 
 
 def _float(v) -> float | None:

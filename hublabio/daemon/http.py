@@ -361,6 +361,16 @@ class HttpApi:
         if body.get("n", 1) != 1:
             raise HttpError(400, "only n = 1 is supported", param="n")
         options = _options(body)
+        want_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        top_n = body.get("top_logprobs") if chat else body.get("logprobs")
+        if want_lp:
+            if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
+                                      or not 0 <= top_n <= 20):
+                param = "top_logprobs" if chat else "logprobs"
+                raise HttpError(400, f"'{param}' must be an integer in [0, 20]", param=param)
+            options["logprobs"] = True
+            if top_n:
+                options["top_logprobs"] = top_n
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise HttpError(400, "'model' must be a string", param="model")
@@ -369,7 +379,6 @@ class HttpApi:
         if options:
             params["options"] = options
         stream = bool(body.get("stream", False))
-        want_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
         usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
         created = int(time.time())
         job = self.dispatcher.new_job(f"http-{protocol.new_id()}", "generate")
@@ -400,7 +409,7 @@ class HttpApi:
             raise HttpError.from_event(ev)
         data = ev["data"]
         model = data.get("model")
-        lp = {"content": [_lp_entry(t) for t in tokens]} if want_lp else None
+        lp = _logprobs(tokens, chat) if want_lp else None
         reason = _finish(data.get("finish_reason"))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": data["text"]},
@@ -409,7 +418,8 @@ class HttpApi:
             choice = {"index": 0, "text": data["text"], "logprobs": lp, "finish_reason": reason}
         await self._send_json(writer, 200, {
             "id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": model, "choices": [choice], "usage": _usage(data)}, keep)
+            "created": created, "model": model, "choices": [choice], "usage": _usage(data),
+            "timings": _timings(data)}, keep)
         return 200
 
     async def _stream(self, writer, job, params, rid, created, chat, want_lp, usage_in_stream,
@@ -446,7 +456,9 @@ class HttpApi:
             if not state["started"]:
                 await start()
             if kind == "token":
-                lp = {"content": [_lp_entry(ev)]} if want_lp else None
+                offset = state.get("offset", 0)
+                state["offset"] = offset + len(ev["text"])
+                lp = _logprobs([ev], chat, offset) if want_lp else None
                 if chat:
                     delta = {"content": ev["text"]}
                     if not state["role_sent"]:
@@ -466,7 +478,7 @@ class HttpApi:
                         {"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
                 await write_sse(chunk(last))
                 if usage_in_stream:
-                    await write_sse(chunk(None, usage=_usage(data)))
+                    await write_sse(chunk(None, usage=_usage(data), timings=_timings(data)))
                 await write_sse(b"[DONE]")
             elif kind == "error":
                 await write_sse(HttpError.from_event(ev).body())
@@ -493,7 +505,9 @@ async def _watch_disconnect(reader: asyncio.StreamReader, writer, job, every: fl
 
 _OPENAI_OPTIONS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                   "repeat_penalty": "repeat_penalty", "seed": "seed", "stop": "stop"}
+                   "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
+                   "presence_penalty": "presence_penalty", "logit_bias": "logit_bias",
+                   "seed": "seed", "stop": "stop"}
 
 
 def _options(body: dict) -> dict:
@@ -501,11 +515,6 @@ def _options(body: dict) -> dict:
     for key, target in _OPENAI_OPTIONS.items():
         if body.get(key) is not None:
             out[target] = body[key]
-    if body.get("frequency_penalty") not in (None, 0, 0.0) or \
-            body.get("presence_penalty") not in (None, 0, 0.0):
-        # llama.cpp's repeat penalty is the closest knob; say so rather than ignore silently
-        raise HttpError(400, "frequency_penalty/presence_penalty are not supported; use "
-                             "repeat_penalty (1.0 = off)", param="frequency_penalty")
     try:
         from hublabio.daemon.service import _check_options
 
@@ -550,15 +559,45 @@ def _model_obj(m: dict) -> dict:
             "parameters": m.get("parameters")}
 
 
-def _lp_entry(ev: dict) -> dict:
-    text = ev["text"]
-    return {"token": text, "logprob": ev.get("logprob"), "bytes": list(text.encode("utf-8")),
-            "top_logprobs": []}
+def _lp_entries(ev: dict) -> list[dict]:
+    """OpenAI chat logprobs entries, one per token of a token event."""
+    return [{"token": t["text"], "logprob": t["logprob"], "bytes": t["bytes"],
+             "top_logprobs": [{"token": a["text"], "logprob": a["logprob"],
+                               "bytes": list(a["text"].encode("utf-8"))} for a in t["top"]]}
+            for t in ev.get("tokens") or []]
+
+
+def _logprobs(events: list[dict], chat: bool, offset: int = 0) -> dict:
+    """The `logprobs` object of a choice: chat's {"content": [...]}, or the completions API's
+    {"tokens", "token_logprobs", "top_logprobs", "text_offset"}."""
+    entries = [e for ev in events for e in _lp_entries(ev)]
+    if chat:
+        return {"content": entries}
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}
 
 
 def _usage(data: dict) -> dict:
     p, c = data.get("prompt_tokens", 0), data.get("completion_tokens", 0)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _timings(data: dict) -> dict:
+    """llama-server's `timings` extension: what the engine measured for this answer."""
+    n = data.get("completion_tokens", 0) or 0
+    tps = data.get("gen_tps") or 0.0
+    return {"prompt_n": (data.get("prompt_tokens") or 0) - (data.get("cached_tokens") or 0),
+            "cache_n": data.get("cached_tokens") or 0,
+            "prompt_per_second": data.get("prompt_tps") or 0.0,
+            "predicted_n": n, "predicted_per_second": tps,
+            "ttft_ms": (data.get("ttft_s") or 0.0) * 1e3}
 
 
 def _finish(reason: str | None) -> str:

@@ -16,7 +16,6 @@ through the experts).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -37,7 +36,6 @@ from hublabio.config import (
     validate_inference_override,
 )
 from hublabio.errors import (
-    Cancelled,
     ConfigError,
     HublabError,
     ModelNotFound,
@@ -122,8 +120,7 @@ class Service:
 
             pool = ModelPool(budget_mb(self.settings, self.board),
                              idle_ttl_s=self.settings.idle_ttl_s,
-                             n_threads=self.settings.threads or _user_threads(),
-                             use_mmap=self.settings.mmap, use_mlock=self.settings.mlock)
+                             load=load_settings(self.settings, self.board))
         self.pool = pool
         self.stats = Stats()
         self._lock = threading.RLock()
@@ -314,94 +311,91 @@ class Service:
     def stream_generation(self, req: Req, cfg: ModelConfig, prompt, options: dict | None = None,
                           *, system_prompt: bool = False) -> Iterator[dict]:
         """Generate with `cfg` (its effective inference settings + per-request `options`),
-        yielding token events; returns the result data. Used by generate/ask and the HTTP API."""
+        yielding token events; returns the result data. Used by generate/ask and the HTTP API.
+        Local and remote models share one interface: generate() yields Pieces, returns stats."""
         from hublabio.engine import SamplingOptions
 
         if cfg.type == "gguf" and cfg.missing:
             raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
+        options = dict(options or {})
+        detail = bool(options.pop("logprobs", False))
         inf = self.inference(cfg)
         opts = SamplingOptions.from_inference(inf, **_check_options(options))
+        detail = detail or opts.top_logprobs > 0
         if system_prompt and inf.system_prompt and isinstance(prompt, list) \
                 and not any(m.get("role") == "system" for m in prompt):
             prompt = [{"role": "system", "content": inf.system_prompt}, *prompt]
+        parts: list[str] = []
+        extra = {}
         if cfg.type == "remote":
-            return (yield from self._stream_remote(req, cfg, prompt, opts))
-        if not self.is_loaded(cfg.name):
-            yield protocol.info(f"loading {cfg.name} ...")
-        parts: list[str] = []
-        with self.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
-            for tok in engine.generate(prompt, opts, adapter=cfg.adapter,
-                                       adapter_scale=cfg.adapter_scale, cancel=req.cancel):
-                parts.append(tok.text)
-                yield protocol.token(tok.text, tok.logprob)
-            stats = engine.last_stats
-        self.record_generation(cfg.name, stats)
-        return {"text": "".join(parts), "model": cfg.name, **stats.as_dict()}
+            from hublabio.remote import RemoteExpert
 
-    def _stream_remote(self, req: Req, cfg: ModelConfig, prompt, opts) -> Iterator[dict]:
-        """A type = "remote" model: stream from its OpenAI-compatible server (hublabio.remote)."""
-        from hublabio.remote import RemoteExpert
-
-        if not isinstance(prompt, list):
-            raise ProtocolError(f"model {cfg.name!r} is remote (chat API): send 'messages', "
-                                "not a raw 'prompt'")
-        remote = RemoteExpert(cfg.url, cfg.remote_model or cfg.name)
-        parts: list[str] = []
-        logprobs: list[float] = []
-        t0 = time.perf_counter()
-        t_first = None
-        reason = None
-        try:
-            for tok in remote.stream(prompt, max_tokens=opts.max_tokens,
-                                     temperature=opts.temperature, top_p=opts.top_p,
-                                     cancel=req.cancel):
-                if t_first is None:
-                    t_first = time.perf_counter()
-                parts.append(tok.text)
-                if tok.logprob is not None:
-                    logprobs.append(tok.logprob)
-                yield protocol.token(tok.text, tok.logprob)
-        except Cancelled:
-            reason = "cancelled"
-        end = time.perf_counter()
-        n = len(parts)
-        stats = _RemoteStats(
-            completion_tokens=n, ttft_s=(t_first - t0) if t_first else 0.0,
-            gen_tps=(n - 1) / (end - t_first) if t_first and n > 1 and end > t_first else 0.0,
-            finish_reason=reason or ("length" if n >= opts.max_tokens else "stop"),
-            mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None)
+            if not isinstance(prompt, list):
+                raise ProtocolError(f"model {cfg.name!r} is remote (chat API): send 'messages', "
+                                    "not a raw 'prompt'")
+            remote = RemoteExpert(cfg.url, cfg.remote_model or cfg.name)
+            stats = yield from token_events(remote.generate(prompt, opts, cancel=req.cancel),
+                                            parts, detail=detail)
+            extra = {"remote": cfg.url}
+        else:
+            if not self.is_loaded(cfg.name):
+                yield protocol.info(f"loading {cfg.name} ...")
+            with self.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
+                gen = engine.generate(prompt, opts, adapter=cfg.adapter,
+                                      adapter_scale=cfg.adapter_scale, cancel=req.cancel)
+                stats = yield from token_events(gen, parts, detail=detail)
         self.record_generation(cfg.name, stats)
-        return {"text": "".join(parts), "model": cfg.name, "remote": cfg.url,
-                **dataclasses.asdict(stats)}
+        return {"text": "".join(parts), "model": cfg.name, **extra, **stats.as_dict()}
 
     def close(self) -> None:
         self.pool.close()
 
 
-@dataclass
-class _RemoteStats:
-    """GenerationStats' fields for an answer streamed from a remote server."""
-    prompt_tokens: int = 0  # not reported by the remote stream
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_s: float = 0.0
-    prompt_tps: float = 0.0
-    gen_tps: float = 0.0
-    finish_reason: str = "stop"
-    mean_logprob: float | None = None
+def token_events(gen, parts: list[str], *, detail: bool = False) -> Iterator[dict]:
+    """Token events for the Pieces of a generation (appending their text to `parts`); returns
+    the generation's return value (its GenerationStats). With `detail`, each event also lists
+    its tokens with their log-probabilities and top alternatives."""
+    while True:
+        try:
+            piece = next(gen)
+        except StopIteration as done:
+            return done.value
+        parts.append(piece.text)
+        tokens = None
+        if detail:
+            tokens = [{"text": t.text, "bytes": list(t.data), "logprob": t.logprob,
+                       "top": [{"text": text, "logprob": lp} for _, text, lp in t.top]}
+                      for t in piece.tokens]
+        yield protocol.token(piece.text, piece.logprob if piece.tokens else None,
+                             tokens=tokens)
 
 
-def _user_threads() -> int | None:
-    """`ai config threads N` as persisted by the user (None: physical cores)."""
+def load_settings(settings: DaemonSettings, board):
+    """The pool's load defaults: daemon settings, then `ai config threads`, then the board."""
+    from hublabio.pool import LoadSettings
+
+    user = _user_inference()
+    return LoadSettings(
+        threads=settings.threads or user.get("threads") or getattr(board, "threads", 0) or 0,
+        threads_batch=(settings.threads_batch or user.get("threads_batch")
+                       or getattr(board, "threads_batch", 0) or 0),
+        mmap=settings.mmap, mlock=settings.mlock, repack=settings.repack)
+
+
+def _user_inference() -> dict:
+    """The user's `ai config` inference settings ({} when unreadable)."""
     try:
-        return read_settings().get("inference", {}).get("threads") or None
+        return read_settings().get("inference", {})
     except ConfigError as exc:
         log.warning("ignoring user settings: %s", exc)
-        return None
+        return {}
 
 
 _OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
-                 "repeat_penalty": float, "seed": int, "stop": list}
+                 "repeat_penalty": float, "frequency_penalty": float, "presence_penalty": float,
+                 "seed": int, "stop": list, "logit_bias": dict, "top_logprobs": int}
+_RANGES = {"frequency_penalty": (-2.0, 2.0), "presence_penalty": (-2.0, 2.0),
+           "top_logprobs": (0, 20)}
 
 
 def _check_options(options: dict | None) -> dict:
@@ -418,6 +412,9 @@ def _check_options(options: dict | None) -> dict:
             raise ProtocolError(f"options: unknown key {key!r} (known: {', '.join(_OPTION_TYPES)})")
         if value is None:
             continue
+        if key == "logit_bias":
+            out[key] = _check_logit_bias(value)
+            continue
         if key == "stop":
             if isinstance(value, str):
                 value = [value]
@@ -430,12 +427,31 @@ def _check_options(options: dict | None) -> dict:
             kind = "an integer" if want is int else "a number"
             raise ProtocolError(f"options.{key} must be {kind}, got {value!r}")
         value = want(value)
-        if key != "seed":
+        if key in _RANGES:
+            lo, hi = _RANGES[key]
+            if not lo <= value <= hi:
+                raise ProtocolError(f"options.{key} must be in [{lo}, {hi}], got {value}")
+        elif key != "seed":
             try:
                 value = validate_inference_override(key, value)
             except ConfigError as exc:
                 raise ProtocolError(f"options.{key} {exc.message}") from None
         out[key] = value
+    return out
+
+
+def _check_logit_bias(value) -> dict[int, float]:
+    if not isinstance(value, dict):
+        raise ProtocolError("options.logit_bias must be an object {token id: bias}")
+    out = {}
+    for k, v in value.items():
+        try:
+            tok = int(k)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"options.logit_bias: key {k!r} is not a token id") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise ProtocolError(f"options.logit_bias[{k!r}] must be a number in [-100, 100]")
+        out[tok] = float(v)
     return out
 
 

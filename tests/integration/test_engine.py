@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from hublabio.engine import Engine, SamplingOptions
+from hublabio.engine import Engine, SamplingOptions, collect
 from hublabio.errors import Cancelled, ContextOverflow, GGUFError, HublabError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -16,20 +16,30 @@ GREEDY = SamplingOptions(max_tokens=24, temperature=0)
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path, test_threads):
-    with Engine(smollm2_path, n_ctx=512, n_threads=test_threads) as e:
+    with Engine(smollm2_path, n_ctx=512, threads=test_threads) as e:
         yield e
 
 
 def test_streams_a_real_answer_with_logprobs(engine):
-    tokens = list(engine.generate(QUESTION, GREEDY))
-    text = "".join(t.text for t in tokens)
-    stats = engine.last_stats
-    assert "Paris" in text
+    text, pieces, stats = collect(engine.generate(QUESTION, GREEDY))  # stats: the return value
+    tokens = [t for p in pieces for t in p.tokens]
+    assert text.strip()
     assert stats.completion_tokens == len(tokens) > 1
     assert all(t.logprob <= 0 and math.isfinite(t.logprob) for t in tokens)
+    assert stats.logprobs == [t.logprob for t in tokens]
     assert stats.mean_logprob == pytest.approx(sum(t.logprob for t in tokens) / len(tokens))
     assert stats.finish_reason in ("stop", "length")
     assert stats.prompt_tokens > 10
+
+
+def test_top_logprobs_rank_the_alternatives_and_include_greedy_choice(engine):
+    _, pieces, _ = engine.complete(QUESTION, SamplingOptions(max_tokens=6, temperature=0,
+                                                             top_logprobs=3))
+    for tok in (t for p in pieces for t in p.tokens):
+        assert len(tok.top) == 3
+        lps = [lp for _, _, lp in tok.top]
+        assert lps == sorted(lps, reverse=True) and sum(math.exp(lp) for lp in lps) <= 1.0001
+        assert tok.top[0][0] == tok.id and tok.top[0][2] == pytest.approx(tok.logprob)
 
 
 def test_chat_template_comes_from_the_gguf(engine):
@@ -53,21 +63,39 @@ def test_max_tokens_sets_length_finish(engine):
     assert stats.completion_tokens == 5
 
 
-def test_stop_string_truncates(engine):
-    text, _, stats = engine.complete(QUESTION, SamplingOptions(max_tokens=24, temperature=0, stop=("Paris",)))
-    assert "Paris" not in text
+def test_stop_string_truncates_and_logprobs_stay_with_their_tokens(engine):
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    full, full_pieces, _ = engine.complete(prompt, SamplingOptions(max_tokens=12, temperature=0))
+    words = full.split()
+    assert len(words) >= 3
+    stop = words[2]  # a stop string somewhere inside the greedy answer
+    text, pieces, stats = engine.complete(prompt, SamplingOptions(max_tokens=12, temperature=0,
+                                                                  stop=(stop,)))
+    assert stop not in text and full.startswith(text)
     assert stats.finish_reason == "stop"
+    # every emitted piece carries exactly the tokens it came from, with the same log-probs
+    # as the run without a stop string (no shift, no 0.0 filler)
+    stopped = [t for p in pieces for t in p.tokens]
+    plain = [t for p in full_pieces for t in p.tokens]
+    assert [t.id for t in stopped] == [t.id for t in plain[:len(stopped)]]
+    assert [t.logprob for t in stopped] == [t.logprob for t in plain[:len(stopped)]]
+    assert all(p.text == "".join(t.text for t in p.tokens) for p in pieces)
 
 
 def test_cancel_mid_generation(engine):
     cancel = threading.Event()
     seen = []
-    for tok in engine.generate([{"role": "user", "content": "Write a long story about a dragon."}],
-                               SamplingOptions(max_tokens=200, temperature=0), cancel=cancel):
-        seen.append(tok)
+    gen = engine.generate([{"role": "user", "content": "Write a long story about a dragon."}],
+                          SamplingOptions(max_tokens=200, temperature=0), cancel=cancel)
+    while True:
+        try:
+            seen.append(next(gen))
+        except StopIteration as done:
+            stats = done.value
+            break
         if len(seen) == 3:
             cancel.set()
-    assert engine.last_stats.finish_reason == "cancelled"
+    assert stats.finish_reason == "cancelled"
     assert len(seen) == 3
 
 
@@ -77,7 +105,7 @@ def test_seeded_sampling_repeats(engine):
 
 
 def test_prompt_longer_than_context_is_a_clear_error(smollm2_path, test_threads):
-    with Engine(smollm2_path, n_ctx=64, n_threads=test_threads) as e:
+    with Engine(smollm2_path, n_ctx=64, threads=test_threads) as e:
         with pytest.raises(ContextOverflow, match="does not fit the context of"):
             e.complete("word " * 400, GREEDY)
 
@@ -92,7 +120,7 @@ def test_bench_measures_both_phases_and_cancels(engine):
 
 
 def test_close_is_idempotent_and_final(smollm2_path, test_threads):
-    e = Engine(smollm2_path, n_ctx=256, n_threads=test_threads)
+    e = Engine(smollm2_path, n_ctx=256, threads=test_threads)
     e.close()
     e.close()
     with pytest.raises(HublabError, match="closed"):
@@ -109,7 +137,7 @@ def test_corrupt_and_missing_files_are_gguf_errors(tmp_path):
 
 
 def test_another_architecture_gemma3(gemma_path, test_threads):
-    with Engine(gemma_path, n_ctx=256, n_threads=test_threads) as e:
+    with Engine(gemma_path, n_ctx=256, threads=test_threads) as e:
         assert e.architecture == "gemma3"
         text, tokens, stats = e.complete("The capital of France is", SamplingOptions(max_tokens=8, temperature=0))
         assert stats.completion_tokens >= 1 and text.strip()
