@@ -156,13 +156,16 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="also print the raw numbers as JSON")
     args = ap.parse_args()
 
+    from hublabio.llama import backend, repack_policy
+
+    backend.apply_policy(repack_policy("auto"))  # the raw side: hublabd's buffer types, no AMX
     llm = llama_cpp.Llama(str(args.model), n_ctx=512, n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, verbose=False)
     engine = None
     if args.engine:
         from hublabio.engine import Engine
 
-        engine = Engine(args.model, n_ctx=512, n_threads=args.threads)
+        engine = Engine(args.model, n_ctx=512, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="hlb", dir="/tmp") as tmp:
         proc, client = start_daemon(args.model, args.threads, Path(tmp))
         try:

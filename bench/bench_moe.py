@@ -186,7 +186,7 @@ def bench_switch(base: Path, tmp: Path, runs: int, threads: int) -> dict:
             break
         return time.perf_counter() - t0
 
-    engine = Engine(base, n_ctx=512, n_threads=threads)
+    engine = Engine(base, n_ctx=512, threads=threads)
     engine.load_adapter(a)
     engine.load_adapter(b)
     first_token(engine, a)
@@ -201,7 +201,7 @@ def bench_switch(base: Path, tmp: Path, runs: int, threads: int) -> dict:
         same_ttft.append(first_token(engine, target))    # same adapter: prompt cache hit
         t0 = time.perf_counter()
         engine.close()
-        engine = Engine(base, n_ctx=512, n_threads=threads)
+        engine = Engine(base, n_ctx=512, threads=threads)
         engine.load_adapter(a)
         engine.load_adapter(b)
         reload_.append(time.perf_counter() - t0)
@@ -232,16 +232,16 @@ def rss_child(mode: str, files: list[str], threads: int) -> None:
     before = rss_mb()
     engines = []
     if mode == "base":
-        engines.append(Engine(files[0], n_ctx=512, n_threads=threads))
+        engines.append(Engine(files[0], n_ctx=512, threads=threads))
         list(engines[0].generate(msgs, opts))
     elif mode == "shared":
-        e = Engine(files[0], n_ctx=512, n_threads=threads)
+        e = Engine(files[0], n_ctx=512, threads=threads)
         engines.append(e)
         for adapter in files[1:]:
             list(e.generate(msgs, opts, adapter=adapter))
     elif mode == "separate":
         for f in files:
-            e = Engine(f, n_ctx=512, n_threads=threads)
+            e = Engine(f, n_ctx=512, threads=threads)
             engines.append(e)
             list(e.generate(msgs, opts))
     print(json.dumps({"mode": mode, "rss_mb": rss_mb() - before}))

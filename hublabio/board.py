@@ -51,6 +51,20 @@ class Board:
     def is_raspberry_pi(self) -> bool:
         return self.model_string.startswith("Raspberry Pi")
 
+    @property
+    def threads(self) -> int:
+        """Default llama.cpp threads for generation. Decoding is bound by memory bandwidth: on a
+        Pi 5, sub-1B models peak at about 2 threads (published llama-bench runs), and more
+        threads only spin. Elsewhere: every core."""
+        if self.name.startswith("Raspberry Pi 5"):
+            return min(2, self.cores)
+        return self.cores
+
+    @property
+    def threads_batch(self) -> int:
+        """Default llama.cpp threads for prompt processing (compute-bound): every core."""
+        return self.cores
+
 
 def nominal_ram_mb(ram_mb: int) -> int:
     """The advertised size a board with this MemTotal was sold as (smallest tier >= it)."""

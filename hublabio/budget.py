@@ -5,7 +5,8 @@ llama.cpp has loaded the GGUF (mmap on) and answered a prompt of up to one micro
 
 - weights: every tensor's bytes — mapped pages count once touched, and a forward pass touches
   them all — plus the copies llama.cpp's CPU backend makes of the matrices it repacks for
-  faster kernels (e.g. Q4_K → q4_K_8x8 on x86 with AVX2);
+  faster kernels (e.g. Q4_K → q4_K_8x8 on x86 with AVX2), decided by the same CPU policy the
+  engine loads with (hublabio.llama.cpu: never AMX under "auto", nothing when repack = false);
 - KV cache: layers × KV heads × (key + value head size) × n_ctx × bytes per element, with n_ctx
   rounded up to 256 as llama.cpp does (it clears the buffer, so all of it is resident;
   sliding-window layers get a full-size cache in llama-cpp-python's defaults);
@@ -28,13 +29,11 @@ when `info` and `n_ctx` are given and a smaller context would fit, which one.
 
 from __future__ import annotations
 
-import functools
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 from hublabio.errors import BudgetError
 from hublabio.gguf_info import ModelInfo
+from hublabio.llama.cpu import RepackPolicy, decide as repack_policy
 
 MiB = 1024 * 1024
 CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of this
@@ -59,43 +58,14 @@ class Estimate:
                 f"{self.kv_mb:.0f}, compute {self.compute_mb:.0f}, overhead {self.overhead_mb:.0f})")
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return frozenset(flags)
-
-
-def repacked_types(machine: str | None = None, flags: frozenset[str] | None = None) -> frozenset[str]:
-    """Tensor types llama.cpp's CPU backend repacks (copies into an interleaved layout) on
-    this CPU. Erring towards "repacked" only over-estimates, which is the safe side."""
-    machine = (machine or platform.machine()).lower()
-    flags = _cpu_flags() if flags is None else flags
-    if machine in ("x86_64", "amd64"):
-        return frozenset({"Q4_0", "Q4_K", "IQ4_NL"}) if "avx2" in flags else frozenset()
-    if machine in ("aarch64", "arm64"):
-        if "asimddp" in flags or "i8mm" in flags:  # Pi 5 (Cortex-A76) has dotprod
-            return frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q8_0"})
-        return frozenset()  # Pi 3/4/Zero 2 (A53/A72): no repacked kernels
-    return frozenset()
-
-
-def repack_bytes(info: ModelInfo, types: frozenset[str] | None = None) -> int:
-    """Bytes of the matrices that get a repacked copy (token embeddings never do: they are
-    read with get_rows, which the repacked layout does not support)."""
-    types = repacked_types() if types is None else types
-    if not types:
-        return 0
+def repack_bytes(info: ModelInfo, policy: RepackPolicy | None = None) -> int:
+    """Bytes of the matrices that llama.cpp copies into a repacked (anonymous) buffer under
+    `policy` (hublabio.llama.cpu; default: "auto" on this CPU). Token embeddings never are:
+    they are read with get_rows, which the repacked layouts do not support."""
+    policy = policy or repack_policy("auto")
     return sum(t.n_bytes for t in info.tensors
-               if t.type_name in types and len(t.shape) >= 2 and t.shape[1] % 4 == 0
-               and t.name != "token_embd.weight")
+               if len(t.shape) >= 2 and t.name != "token_embd.weight"
+               and policy.repacked(t.type_name, t.shape[1]))
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -112,12 +82,13 @@ def _ffn_length(info: ModelInfo) -> int:
 
 
 def estimate_memory(info: ModelInfo, n_ctx: int, *, n_batch: int = 512, n_ubatch: int = 512,
-                    kv_bytes: int = 2) -> Estimate:
-    """Predicted RSS growth of loading `info`'s model with a context of `n_ctx` tokens."""
+                    kv_bytes: int = 2, repack: RepackPolicy | None = None) -> Estimate:
+    """Predicted RSS growth of loading `info`'s model with a context of `n_ctx` tokens, with
+    weights repacked as `repack` decides (default: "auto" on this CPU)."""
     if n_ctx <= 0:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     ctx = padded_ctx(n_ctx)
-    weights = info.tensor_bytes + repack_bytes(info)
+    weights = info.tensor_bytes + repack_bytes(info, repack)
     kv = info.kv_elements_per_token * ctx * kv_bytes
 
     # One micro-batch of prompt at the start of the context, one row of logits out.
@@ -207,4 +178,4 @@ def plan_admission(needed_mb: float, budget_mb: float, resident: list[Resident],
 
 
 __all__ = ["Estimate", "Resident", "estimate_memory", "plan_admission", "max_context_fitting",
-           "repacked_types", "repack_bytes", "padded_ctx"]
+           "repack_bytes", "padded_ctx"]

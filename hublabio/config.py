@@ -70,6 +70,10 @@ _INFERENCE_SPEC: dict[str, tuple[str, Check | None]] = {
     "repeat_penalty": ("float", _between(0.0, 2.0, lo_open=True)),
     "context_size": ("int", _between(64, 131072)),
     "threads": ("int", _between(0, 256)),
+    "threads_batch": ("int", _between(0, 256)),
+    "repack": ("repack", None),
+    "mmap": ("bool", None),
+    "mlock": ("bool", None),
     "system_prompt": ("str", None),
 }
 
@@ -99,6 +103,7 @@ _KIND_NAMES = {
     "bool": "true or false",
     "str": "a string",
     "strlist": "a list of strings",
+    "repack": "\"auto\", true or false",
 }
 
 
@@ -124,6 +129,8 @@ def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
     if kind == "strlist":
         ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
         return ok, list(value) if ok else value
+    if kind == "repack":
+        return (isinstance(value, bool) or value == "auto"), value
     raise AssertionError(kind)
 
 
@@ -197,7 +204,11 @@ class InferenceConfig:
     top_k: int = 40
     repeat_penalty: float = 1.1
     context_size: int = 2048
-    threads: int = 0  # 0 = physical cores
+    threads: int = 0        # generation threads; 0 = the daemon's / the board's default
+    threads_batch: int = 0  # prompt-processing threads; 0 = the daemon's / the board's default
+    repack: str | bool = "auto"  # weight repacking (hublabio.llama.cpu): "auto", true, false
+    mmap: bool | None = None     # None = the daemon's [memory] mmap
+    mlock: bool | None = None    # None = the daemon's [memory] mlock
     system_prompt: str | None = None
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "InferenceConfig":
@@ -415,7 +426,9 @@ class DaemonSettings:
     socket: Path | None = None          # None = hublabio.paths.socket_path()
     queue_size: int = 8
     idle_ttl_s: float = 600.0           # unload a model idle this long (0 = never)
-    threads: int = 0                    # 0 = physical cores
+    threads: int = 0                    # generation threads; 0 = the board's default
+    threads_batch: int = 0              # prompt threads; 0 = the board's default
+    repack: str | bool = "auto"         # hublabio.llama.cpu: "auto", true, false
     budget_mb: int = 0                  # 0 = auto (board RAM - OS reserve)
     os_reserve_mb: int | None = None    # None = board profile
     mmap: bool = True
@@ -449,6 +462,8 @@ _DAEMON_SECTIONS: dict[str, dict[str, tuple[str, Check | None]]] = {
         "queue_size": ("int", _between(1, 1024)),
         "idle_ttl_s": ("float", _at_least(0.0)),
         "threads": ("int", _between(0, 256)),
+        "threads_batch": ("int", _between(0, 256)),
+        "repack": ("repack", None),
     },
     "memory": {
         "budget_mb": ("int", _at_least(0)),
@@ -492,7 +507,8 @@ def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings
     base = path.parent
     out = DaemonSettings(source=path)
     changes: dict[str, Any] = {}
-    for key in ("queue_size", "idle_ttl_s", "threads", "budget_mb", "mmap", "mlock"):
+    for key in ("queue_size", "idle_ttl_s", "threads", "threads_batch", "repack", "budget_mb",
+                "mmap", "mlock"):
         if key in values:
             changes[key] = values[key]
     if values.get("os_reserve_mb", "auto") != "auto":
@@ -511,7 +527,7 @@ def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings
 
 USER_SECTIONS = ("inference", "moe")
 INFERENCE_OVERRIDE_KEYS = ("context_size", "max_tokens", "temperature", "top_p", "top_k",
-                           "threads", "repeat_penalty")
+                           "threads", "threads_batch", "repeat_penalty")
 
 
 def _settings_path() -> Path:

@@ -6,6 +6,10 @@ makes room, or refuses with the numbers. Models are keyed by their GGUF file: ex
 a base GGUF share one resident engine, and their LoRA adapters are loaded on it once and switched
 per request. A lease (`acquire`) holds the engine's lock, so one engine serves one generation at a
 time; leases on different engines run concurrently.
+
+Engines are made by `engine_factory` (hublabio.engine.Engine by default) with the load settings
+of `LoadSettings`: threads for generation and for prompts, mmap/mlock and the repack policy,
+the daemon's defaults overridden by a model's [inference]. Unit tests pass a fake factory.
 """
 
 from __future__ import annotations
@@ -17,10 +21,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from typing import Callable
+
 from hublabio.budget import Estimate, Resident, estimate_memory, plan_admission
-from hublabio.engine import Engine
 from hublabio.errors import HublabError, ModelNotFound
 from hublabio.gguf_info import ModelInfo, read_gguf_info
+from hublabio.llama.cpu import decide as repack_policy
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How an engine is loaded; 0 / None mean "the default" (board, then llama.cpp)."""
+    threads: int = 0
+    threads_batch: int = 0
+    mmap: bool = True
+    mlock: bool = False
+    repack: str | bool = "auto"
+
+    def for_model(self, inf) -> "LoadSettings":
+        """These defaults overridden by a model's [inference] (threads, mmap, repack, ...)."""
+        return LoadSettings(
+            threads=getattr(inf, "threads", 0) or self.threads,
+            threads_batch=getattr(inf, "threads_batch", 0) or self.threads_batch,
+            mmap=self.mmap if getattr(inf, "mmap", None) is None else inf.mmap,
+            mlock=self.mlock if getattr(inf, "mlock", None) is None else inf.mlock,
+            repack=self.repack if getattr(inf, "repack", "auto") == "auto" else inf.repack)
+
+
+def _default_factory(path, **kwargs):
+    from hublabio.engine import Engine
+
+    return Engine(path, **kwargs)
 
 
 @dataclass
@@ -30,7 +61,7 @@ class ResidentModel:
     n_ctx: int
     info: ModelInfo
     estimate: Estimate
-    engine: Engine
+    engine: object  # hublabio.engine.Engine, or what the pool's engine_factory makes
     names: set[str] = field(default_factory=set)
     pinned: bool = False
     adapter_mb: float = 0.0
@@ -49,13 +80,13 @@ def _mb(nbytes: int) -> float:
 
 
 class ModelPool:
-    def __init__(self, budget_mb: float, *, idle_ttl_s: float = 0.0, n_threads: int | None = None,
-                 use_mmap: bool = True, use_mlock: bool = False):
+    def __init__(self, budget_mb: float, *, idle_ttl_s: float = 0.0,
+                 load: LoadSettings | None = None, n_threads: int | None = None,
+                 engine_factory: Callable[..., object] | None = None):
         self.budget_mb = float(budget_mb)
         self.idle_ttl_s = idle_ttl_s
-        self.n_threads = n_threads
-        self.use_mmap = use_mmap
-        self.use_mlock = use_mlock
+        self.load = load or LoadSettings(threads=n_threads or 0)
+        self.engine_factory = engine_factory or _default_factory
         self._models: dict[str, ResidentModel] = {}
         self._lock = threading.RLock()
 
@@ -97,8 +128,7 @@ class ModelPool:
                 self._unload_key(key)  # context size changed: reload at the new size
                 res = None
             if res is None:
-                threads = getattr(cfg.inference, "threads", 0) or self.n_threads
-                res = self._load(key, path, n_ctx, cfg.name, threads)
+                res = self._load(key, path, n_ctx, cfg.name, self.load.for_model(cfg.inference))
             res.names.add(cfg.name)
             res.pinned = res.pinned or bool(cfg.pinned)
             if cfg.adapter is not None and Path(cfg.adapter).resolve() not in res.engine.adapters:
@@ -111,23 +141,24 @@ class ModelPool:
             return res
 
     def _load(self, key: str, path: Path, n_ctx: int, name: str,
-              n_threads: int | None) -> ResidentModel:
+              load: LoadSettings) -> ResidentModel:
         info = read_gguf_info(path)
-        est = estimate_memory(info, n_ctx)
+        est = estimate_memory(info, n_ctx, repack=repack_policy(load.repack))
         others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
                   for k, r in self._models.items() if k != key]
         for victim in plan_admission(est.total_mb, self.budget_mb, others, info=info, n_ctx=n_ctx):
             self._unload_key(victim)
         t0 = time.perf_counter()
-        engine = Engine(path, n_ctx=n_ctx, n_threads=n_threads,
-                        use_mmap=self.use_mmap, use_mlock=self.use_mlock)
+        engine = self.engine_factory(path, n_ctx=n_ctx, threads=load.threads or None,
+                                     threads_batch=load.threads_batch or None, mmap=load.mmap,
+                                     mlock=load.mlock, repack=load.repack)
         res = ResidentModel(key=key, path=path, n_ctx=n_ctx, info=info, estimate=est,
                             engine=engine, names={name}, load_s=time.perf_counter() - t0)
         self._models[key] = res
         return res
 
     @contextmanager
-    def acquire(self, cfg, *, n_ctx: int | None = None) -> Iterator[Engine]:
+    def acquire(self, cfg, *, n_ctx: int | None = None) -> Iterator:
         """Lease `cfg`'s engine for one request (loads it first if needed)."""
         with self._lock:
             res = self.ensure_loaded(cfg, n_ctx=n_ctx)

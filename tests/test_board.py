@@ -88,3 +88,28 @@ def test_detect_on_this_machine():
     board = detect_board()
     assert board.ram_mb > 0 and board.cores >= 1
     assert 0 <= budget_mb(DaemonSettings(), board) < board.ram_mb
+
+
+def test_thread_defaults_per_board():
+    from hublabio.board import profile_for
+
+    pi5 = profile_for("Raspberry Pi 5 Model B Rev 1.0", 8000)
+    assert (pi5.threads, pi5.threads_batch) == (2, 4)  # generation peaks at ~2 on a Pi 5
+    pi4 = profile_for("Raspberry Pi 4 Model B Rev 1.4", 4000)
+    assert (pi4.threads, pi4.threads_batch) == (4, 4)
+    generic = profile_for("", 16000, cores=2)
+    assert (generic.threads, generic.threads_batch) == (2, 2)
+
+
+def test_daemon_load_settings_take_flags_then_user_then_board(monkeypatch):
+    from hublabio.board import profile_for
+    from hublabio.config import DaemonSettings, update_settings
+    from hublabio.daemon.service import load_settings
+
+    pi5 = profile_for("Raspberry Pi 5 Model B Rev 1.0", 8000)
+    assert (load_settings(DaemonSettings(), pi5).threads,
+            load_settings(DaemonSettings(), pi5).threads_batch) == (2, 4)
+    update_settings("inference", "threads", 3)
+    assert load_settings(DaemonSettings(), pi5).threads == 3
+    got = load_settings(DaemonSettings(threads=1, threads_batch=2, repack=False), pi5)
+    assert (got.threads, got.threads_batch, got.repack) == (1, 2, False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hublabio.budget import (MiB, Estimate, Resident, estimate_memory, max_context_fitting,
-                             padded_ctx, plan_admission, repack_bytes, repacked_types)
+                             padded_ctx, plan_admission, repack_bytes)
+from hublabio.llama.cpu import decide
 from hublabio.errors import BudgetError
 from hublabio.gguf_info import read_gguf_info
 
@@ -46,14 +47,31 @@ def test_parts_add_up_and_grow_with_context(smol):
 
 def test_repack_depends_on_cpu(gemma_path, smol):
     gemma = read_gguf_info(gemma_path)
-    assert repacked_types("x86_64", frozenset({"avx2"})) == {"Q4_0", "Q4_K", "IQ4_NL"}
-    assert repacked_types("x86_64", frozenset()) == frozenset()
-    assert repacked_types("aarch64", frozenset({"asimd"})) == frozenset()  # Pi 4
-    assert "Q4_0" in repacked_types("aarch64", frozenset({"asimd", "asimddp"}))  # Pi 5
+    avx2 = decide("auto", machine="x86_64", flags=frozenset({"avx2"}))
+    assert avx2.repacked("Q4_K", 640) and avx2.repacked("Q4_0", 64) and avx2.repacked("IQ4_NL", 8)
+    assert not avx2.repacked("Q4_K", 644)  # rows must be a multiple of 8
+    assert not avx2.repacked("Q4_1", 64) and not avx2.repacked("Q8_0", 64)
+    assert not decide("auto", machine="x86_64", flags=frozenset()).repacked("Q4_0", 64)
+    assert not decide("auto", machine="aarch64", flags=frozenset({"asimd"})).repacked("Q4_0", 64)
+    pi5 = decide("auto", machine="aarch64", flags=frozenset({"asimd", "asimddp"}))
+    assert pi5.repacked("Q4_0", 64) and pi5.repacked("Q8_0", 64)
     # Gemma 3 270M Q4_K_M: its Q4_K matrices (12.66 MiB, what llama.cpp logs as CPU_REPACK)
-    assert repack_bytes(gemma, frozenset({"Q4_K"})) == 13271040
-    assert repack_bytes(smol, frozenset({"Q4_0", "Q4_K"})) == 0  # SmolLM2 is Q4_1 + Q8_0 embd
-    assert repack_bytes(smol, frozenset({"Q8_0"})) == 0  # token_embd is never repacked
+    assert repack_bytes(gemma, avx2) == 13271040
+    assert repack_bytes(gemma, decide(False, machine="x86_64", flags=frozenset({"avx2"}))) == 0
+    assert repack_bytes(smol, avx2) == 0  # SmolLM2 is Q4_1 + Q8_0 embd
+    assert repack_bytes(smol, pi5) == 0  # token_embd (the only Q8_0) is never repacked
+
+
+def test_amx_is_excluded_under_auto_and_counted_when_forced(smol):
+    amx = frozenset({"avx2", "avx512f", "amx_int8", "amx_tile"})
+    auto = decide("auto", machine="x86_64", flags=amx)
+    assert auto.use_extra_bufts and not auto.allow_amx and "AMX" in auto.reason
+    forced = decide(True, machine="x86_64", flags=amx)
+    assert forced.allow_amx
+    # AMX takes Q4_1 too (SmolLM2's matrices): only the forced policy copies them
+    assert repack_bytes(smol, auto) == 0 < repack_bytes(smol, forced)
+    off = decide(False, machine="x86_64", flags=amx)
+    assert not off.use_extra_bufts and not off.repacked("Q4_0", 64)
 
 
 def test_max_context_fitting(smol):

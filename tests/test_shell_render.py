@@ -275,3 +275,13 @@ def test_output_uses_crlf_on_a_serial_line():
     out = Output(sent.append, newline="\r\n")
     out.line("a\nb")
     assert sent == ["a\r\nb\r\n"]
+
+
+def test_info_shows_the_buffer_types_threads_and_repack_policy():
+    text = render.info({"model": "gemma", "used_mb": 300, "budget_mb": 4000, "resident": [
+        {"names": ["gemma"], "buffers_mb": {"CPU_Mapped": 241.0, "CPU_REPACK": 12.7},
+         "threads": 2, "threads_batch": 4,
+         "repack": "auto; AMX buffer type excluded (llama.cpp issue #20824)"}]})
+    assert "CPU_REPACK" in text and "CPU_Mapped" in text
+    assert "2 generation, 4 prompt" in text
+    assert "AMX buffer type excluded" in text

@@ -204,18 +204,9 @@ GGML_TYPE_F32 = 0
 
 
 def _ggml():
-    from llama_cpp._ggml import libggml as lib
+    from hublabio.llama.backend import ggml
 
-    lib.ggml_op_name.restype = ctypes.c_char_p
-    lib.ggml_op_name.argtypes = [ctypes.c_int]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
-    lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                            ctypes.c_size_t]
-    return lib
+    return ggml()
 
 
 def _weight_name(raw: bytes) -> str:

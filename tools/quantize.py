@@ -157,56 +157,28 @@ def _failure_message(src: Path, ftype: str, proc: subprocess.CompletedProcess) -
 # ---------------------------------------------------------------------------------------------
 
 def _child(job: dict) -> int:
-    import ctypes
+    from hublabio.errors import LlamaError
+    from hublabio.llama.quantize import quantize_file
 
-    import llama_cpp as lc
-
-    from hublabio_tools.llama_context import quiet_llama_logs, recent_llama_errors
-
-    quiet_llama_logs()
-    lc.llama_backend_init()
-    params = lc.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[job["ftype"]]
-    params.nthread = int(job["threads"])
-    params.allow_requantize = bool(job.get("allow_requantize"))
-    keep = []  # every buffer the C struct points into stays alive until the call returns
+    imatrix, overrides = None, []
     if job["imatrix"]:
         from hublabio_tools.imatrix import load_imatrix
 
         im = load_imatrix(job["imatrix"])
-        means = im.means()
-        arr = (lc.llama_model_imatrix_data * (len(means) + 1))()
-        for i, (name, values) in enumerate(sorted(means.items())):
-            bname = name.encode()
-            keep += [bname, values]
-            arr[i].name = bname
-            arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = values.size
-        arr[len(means)].name = None  # terminator
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
-        keep.append(arr)
+        imatrix = im.means()
         overrides = [("quantize.imatrix.file", Path(job["imatrix"]).name),
-                     ("quantize.imatrix.entries_count", len(means))]
+                     ("quantize.imatrix.entries_count", len(imatrix))]
         if im.datasets and im.datasets[0]:
             overrides.append(("quantize.imatrix.dataset", im.datasets[0]))
         if im.chunk_count:
             overrides.append(("quantize.imatrix.chunks_count", im.chunk_count))
-        kvo = (lc.llama_model_kv_override * (len(overrides) + 1))()
-        for i, (key, val) in enumerate(overrides):
-            kvo[i].key = key.encode()[:127]
-            if isinstance(val, int):
-                kvo[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_INT
-                kvo[i].value.val_i64 = val
-            else:
-                kvo[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
-                kvo[i].value.val_str = val.encode()[:127]
-        kvo[len(overrides)].key = b""
-        params.kv_overrides = ctypes.cast(kvo, ctypes.POINTER(lc.llama_model_kv_override))
-        keep.append(kvo)
     t0 = time.perf_counter()
-    rc = lc.llama_model_quantize(job["src"].encode(), job["tmp"].encode(), ctypes.byref(params))
-    if rc != 0:
-        for line in recent_llama_errors(6):
+    try:
+        quantize_file(job["src"], job["tmp"], ftype=FILE_TYPES[job["ftype"]],
+                      threads=int(job["threads"]), allow_requantize=bool(job.get("allow_requantize")),
+                      imatrix=imatrix, kv_overrides=overrides)
+    except LlamaError as err:
+        for line in str(err).splitlines()[-6:]:
             print(line, file=sys.stderr)
         return 1
     print(json.dumps({"seconds": time.perf_counter() - t0}))

@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 127.0.0.1:8080 (give another host explicitly to listen beyond loopback)")
     p.add_argument("--config", type=Path, help="daemon settings TOML (default: $HUBLAB_CONFIG, "
                    "/etc/hublab/hublab.toml, or etc/hublab.toml)")
-    p.add_argument("--threads", type=int, help="llama.cpp threads (0 = physical cores)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads for generation (0 = the "
+                   "board's default)")
+    p.add_argument("--threads-batch", type=int, help="llama.cpp threads for prompt processing "
+                   "(0 = the board's default)")
+    p.add_argument("--repack", choices=["auto", "on", "off"], help="weight repacking for faster "
+                   "kernels: auto = every repack except Intel AMX (llama.cpp #20824), on = AMX "
+                   "too, off = none (default: [daemon] repack, else auto)")
     p.add_argument("--queue-size", type=int, help="requests that may wait behind the running "
                    "one before new ones get a busy error")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -54,11 +60,14 @@ def settings_from_args(args: argparse.Namespace):
     config = args.config or paths.daemon_config_file()
     settings = load_daemon_settings(config, required=args.config is not None)
     changes = {}
-    for key in ("models_dir", "budget_mb", "socket", "http", "threads", "queue_size"):
+    for key in ("models_dir", "budget_mb", "socket", "http", "threads", "threads_batch",
+                "queue_size"):
         value = getattr(args, key)
         if value is not None:
             changes[key] = value
-    for key, lo in (("budget_mb", 0), ("threads", 0), ("queue_size", 0)):
+    if args.repack is not None:
+        changes["repack"] = {"auto": "auto", "on": True, "off": False}[args.repack]
+    for key, lo in (("budget_mb", 0), ("threads", 0), ("threads_batch", 0), ("queue_size", 1)):
         if key in changes and changes[key] < lo:
             raise HublabError(f"--{key.replace('_', '-')} must be >= {lo}, got {changes[key]}")
     if "http" in changes:

@@ -77,10 +77,19 @@ def _models_list(svc: Service, req: Req) -> dict:
 
 
 def _resident_rows(svc: Service) -> list[dict]:
-    return [{"names": list(r.names), "path": str(r.path), "n_ctx": r.n_ctx,
-             "memory_mb": round(getattr(r, "mb", r.estimate.total_mb), 1), "pinned": r.pinned,
-             "idle_s": round(time.monotonic() - r.last_used, 1) if r.last_used else None}
-            for r in svc.pool.resident()]
+    rows = []
+    for r in svc.pool.resident():
+        engine = r.engine
+        policy = getattr(engine, "repack", None)
+        rows.append({
+            "names": list(r.names), "path": str(r.path), "n_ctx": r.n_ctx,
+            "memory_mb": round(getattr(r, "mb", r.estimate.total_mb), 1), "pinned": r.pinned,
+            "idle_s": round(time.monotonic() - r.last_used, 1) if r.last_used else None,
+            "threads": getattr(engine, "threads", None),
+            "threads_batch": getattr(engine, "threads_batch", None),
+            "buffers_mb": {k: round(v, 1) for k, v in getattr(engine, "buffers", {}).items()},
+            "repack": policy.reason if policy is not None else None})
+    return rows
 
 
 @op("models.load", queued=True)
@@ -152,10 +161,9 @@ def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
     note = "applies to the next request"
     if key == "context_size":
         note = "the model reloads with the new context on its next request"
-    elif key == "threads":
+    elif key in ("threads", "threads_batch"):
         note = "applies to models loaded from now on (ai unload to reload)"
-        if hasattr(svc.pool, "n_threads"):
-            svc.pool.n_threads = typed or None
+        svc.pool.load = dataclasses.replace(svc.pool.load, **{key: typed})
     return {"key": key, "value": typed, "note": note}
 
 

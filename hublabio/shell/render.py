@@ -148,9 +148,20 @@ def info(data: Mapping[str, Any]) -> str:
     loaded = data.get("loaded")
     if isinstance(loaded, bool) and model:
         pairs.append(("Loaded", "yes" if loaded else "no (loads on the first question)"))
-    resident = [n for r in data.get("resident") or [] for n in r.get("names", [])]
+    rows = data.get("resident") or []
+    resident = [n for r in rows for n in r.get("names", [])]
     if resident:
         pairs.append(("In memory", ", ".join(map(str, resident))))
+    for r in rows:
+        if r.get("buffers_mb"):
+            label = ", ".join(map(str, r.get("names", []))) or "model"
+            bufs = ", ".join(f"{k} {human_mb(v)}" for k, v in sorted(r["buffers_mb"].items()))
+            pairs.append((f"Weights ({label})", bufs))
+        if r.get("threads"):
+            pairs.append(("Threads", f"{r['threads']} generation, "
+                                     f"{r.get('threads_batch') or r['threads']} prompt"))
+        if r.get("repack"):
+            pairs.append(("Repack", r["repack"]))
     if data.get("board"):
         pairs.append(("Board", data["board"]))
     pairs.append(("Last speed", f"{float(tps):.1f} tokens/s" if tps else "-"))

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     path, n_ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     proc = psutil.Process()
     before = proc.memory_info().rss
-    engine = Engine(path, n_ctx=n_ctx, n_threads=threads)
+    engine = Engine(path, n_ctx=n_ctx, threads=threads)
     loaded = proc.memory_info().rss
     opts = SamplingOptions(max_tokens=8, temperature=0.0)
     out = {"n_ctx": engine.n_ctx, "load": loaded - before}

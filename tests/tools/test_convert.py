@@ -60,17 +60,15 @@ def hf_logits(hf_dir: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def llama_cpp(path: Path, threads: int):
-    from llama_cpp import Llama
+def cpp_model(path: Path, threads: int, n_ctx: int = 128):
+    """The GGUF in llama.cpp through hublabio.llama, with an F32 KV cache."""
+    from hublabio_tools.llama_context import LlamaModel
 
-    return Llama(str(path), n_ctx=128, logits_all=True, n_threads=threads, verbose=False,
-                 type_k=0, type_v=0)  # F32 KV cache
+    return LlamaModel(path, n_ctx=n_ctx, threads=threads, kv_f32=True)
 
 
 def cpp_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
+    return llm.logits(ids)
 
 
 def field(reader: gguf.GGUFReader, key: str):
@@ -100,11 +98,11 @@ def test_f32_logits_and_tokenizer_match_transformers(arch, tiny, tmp_path, test_
     tok = hf_tokenizer(hf_dir)
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
-    llm = llama_cpp(out, test_threads)
+    llm = cpp_model(out, test_threads)
     spm_prefix = tmodel == "llama" and not arch.startswith("gemma")
     texts = SAMPLE_TEXTS + (["<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n"] if arch == "train" else [])
     for text in texts:
-        got = llm.tokenize(text.encode(), add_bos=True, special=True)
+        got = llm.tokenize(text, special=True).tolist()
         if spm_prefix and (text[0].isspace() or "<|" in text):
             # transformers 5 (Metaspace prepend_scheme="first") differs from SentencePiece itself
             # at a leading space and after a special token; llama.cpp follows SentencePiece.
@@ -133,7 +131,7 @@ def test_f16_logits_within_tolerance(arch, tiny, tmp_path, test_threads):
     assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32  # 1-D stay F32
     ids = hf_tokenizer(hf_dir)(PROMPT).input_ids
-    diff = np.abs(hf_logits(hf_dir, ids) - cpp_logits(llama_cpp(out, test_threads), ids))
+    diff = np.abs(hf_logits(hf_dir, ids) - cpp_logits(cpp_model(out, test_threads), ids))
     assert diff.max() <= 5e-2
 
 
@@ -150,7 +148,7 @@ def test_bf16_and_q8_0_outputs(outtype, qtype, tol, tiny, tmp_path, test_threads
     assert types["token_embd.weight"] == qtype
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     ids = hf_tokenizer(hf_dir)(PROMPT).input_ids
-    ref, got = hf_logits(hf_dir, ids), cpp_logits(llama_cpp(out, test_threads), ids)
+    ref, got = hf_logits(hf_dir, ids), cpp_logits(cpp_model(out, test_threads), ids)
     assert np.abs(ref - got).max() <= tol
     assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 
@@ -163,7 +161,7 @@ def test_q_k_permutation_is_what_makes_llama_match(tiny, tmp_path, test_threads,
     monkeypatch.setitem(ga.RULES, "LlamaForCausalLM", ga.ArchRule(gguf.MODEL_ARCH.LLAMA, permute_qk=False))
     out = convert(hf_dir, tmp_path / "m.gguf", "f32", log=lambda *_: None)
     ids = hf_tokenizer(hf_dir)(PROMPT).input_ids
-    assert np.abs(hf_logits(hf_dir, ids) - cpp_logits(llama_cpp(out, test_threads), ids)).max() > 1e-2
+    assert np.abs(hf_logits(hf_dir, ids) - cpp_logits(cpp_model(out, test_threads), ids)).max() > 1e-2
 
 
 def test_tokenizer_json_only_sentencepiece_model(tiny, tmp_path, test_threads):
@@ -173,10 +171,10 @@ def test_tokenizer_json_only_sentencepiece_model(tiny, tmp_path, test_threads):
     assert not (hf_dir / "tokenizer.model").exists()
     out = convert(hf_dir, tmp_path / "m.gguf", "f32", log=lambda *_: None)
     assert field(gguf.GGUFReader(out), "tokenizer.ggml.model") == "llama"
-    tok, llm = hf_tokenizer(hf_dir), llama_cpp(out, test_threads)
+    tok, llm = hf_tokenizer(hf_dir), cpp_model(out, test_threads)
     for text in SAMPLE_TEXTS:
         if not text[0].isspace() and "<|" not in text:
-            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text).input_ids, text
+            assert llm.tokenize(text, special=True).tolist() == tok(text).input_ids, text
 
 
 def _tensor_bytes(path: Path) -> dict[str, bytes]:
@@ -218,7 +216,7 @@ def test_bf16_checkpoint_is_read_exactly(tiny, tmp_path, test_threads):
     out = convert(bf, tmp_path / "m.gguf", "f32", log=lambda *_: None)
     ids = hf_tokenizer(bf)(PROMPT).input_ids
     # bf16 -> f32 is exact, so the F32 GGUF equals the bf16 model evaluated in f32
-    assert np.abs(hf_logits(bf, ids) - cpp_logits(llama_cpp(out, test_threads), ids)).max() <= 1e-4
+    assert np.abs(hf_logits(bf, ids) - cpp_logits(cpp_model(out, test_threads), ids)).max() <= 1e-4
 
 
 def _assert_nothing_written(tmp_path: Path, out: Path) -> None:
@@ -356,10 +354,10 @@ def test_smollm2_round_trip(smollm2_path, tmp_path, test_threads):
     hf = tmp_path / "hf"
     model, tok = hf_dir_from_gguf(src / smollm2_path.name, hf)
     out = convert(hf, tmp_path / "smollm2-f32.gguf", "f32", log=lambda *_: None)
-    llm = llama_cpp(out, test_threads)
+    llm = cpp_model(out, test_threads)
     text = "The capital of France is Paris. Raspberry Pi 5 has 8 GB of memory."
     ids = tok(text).input_ids
-    assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+    assert llm.tokenize(text, special=True).tolist() == ids
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     got = cpp_logits(llm, ids)
@@ -392,14 +390,11 @@ def test_tensors_are_streamed_in_row_chunks(arch, outtype, tiny, tmp_path, monke
 def test_phi3_longrope_short_and_long_factors(n_tokens, n_ctx, tiny, tmp_path, test_threads):
     """Phi-3-128k style longrope: rope_factors_short/long + attention factor. Under the original
     context (256) both sides use the short factors; past it, the long ones."""
-    from llama_cpp import Llama
-
     hf_dir = tiny("phi3-longrope")
     out = convert(hf_dir, tmp_path / "m.gguf", "f32", log=lambda *_: None)
     names = {t.name for t in gguf.GGUFReader(out).tensors}
     assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
     rng = np.random.default_rng(0)
     ids = [1] + rng.integers(5, 400, n_tokens - 1).tolist()
-    llm = Llama(str(out), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=test_threads,
-                verbose=False, type_k=0, type_v=0)
+    llm = cpp_model(out, test_threads, n_ctx=n_ctx)
     assert np.abs(hf_logits(hf_dir, ids) - cpp_logits(llm, ids)).max() <= 1e-4

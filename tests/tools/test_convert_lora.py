@@ -56,13 +56,11 @@ def make_adapter(base_dir: Path, out: Path, arch: str, **lora_kw):
 
 
 def cpp_logits(model: Path, ids, threads: int, lora: Path | None = None, kv_f32: bool = True) -> np.ndarray:
-    from llama_cpp import Llama
+    from hublabio_tools.llama_context import LlamaModel
 
-    kv = dict(type_k=0, type_v=0) if kv_f32 else {}
-    llm = Llama(str(model), n_ctx=128, logits_all=True, n_threads=threads, verbose=False,
-                lora_path=str(lora) if lora else None, **kv)
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
+    with LlamaModel(model, n_ctx=128, threads=threads, kv_f32=kv_f32, lora=lora,
+                    flash_attn=False) as llm:
+        return llm.logits(ids)
 
 
 @pytest.mark.parametrize("arch,lora_kw,base_as,outtype", [
@@ -200,9 +198,10 @@ def test_adapter_over_the_real_smollm2_q4_1_gguf(smollm2_path, tmp_path, test_th
     from hublabio.engine import Engine, SamplingOptions
 
     greedy = SamplingOptions(max_tokens=8, temperature=0.0, top_k=1, repeat_penalty=1.0)
-    with Engine(smollm2_path, n_ctx=256, n_threads=test_threads) as engine:
+    with Engine(smollm2_path, n_ctx=256, threads=test_threads) as engine:
         engine.load_adapter(files["f16"])
         assert files["f16"].resolve() in engine.adapters
-        runs = {name: [t.id for t in engine.generate("The capital of France is", greedy, adapter=path)]
+        runs = {name: [t.id for p in engine.complete("The capital of France is", greedy,
+                                                      adapter=path)[1] for t in p.tokens]
                 for name, path in (("f32", files["f32"]), ("f16", files["f16"]), ("base", None))}
     assert runs["f16"] == runs["f32"] != runs["base"]

@@ -1,0 +1,137 @@
+"""ModelPool and the daemon's Service through the engine factory seam, with a fake engine: the
+load settings each engine gets, eviction, and the token/result events of a generation. (The
+real-model versions of these paths are in tests/integration.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hublabio.budget import estimate_memory
+from hublabio.config import DaemonSettings, load_model_config
+from hublabio.daemon.service import Service
+from hublabio.engine import GenerationStats
+from hublabio.errors import BudgetError
+from hublabio.gguf_info import read_gguf_info
+from hublabio.pool import LoadSettings, ModelPool
+from hublabio.textstream import Piece, TokenInfo
+
+
+class FakeEngine:
+    """What the pool and the service need of an engine, with a scripted answer."""
+    made: list["FakeEngine"] = []
+    words = ("Hello", ",", " world")
+
+    def __init__(self, path, **kwargs):
+        self.path, self.kwargs = Path(path), kwargs
+        self.closed = False
+        self.adapters: list[Path] = []
+        self.calls: list[dict] = []
+        FakeEngine.made.append(self)
+
+    def load_adapter(self, path) -> None:
+        self.adapters.append(Path(path).resolve())
+
+    def generate(self, prompt, opts, *, adapter=None, adapter_scale=1.0, cancel=None):
+        self.calls.append({"prompt": prompt, "opts": opts, "adapter": adapter})
+        stats = GenerationStats(prompt_tokens=7)
+        for i, word in enumerate(self.words[:opts.max_tokens]):
+            stats.completion_tokens += 1
+            stats.logprobs.append(-0.5 * (i + 1))
+            yield Piece(word, [TokenInfo(i, word.encode(), -0.5 * (i + 1),
+                                         ((i, word, -0.5 * (i + 1)),), word)])
+        stats.finish_reason = "length" if opts.max_tokens < len(self.words) else "stop"
+        return stats
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    FakeEngine.made.clear()
+
+
+def _cfg(folder: Path, name: str, gguf: Path, inference: str = "") -> object:
+    f = folder / f"{name}.toml"
+    f.write_text(f'[model]\nname = "{name}"\npath = "{gguf}"\n\n[inference]\n'
+                 f"context_size = 256\n{inference}\n")
+    return load_model_config(f)
+
+
+def test_a_model_toml_overrides_the_daemon_load_settings(tmp_path, smollm2_path):
+    defaults = LoadSettings(threads=4, threads_batch=4, mmap=True, mlock=False, repack="auto")
+    pool = ModelPool(4096, load=defaults, engine_factory=FakeEngine)
+    pool.ensure_loaded(_cfg(tmp_path, "a", smollm2_path,
+                            "threads = 2\nmmap = false\nrepack = false"))
+    [made] = FakeEngine.made
+    assert made.kwargs == {"n_ctx": 256, "threads": 2, "threads_batch": 4, "mmap": False,
+                           "mlock": False, "repack": False}
+
+
+def test_eviction_closes_the_least_recently_used_engine(tmp_path, smollm2_path, gemma_path):
+    need = lambda p: estimate_memory(read_gguf_info(p), 256).total_mb  # noqa: E731
+    pool = ModelPool(max(need(smollm2_path), need(gemma_path)) + 1, engine_factory=FakeEngine)
+    pool.ensure_loaded(_cfg(tmp_path, "smol", smollm2_path))
+    pool.ensure_loaded(_cfg(tmp_path, "gemma", gemma_path))
+    first, second = FakeEngine.made
+    assert first.closed and not second.closed
+    assert [r.names for r in pool.resident()] == [{"gemma"}]
+
+
+def test_a_refused_load_makes_no_engine(tmp_path, smollm2_path):
+    pool = ModelPool(10, engine_factory=FakeEngine)
+    with pytest.raises(BudgetError):
+        pool.ensure_loaded(_cfg(tmp_path, "smol", smollm2_path))
+    assert FakeEngine.made == []
+
+
+def _service(tmp_path: Path, gguf: Path) -> Service:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model-config.toml").write_text(
+        f'[model]\nname = "m"\npath = "{gguf}"\n\n[inference]\ncontext_size = 256\n'
+        'system_prompt = "Be brief."\n')
+    pool = ModelPool(4096, engine_factory=FakeEngine)
+    return Service(DaemonSettings(models_dir=models), board="test board", pool=pool)
+
+
+def test_generation_events_and_the_stats_from_the_return_value(tmp_path, smollm2_path):
+    svc = _service(tmp_path, smollm2_path)
+    events = list(svc.run("generate", {"messages": [{"role": "user", "content": "Hi"}],
+                                       "options": {"max_tokens": 2}}))
+    assert [e["type"] for e in events] == ["info", "token", "token", "result"]
+    assert [e["text"] for e in events[1:3]] == ["Hello", ","]
+    assert [e["logprob"] for e in events[1:3]] == [-0.5, -1.0]
+    assert "tokens" not in events[1]  # per-token detail only when asked for
+    result = events[-1]["data"]
+    assert result["text"] == "Hello," and result["completion_tokens"] == 2
+    assert result["finish_reason"] == "length" and result["prompt_tokens"] == 7
+    call = FakeEngine.made[0].calls[0]
+    assert call["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert call["opts"].max_tokens == 2
+
+
+def test_logprobs_detail_and_every_sampling_option_reach_the_engine(tmp_path, smollm2_path):
+    svc = _service(tmp_path, smollm2_path)
+    options = {"max_tokens": 3, "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5,
+               "presence_penalty": 0.25, "logit_bias": {"42": -100}, "seed": 7, "top_k": 5,
+               "repeat_penalty": 1.2, "stop": ["x"]}
+    events = list(svc.run("generate", {"prompt": "Hi", "options": options}))
+    tokens = [t for e in events if e["type"] == "token" for t in e["tokens"]]
+    assert [t["text"] for t in tokens] == ["Hello", ",", " world"]
+    assert tokens[0]["top"] == [{"text": "Hello", "logprob": -0.5}]
+    opts = FakeEngine.made[0].calls[0]["opts"]
+    assert (opts.frequency_penalty, opts.presence_penalty, opts.logit_bias, opts.seed,
+            opts.top_k, opts.repeat_penalty, opts.stop, opts.top_logprobs) == \
+        (0.5, 0.25, {42: -100.0}, 7, 5, 1.2, ("x",), 2)
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"frequency_penalty": 3}, "frequency_penalty"), ({"logit_bias": {"a": 1}}, "logit_bias"),
+    ({"top_logprobs": 50}, "top_logprobs"), ({"logit_bias": [1]}, "logit_bias")])
+def test_bad_options_are_protocol_errors_naming_the_field(tmp_path, smollm2_path, options, field):
+    svc = _service(tmp_path, smollm2_path)
+    [ev] = list(svc.run("generate", {"prompt": "Hi", "options": options}))
+    assert ev["type"] == "error" and ev["code"] == "protocol" and field in ev["message"]
