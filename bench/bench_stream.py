@@ -4,7 +4,8 @@ Three sides, same GGUF, threads, prompt, token count and greedy decoding:
 - raw:    llama_cpp.Llama in this process, `create_completion(stream=True)`;
 - stream: POST /v1/completions with "stream": true to a real hublabd subprocess on loopback,
           read chunk by chunk with http.client (what an OpenAI client does);
-- whole:  the same request without streaming (speed from the engine's `timings`).
+- whole:  the same request without streaming (speed and TTFT from the engine's `timings`, so
+          its TTFT leaves out the HTTP round trip).
 Decode tok/s = (tokens - 1) / (last token - first token) as the client sees them. Each rep uses
 a fresh prompt prefix (no KV reuse) and rotates the order. The raw side gets the same CPU
 policy as the daemon (hublabio.llama.cpu, "auto": no AMX buffers, other repacks kept) so that
@@ -142,7 +143,8 @@ def main() -> int:
 
     backend.apply_policy(repack_policy("auto"))  # the raw side: same buffer types as hublabd
     llm = llama_cpp.Llama(str(args.model), n_ctx=512, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)
+                          n_threads_batch=threads, n_batch=512, verbose=False,
+                          flash_attn=True)  # llama.cpp's auto on CPU, as in hublabd
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="hlb", dir="/tmp") as tmp:
         proc = start_daemon(args.model, threads, Path(tmp), port)
@@ -155,9 +157,13 @@ def main() -> int:
             names = list(sides)
             rows = []
             for rep in range(args.reps):
-                prompt = f"Story number {rep + 1}. {PROMPT}"
+                # raw and stream answer the same prompt (compared below); whole gets its own, so
+                # that no side finds its prompt in the daemon's KV cache
+                prompts = {"raw": f"Story number {rep + 1}. {PROMPT}",
+                           "stream": f"Story number {rep + 1}. {PROMPT}",
+                           "whole": f"Story number {rep + 1}, told again. {PROMPT}"}
                 order = names[rep % len(names):] + names[:rep % len(names)]
-                rows.append({name: sides[name](prompt, args.tokens) for name in order})
+                rows.append({name: sides[name](prompts[name], args.tokens) for name in order})
                 print(f"rep {rep + 1:2d}: " + " | ".join(
                     f"{n} {rows[-1][n]['tps']:6.1f} tok/s ({rows[-1][n]['tokens']} tok)"
                     for n in names), flush=True)
@@ -178,8 +184,8 @@ def main() -> int:
         ratio = med(r[a]["tps"] / r[b]["tps"] for r in rows)
         print(f"{a} / {b} tok/s (median of paired reps): {ratio:.3f} (goal >= 0.97: "
               f"{'met' if ratio >= 0.97 else 'NOT met'})")
-    same = sum(r["stream"]["text"] == r["whole"]["text"] == r["raw"]["text"] for r in rows)
-    print(f"identical greedy text on all three sides in {same}/{len(rows)} reps")
+    same = sum(r["stream"]["text"] == r["raw"]["text"] for r in rows)
+    print(f"identical greedy text raw vs stream in {same}/{len(rows)} reps")
     return 0
 
 

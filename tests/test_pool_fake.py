@@ -135,3 +135,47 @@ def test_bad_options_are_protocol_errors_naming_the_field(tmp_path, smollm2_path
     svc = _service(tmp_path, smollm2_path)
     [ev] = list(svc.run("generate", {"prompt": "Hi", "options": options}))
     assert ev["type"] == "error" and ev["code"] == "protocol" and field in ev["message"]
+
+
+def test_the_daemon_runs_every_generation_on_one_thread(tmp_path, smollm2_path):
+    """llama.cpp's OpenMP build keeps one worker team per calling thread; decodes from changing
+    threads cut generation to a third. So every queued op runs on the daemon's one llama
+    thread, whichever transport or connection asked (here: four sockets, in parallel)."""
+    import threading
+
+    import shutil
+    import tempfile
+
+    from hublabio.client import Client
+    from hublabio.daemon.server import start_in_thread
+
+    seen: set[tuple[int, str]] = set()
+
+    class ThreadRecordingEngine(FakeEngine):
+        def generate(self, *args, **kwargs):
+            seen.add((threading.get_ident(), threading.current_thread().name))
+            return (yield from super().generate(*args, **kwargs))
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model-config.toml").write_text(
+        f'[model]\nname = "m"\npath = "{smollm2_path}"\n\n[inference]\ncontext_size = 256\n')
+    pool = ModelPool(4096, engine_factory=ThreadRecordingEngine)
+    sock_dir = Path(tempfile.mkdtemp(prefix="hl", dir="/tmp"))  # socket paths are short
+    handle = start_in_thread(Service(DaemonSettings(models_dir=models), board="b", pool=pool),
+                             sock_dir / "d.sock", queue_size=16)
+    try:
+        def ask():
+            with Client(handle.socket_path) as c:
+                for _ in range(3):
+                    assert c.call("generate", prompt="Hi")["text"] == "Hello, world"
+
+        workers = [threading.Thread(target=ask) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+    finally:
+        handle.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    assert len(seen) == 1 and next(iter(seen))[1].startswith("hublabd-llama")

@@ -68,6 +68,12 @@ class Dispatcher:
         # thread costs a start-up handshake (two context switches) before the op even begins.
         self._workers = ThreadPoolExecutor(max_workers=LIGHT_WORKERS + 2,
                                            thread_name_prefix="hublabd-op")
+        # Queued ops (everything that runs llama.cpp) always run on this one thread. llama.cpp's
+        # OpenMP build keeps a team of worker threads per calling thread: decodes that come from
+        # changing threads leave several teams competing for the cores and cut generation to a
+        # third (bench/bench_stream.py, docs/BENCHMARKS.md), while one calling thread keeps one
+        # warm team.
+        self._llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hublabd-llama")
         self.running = 0
         self.waiting = 0
         self.jobs: set[Job] = set()  # every live job, for cancel by id from any connection
@@ -110,7 +116,7 @@ class Dispatcher:
                 return
             if not spec.queued:
                 async with self._light:  # bounds the worker threads of quick ops
-                    await self._execute(job, params, safe_send, direct)
+                    await self._execute(job, params, safe_send, direct, self._workers)
                 return
             if self.running and self.waiting >= self.queue_size:
                 with self.service._lock:
@@ -125,7 +131,7 @@ class Dispatcher:
                 return
             try:
                 self.running += 1
-                await self._execute(job, params, safe_send, direct)
+                await self._execute(job, params, safe_send, direct, self._llama_thread)
             finally:
                 self.running -= 1
                 self._slot.release()
@@ -158,7 +164,7 @@ class Dispatcher:
             return False
         return True
 
-    async def _execute(self, job: Job, params: dict, send, direct=None) -> None:
+    async def _execute(self, job: Job, params: dict, send, direct, executor) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job.started = True
@@ -188,7 +194,7 @@ class Dispatcher:
                         loop.call_soon_threadsafe(queue.put_nowait, None)
 
         try:
-            self._workers.submit(work)
+            executor.submit(work)
         except RuntimeError:  # shut down between the request and now
             await send(protocol.error_event(DaemonUnavailable("the daemon is shutting down"),
                                             job.id))
@@ -205,6 +211,7 @@ class Dispatcher:
     def close(self) -> None:
         """Let the worker threads go once their current op ends."""
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self._llama_thread.shutdown(wait=False, cancel_futures=True)
 
     def track(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
