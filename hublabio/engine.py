@@ -56,6 +56,13 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0   # alternatives per token to report (0 = none)
+    logprobs: bool = True   # each token's log-probability (False skips the log-softmax)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the answer is argmax(logits)."""
+        return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.logit_bias
+                and not self.frequency_penalty and not self.presence_penalty)
 
     @classmethod
     def from_inference(cls, inf, **overrides) -> "SamplingOptions":
@@ -114,10 +121,12 @@ def collect(gen: Generation) -> tuple[str, list[Piece], GenerationStats]:
             return "".join(p.text for p in pieces), pieces, done.value
 
 
-def log_softmax_at(logits: np.ndarray, ids) -> np.ndarray:
+def log_softmax_at(logits: np.ndarray, ids, scratch: np.ndarray | None = None):
+    """log softmax(logits)[ids], without allocating when `scratch` (same shape) is given."""
     top = float(logits.max())
-    lse = top + math.log(float(np.exp(logits - top).sum()))
-    return logits[ids] - lse
+    buf = np.subtract(logits, top, out=scratch)
+    np.exp(buf, out=buf)
+    return logits[ids] - (top + math.log(float(buf.sum())))
 
 
 class Engine:
@@ -236,24 +245,29 @@ class Engine:
         stats.cached_tokens = self._reuse_prefix(tokens)
         self._decode(tokens[stats.cached_tokens:], cancel)
         stats.prompt_tps = (len(tokens) - stats.cached_tokens) / max(time.perf_counter() - t0, 1e-9)
-        with SamplerChain(self.model, temperature=opts.temperature, top_k=opts.top_k,
-                          top_p=opts.top_p, repeat_penalty=opts.repeat_penalty,
-                          frequency_penalty=opts.frequency_penalty,
-                          presence_penalty=opts.presence_penalty, seed=opts.seed,
-                          logit_bias=opts.logit_bias) as sampler:
+        with ExitStack() as stack:
+            sampler = None if opts.plain_greedy else stack.enter_context(SamplerChain(
+                self.model, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                repeat_penalty=opts.repeat_penalty, frequency_penalty=opts.frequency_penalty,
+                presence_penalty=opts.presence_penalty, seed=opts.seed,
+                logit_bias=opts.logit_bias))
+            scratch = np.empty(self.n_vocab, dtype=np.float32)
             for _ in range(max_new):
                 logits = self.ctx.logits(-1)
-                tok = sampler.sample(self.ctx)
+                # plain greedy: argmax, as llama.cpp's greedy sampler picks (first maximum),
+                # without copying the vocabulary into a candidates array
+                tok = int(np.argmax(logits)) if sampler is None else sampler.sample(self.ctx)
                 top: tuple = ()
+                logprob = math.nan
                 if opts.top_logprobs:
                     k = min(opts.top_logprobs, self.n_vocab)
                     ids = np.argpartition(logits, -k)[-k:]
                     ids = ids[np.argsort(-logits[ids])]
-                    lps = log_softmax_at(logits, np.append(ids, tok))
+                    lps = log_softmax_at(logits, np.append(ids, tok), scratch)
                     top = tuple((int(i), float(lp)) for i, lp in zip(ids, lps[:-1]))
                     logprob = float(lps[-1])
-                else:
-                    logprob = float(log_softmax_at(logits, tok))
+                elif opts.logprobs:
+                    logprob = float(log_softmax_at(logits, tok, scratch))
                 if self.model.is_eog(tok):
                     stats.finish_reason = "stop"
                     return
@@ -284,7 +298,8 @@ class Engine:
                     stats.finish_reason = "cancelled"
                     break
                 stats.completion_tokens += 1
-                stats.logprobs.append(step.logprob)
+                if not math.isnan(step.logprob):
+                    stats.logprobs.append(step.logprob)
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0

@@ -38,6 +38,7 @@ def gemma_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def test_threads() -> int:
-    # One llama.cpp thread: on 2 shared cores, 2 threads that compete with the test process
-    # (or a daemon subprocess) slow generation by orders of magnitude.
+    # One llama.cpp thread: the tests drive the daemon from the same process or a client
+    # process, so a second llama.cpp thread would share the 2 cores with them. (The default
+    # thread count is measured in bench/bench_stream.py; HUBLAB_TEST_THREADS=2 runs it here.)
     return int(os.environ.get("HUBLAB_TEST_THREADS", "1"))

@@ -20,10 +20,14 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
+import select
+import socket
 import time
 
 from hublabio import protocol
+from hublabio.daemon.server import WRITE_STALL_S
 from hublabio.errors import HublabError, ProtocolError
 
 log = logging.getLogger("hublabd.http")
@@ -371,6 +375,8 @@ class HttpApi:
             options["logprobs"] = True
             if top_n:
                 options["top_logprobs"] = top_n
+        else:
+            options["logprobs"] = False  # nobody reads them: skip the per-token log-softmax
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise HttpError(400, "'model' must be a string", param="model")
@@ -431,30 +437,27 @@ class HttpApi:
             return {"id": rid, "object": obj_name, "created": created, "model": state["model"],
                     "choices": [choice] if choice is not None else [], **extra}
 
-        async def write_sse(obj) -> None:
+        def sse(obj) -> bytes:
             payload = b"data: " + (obj if isinstance(obj, bytes) else
                                    json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
-            writer.write(b"%x\r\n%s\r\n" % (len(payload), payload) if chunked else payload)
-            await writer.drain()
+            return b"%x\r\n%s\r\n" % (len(payload), payload) if chunked else payload
 
-        async def start() -> None:
+        def head() -> bytes:
             state["started"] = True
-            head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     "Cache-Control: no-cache\r\n"
                     + ("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n" if chunked
-                       else "Connection: close\r\n") + "\r\n")
-            writer.write(head.encode())
-            await writer.drain()
+                       else "Connection: close\r\n") + "\r\n").encode()
 
-        async def send(ev):
+        def encode(ev) -> bytes:
+            """The bytes one event puts on the wire (b"" for none)."""
             kind = ev["type"]
             if kind == "info":
-                return  # progress lines ("loading ...") have no place in OpenAI's stream
+                return b""  # progress lines ("loading ...") have no place in OpenAI's stream
             if kind == "error" and not state["started"]:
                 state["error"] = ev  # nothing sent yet: a proper HTTP error status
-                return
-            if not state["started"]:
-                await start()
+                return b""
+            out = b"" if state["started"] else head()
             if kind == "token":
                 offset = state.get("offset", 0)
                 state["offset"] = offset + len(ev["text"])
@@ -464,34 +467,77 @@ class HttpApi:
                     if not state["role_sent"]:
                         delta = {"role": "assistant", **delta}
                         state["role_sent"] = True
-                    await write_sse(chunk({"index": 0, "delta": delta, "logprobs": lp,
-                                           "finish_reason": None}))
-                else:
-                    await write_sse(chunk({"index": 0, "text": ev["text"], "logprobs": lp,
-                                           "finish_reason": None}))
-            elif kind == "result":
+                    return out + sse(chunk({"index": 0, "delta": delta, "logprobs": lp,
+                                            "finish_reason": None}))
+                return out + sse(chunk({"index": 0, "text": ev["text"], "logprobs": lp,
+                                        "finish_reason": None}))
+            if kind == "result":
                 data = ev["data"]
                 state["model"] = data.get("model", state["model"])
                 reason = _finish(data.get("finish_reason"))
                 last = ({"index": 0, "delta": {} if state["role_sent"] else {"role": "assistant"},
                          "logprobs": None, "finish_reason": reason} if chat else
                         {"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
-                await write_sse(chunk(last))
+                out += sse(chunk(last))
                 if usage_in_stream:
-                    await write_sse(chunk(None, usage=_usage(data), timings=_timings(data)))
-                await write_sse(b"[DONE]")
-            elif kind == "error":
-                await write_sse(HttpError.from_event(ev).body())
-                await write_sse(b"[DONE]")
+                    out += sse(chunk(None, usage=_usage(data), timings=_timings(data)))
+                return out + sse(b"[DONE]")
+            if kind == "error":
                 state["status"] = HttpError.from_event(ev).status
+                return out + sse(HttpError.from_event(ev).body()) + sse(b"[DONE]")
+            return out
 
-        await self.dispatcher.track(self.dispatcher.submit(job, params, send))
+        # The op's worker thread writes each event itself (DirectWriter): a token reaches the
+        # client without waking the event loop, whose wake-ups would compete with llama.cpp's
+        # threads for the cores on every token.
+        direct_writer = DirectWriter(writer)
+
+        def direct(ev) -> None:
+            data = encode(ev)
+            if data:
+                direct_writer.write(data)
+
+        async def send(ev):  # unused with `direct`; the dispatcher's interface needs one
+            data = encode(ev)
+            if data:
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            await self.dispatcher.track(self.dispatcher.submit(job, params, send, direct=direct))
+        finally:
+            direct_writer.close()
         if "error" in state:
             raise HttpError.from_event(state["error"])
         if chunked:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         return state["status"]  # HTTP/1.0: the stream ends when the connection closes
+
+
+class DirectWriter:
+    """Blocking writes to a connection's socket from a worker thread, while the event loop
+    leaves it alone (an SSE stream: nothing else writes until the op's last event). Waits for
+    room with select; a client that takes nothing for WRITE_STALL_S is cut off."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+
+    def write(self, data: bytes) -> None:
+        view, stalled_since = memoryview(data), None
+        while view:
+            try:
+                view = view[self._sock.send(view):]
+                stalled_since = None
+            except BlockingIOError:
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > WRITE_STALL_S:
+                    raise ConnectionResetError(f"client read nothing for {WRITE_STALL_S:.0f} s")
+                select.select([], [self._sock], [], 0.5)
+
+    def close(self) -> None:
+        self._sock.close()  # the duplicate only: the connection stays open
 
 
 async def _watch_disconnect(reader: asyncio.StreamReader, writer, job, every: float = 0.1) -> None:

@@ -318,10 +318,12 @@ class Service:
         if cfg.type == "gguf" and cfg.missing:
             raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
         options = dict(options or {})
-        detail = bool(options.pop("logprobs", False))
+        asked = options.pop("logprobs", None)  # True: per-token detail; False: none at all
         inf = self.inference(cfg)
         opts = SamplingOptions.from_inference(inf, **_check_options(options))
-        detail = detail or opts.top_logprobs > 0
+        detail = bool(asked) or opts.top_logprobs > 0
+        if asked is False and not detail:
+            opts.logprobs = False
         if system_prompt and inf.system_prompt and isinstance(prompt, list) \
                 and not any(m.get("role") == "system" for m in prompt):
             prompt = [{"role": "system", "content": inf.system_prompt}, *prompt]

@@ -87,7 +87,8 @@ def check(binding: Any = C, fields: dict[str, tuple[str, ...]] = FIELDS,
 
 
 def set_fields(struct: ctypes.Structure, **values: Any) -> ctypes.Structure:
-    """Assign declared, existing fields only (an unknown name is a LlamaABIError)."""
+    """Assign declared, existing fields only (an unknown name is a LlamaABIError). Hot paths
+    (one llama_batch per token) assign declared fields directly: FIELDS is checked at import."""
     name = type(struct).__name__
     declared = FIELDS.get(name, ())
     have = struct_fields(type(struct))

@@ -203,7 +203,7 @@ class Batch(_Handle):
             want = start_pos + i >= first
             b.logits[i] = 1 if want else 0
             n_out += want
-        set_fields(b, n_tokens=n)
+        b.n_tokens = n  # a declared field (abi.FIELDS), checked at import; this is the hot path
         return n_out
 
     def close(self) -> None:
@@ -249,6 +249,7 @@ class Context(_Handle):
         self._memory = C.llama_get_memory(self._ptr)
         self._batch = Batch(self.n_batch)
         self._adapters: tuple = ()
+        self._logits_addr, self._logits_view = None, None
 
     def decode(self, tokens: Sequence[int], start_pos: int, *, seq: int = 0,
                outputs_from: int | None = None) -> int:
@@ -264,9 +265,15 @@ class Context(_Handle):
     def logits(self, i: int = -1) -> np.ndarray:
         """Row `i` of the last decode's logits: a view, valid until the next decode."""
         ptr = C.llama_get_logits_ith(self._live(), i)
-        if not ptr:
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
             raise LlamaError(f"no logits for output {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+        if addr != self._logits_addr:  # the row usually sits at the same place every step
+            n = self.model.n_vocab
+            self._logits_view = np.frombuffer((ctypes.c_float * n).from_address(addr),
+                                              dtype=np.float32)
+            self._logits_addr = addr
+        return self._logits_view
 
     def all_logits(self, n_out: int) -> np.ndarray:
         """Every logits row of the last decode, as a float32 copy [n_out, n_vocab]."""

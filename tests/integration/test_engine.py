@@ -141,3 +141,20 @@ def test_another_architecture_gemma3(gemma_path, test_threads):
         assert e.architecture == "gemma3"
         text, tokens, stats = e.complete("The capital of France is", SamplingOptions(max_tokens=8, temperature=0))
         assert stats.completion_tokens >= 1 and text.strip()
+
+
+def test_plain_greedy_fast_path_picks_what_llama_cpps_greedy_sampler_picks(engine):
+    fast = SamplingOptions(max_tokens=16, temperature=0, repeat_penalty=1.0)
+    assert fast.plain_greedy
+    chain = SamplingOptions(max_tokens=16, temperature=0, repeat_penalty=1.0, logit_bias={0: 0.0})
+    assert not chain.plain_greedy  # a (zero) logit bias goes through llama.cpp's sampler chain
+    ids = [[t.id for p in engine.complete(QUESTION, o)[1] for t in p.tokens] for o in (fast, chain)]
+    assert ids[0] == ids[1] and len(ids[0]) > 3
+
+
+def test_logprobs_can_be_skipped(engine):
+    _, pieces, stats = engine.complete(QUESTION, SamplingOptions(max_tokens=4, temperature=0,
+                                                                 logprobs=False))
+    assert stats.completion_tokens == 4 and stats.logprobs == []
+    assert all(math.isnan(t.logprob) for p in pieces for t in p.tokens)
+    assert stats.as_dict()["mean_logprob"] is None
