@@ -12,7 +12,7 @@ from hublabio import config
 from hublabio.config import (DaemonSettings, InferenceConfig, load_daemon_settings, load_experts,
                              load_model_config, load_model_dir, read_settings, update_settings,
                              validate_inference_override)
-from hublabio.errors import ConfigError
+from hublabio.errors import ConfigError, HublabError
 from hublabio.paths import REPO_ROOT, settings_file
 
 
@@ -119,6 +119,12 @@ def test_remote_model(tmp_path):
     ('[model]\nname = "a"\npath = "a.gguf"\n[expert]\nkeywords = ["x", 3]\n',
      "[expert] keywords", "expected a list of strings"),
     ('[inference]\ntop_k = 3\n', "[model]", "missing section"),
+    ('[model]\nname = "a"\npath = "a.gguf"\n[inference]\nrepack = "sometimes"\n',
+     "[inference] repack", 'expected "auto", true or false'),
+    ('[model]\nname = "a"\npath = "a.gguf"\n[inference]\nthreads_batch = 999\n',
+     "[inference] threads_batch", "must be in [0, 256]"),
+    ('[model]\nname = "a"\npath = "a.gguf"\n[inference]\nmmap = "no"\n',
+     "[inference] mmap", "expected true or false"),
 ])
 def test_errors_name_file_and_key(tmp_path, body, key, fragment):
     path = write(tmp_path / "bad.toml", body)
@@ -337,3 +343,29 @@ def test_overrides_apply_and_cap_max_tokens(tmp_path):
     eff = config.effective_inference(cfg, {"inference": {"context_size": 128, "temperature": 0.1}})
     assert eff.context_size == 128 and eff.temperature == 0.1 and eff.max_tokens == 128
     assert cfg.inference.context_size == 2048  # the original is untouched
+
+
+def test_load_settings_in_a_model_toml_and_the_daemon_file(tmp_path):
+    cfg = load_model_config(write(tmp_path / "m.toml", '[model]\nname = "a"\npath = "a.gguf"\n'
+                                  '[inference]\nthreads = 2\nthreads_batch = 4\nrepack = false\n'
+                                  'mmap = false\nmlock = true\n'))
+    inf = cfg.inference
+    assert (inf.threads, inf.threads_batch, inf.repack, inf.mmap, inf.mlock) == (2, 4, False,
+                                                                                False, True)
+    default = load_model_config(write(tmp_path / "d.toml", '[model]\nname = "b"\npath = "a.gguf"\n'))
+    assert (default.inference.repack, default.inference.mmap) == ("auto", None)
+    daemon = load_daemon_settings(write(tmp_path / "h.toml",
+                                        '[daemon]\nthreads_batch = 3\nrepack = true\n'))
+    assert (daemon.threads_batch, daemon.repack) == (3, True)
+
+
+def test_hublabd_flags_for_threads_and_repack(tmp_path):
+    from hublabio.daemon.main import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["--config", str(write(tmp_path / "h.toml", "")),
+                                      "--threads", "2", "--threads-batch", "4",
+                                      "--repack", "off"])
+    got = settings_from_args(args)
+    assert (got.threads, got.threads_batch, got.repack) == (2, 4, False)
+    with pytest.raises(HublabError, match="--queue-size must be >= 1"):
+        settings_from_args(build_parser().parse_args(["--queue-size", "0"]))

@@ -8,14 +8,13 @@ import types
 
 import pytest
 
-import llama_cpp  # the binding itself, to check the real structs
-
 from hublabio.llama import abi
+from hublabio.llama.abi import C as binding  # the pinned binding the layer imported
 from hublabio.llama.abi import LlamaABIError, check, set_fields
 
 
 def test_the_pinned_binding_passes():
-    check(llama_cpp)  # what runs at import; repeated here so a failure is a test failure
+    check(binding)  # what runs at import; repeated here so a failure is a test failure
     assert abi.VERSION == abi.PINNED
 
 
@@ -40,14 +39,14 @@ def test_a_missing_struct_or_function_is_named():
 
 
 def test_set_fields_refuses_what_ctypes_would_accept_silently():
-    params = llama_cpp.llama_model_default_params()
+    params = binding.llama_model_default_params()
     params.use_mmap = False  # ctypes: no error, and nothing reaches llama.cpp
     with pytest.raises(LlamaABIError, match="use_mmap"):
         set_fields(params, use_mmap=False)
-    set_fields(params, load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE)
-    assert params.load_mode == llama_cpp.LLAMA_LOAD_MODE_NONE
+    set_fields(params, load_mode=binding.LLAMA_LOAD_MODE_NONE)
+    assert params.load_mode == binding.LLAMA_LOAD_MODE_NONE
 
 
 def test_every_declared_field_exists_in_the_binding():
     for struct, wanted in abi.FIELDS.items():
-        assert set(wanted) <= abi.struct_fields(getattr(llama_cpp, struct)), struct
+        assert set(wanted) <= abi.struct_fields(getattr(binding, struct)), struct
