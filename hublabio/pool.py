@@ -125,8 +125,7 @@ class ModelPool:
         with self._lock:
             res = self._models.get(key)
             if res is not None and res.n_ctx != n_ctx and res.users == 0:
-                self._unload_key(key)  # context size changed: reload at the new size
-                res = None
+                res = None  # context size changed: reload at the new size, if it is admitted
             if res is None:
                 res = self._load(key, path, n_ctx, cfg.name, self.load.for_model(cfg.inference))
             res.names.add(cfg.name)
@@ -146,7 +145,9 @@ class ModelPool:
         est = estimate_memory(info, n_ctx, repack=repack_policy(load.repack))
         others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
                   for k, r in self._models.items() if k != key]
-        for victim in plan_admission(est.total_mb, self.budget_mb, others, info=info, n_ctx=n_ctx):
+        victims = plan_admission(est.total_mb, self.budget_mb, others, info=info, n_ctx=n_ctx)
+        # admitted: only now does anything leave memory (a refusal above unloaded nothing)
+        for victim in ([key] if key in self._models else []) + victims:
             self._unload_key(victim)
         t0 = time.perf_counter()
         engine = self.engine_factory(path, n_ctx=n_ctx, threads=load.threads or None,

@@ -179,3 +179,16 @@ def test_the_daemon_runs_every_generation_on_one_thread(tmp_path, smollm2_path):
         handle.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
     assert len(seen) == 1 and next(iter(seen))[1].startswith("hublabd-llama")
+
+
+def test_a_refused_reload_at_a_bigger_context_keeps_the_resident_model(tmp_path, smollm2_path):
+    info = read_gguf_info(smollm2_path)
+    pool = ModelPool(estimate_memory(info, 512).total_mb + 1, engine_factory=FakeEngine)
+    cfg = _cfg(tmp_path, "smol", smollm2_path)
+    pool.ensure_loaded(cfg)  # its TOML says 256
+    with pytest.raises(BudgetError):
+        pool.ensure_loaded(cfg, n_ctx=8192)
+    [engine] = FakeEngine.made
+    assert not engine.closed and [r.n_ctx for r in pool.resident()] == [256]
+    pool.ensure_loaded(cfg, n_ctx=512)  # a reload that fits replaces it
+    assert engine.closed and [r.n_ctx for r in pool.resident()] == [512]
