@@ -26,7 +26,7 @@ from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
-from hublabio.errors import Cancelled, ContextOverflow, HublabError
+from hublabio.errors import Cancelled, ContextOverflow, HublabError, ProtocolError
 from hublabio.llama import Context, Model, SamplerChain, owned
 from hublabio.llama.chat import ChatTemplate
 from hublabio.textstream import Piece, TextStream, TokenInfo
@@ -285,6 +285,11 @@ class Engine:
         self.ctx._live()
         self._use_adapter(adapter, adapter_scale)
         tokens = self.prompt_tokens(prompt)
+        if not tokens:  # an empty raw prompt: start from beginning-of-text, never from the
+            if self.model.bos < 0:  # previous request's context
+                raise ProtocolError("the prompt is empty and this model has no BOS token to "
+                                    "start from")
+            tokens = [self.model.bos]
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(f"prompt of {len(tokens)} tokens does not fit the context of "
                                   f"{self.n_ctx} tokens (ai config context_size)")

@@ -158,3 +158,13 @@ def test_logprobs_can_be_skipped(engine):
     assert stats.completion_tokens == 4 and stats.logprobs == []
     assert all(math.isnan(t.logprob) for p in pieces for t in p.tokens)
     assert stats.as_dict()["mean_logprob"] is None
+
+
+def test_an_empty_prompt_starts_from_bos_not_from_the_previous_context(smollm2_path, test_threads):
+    with Engine(smollm2_path, n_ctx=256, threads=test_threads) as fresh:
+        first = fresh.complete("", SamplingOptions(max_tokens=6, temperature=0))
+    with Engine(smollm2_path, n_ctx=256, threads=test_threads) as used:
+        used.complete("The capital of France is", GREEDY)
+        again = used.complete("", SamplingOptions(max_tokens=6, temperature=0))
+    assert first[2].prompt_tokens == 1 and first[2].cached_tokens == 0
+    assert again[0] == first[0] and again[2].cached_tokens == 0
