@@ -154,9 +154,10 @@ def info(data: Mapping[str, Any]) -> str:
         pairs.append(("In memory", ", ".join(map(str, resident))))
     for r in rows:
         if r.get("buffers_mb"):
-            label = ", ".join(map(str, r.get("names", []))) or "model"
             bufs = ", ".join(f"{k} {human_mb(v)}" for k, v in sorted(r["buffers_mb"].items()))
-            pairs.append((f"Weights ({label})", bufs))
+            if len(rows) > 1:
+                bufs += f" ({', '.join(map(str, r.get('names', [])))})"
+            pairs.append(("Weights", bufs))
         if r.get("threads"):
             pairs.append(("Threads", f"{r['threads']} generation, "
                                      f"{r.get('threads_batch') or r['threads']} prompt"))
