@@ -24,8 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from hublabio import tomlsafe
 from hublabio.errors import ConfigError
 from hublabio.fsutil import atomic_write_text
+from hublabio.tomlsafe import TomlLimitError, read_capped
 
 # ---------------------------------------------------------------------------------------------
 # Field specs: (kind, check). kind is one of int, float, bool, str, strlist, path.
@@ -174,7 +176,9 @@ def _check_sections(path, data: dict, sections: dict[str, dict]) -> None:
 
 def _read_toml(path: Path) -> dict:
     try:
-        raw = path.read_bytes()
+        raw = read_capped(path)
+    except TomlLimitError as exc:
+        raise ConfigError(path, None, f"not a config file: {exc}") from None
     except FileNotFoundError:
         raise ConfigError(path, None, "file not found") from None
     except IsADirectoryError:
@@ -186,7 +190,9 @@ def _read_toml(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(path, None, f"not UTF-8 text (byte {exc.start})") from None
     try:
-        return tomllib.loads(text)
+        return tomlsafe.loads(text)
+    except TomlLimitError as exc:
+        raise ConfigError(path, None, str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         # The message already carries "(at line L, column C)".
         raise ConfigError(path, None, f"TOML syntax error: {exc}") from None

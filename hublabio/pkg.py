@@ -33,6 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from hublabio import tomlsafe
 from hublabio.errors import PackageError
 
 MANIFEST = "package.toml"
@@ -87,8 +88,12 @@ def check_path(text, where: str) -> str:
 
 
 def parse_manifest(data: bytes, where: str) -> InstalledPackage:
+    if len(data) > tomlsafe.MAX_BYTES:
+        raise PackageError(f"{where}: larger than {tomlsafe.MAX_BYTES // 1024} KiB")
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        doc = tomlsafe.loads(data.decode("utf-8"))
+    except tomlsafe.TomlLimitError as err:
+        raise PackageError(f"{where}: {err}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise PackageError(f"{where}: not valid TOML ({err})") from err
     unknown = set(doc) - {"package", "files"}
@@ -152,7 +157,7 @@ def render_record(pkg: InstalledPackage) -> str:
 
 def _read_record(path: Path) -> InstalledPackage:
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        doc = tomlsafe.loads(tomlsafe.read_capped(path).decode("utf-8"))
         meta = doc["package"]
         meta.setdefault("dirs", doc.get("dirs", []))
         return InstalledPackage(
@@ -160,7 +165,7 @@ def _read_record(path: Path) -> InstalledPackage:
             description=meta.get("description", ""), installed_at=meta.get("installed_at", ""),
             dirs=list(meta.get("dirs", [])),
             files=[PackageFile(f["path"], f["sha256"], int(f["size"])) for f in doc.get("files", [])])
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise PackageError(f"{path}: unreadable package record ({err})") from err
 
 
@@ -218,7 +223,11 @@ def _stage_dir(src: Path, staging: Path) -> InstalledPackage:
     manifest = src / MANIFEST
     if manifest.is_symlink() or not manifest.is_file():
         raise PackageError(f"{manifest}: missing (not a package folder?)")
-    pkg = parse_manifest(manifest.read_bytes(), str(manifest))
+    try:
+        data = tomlsafe.read_capped(manifest)
+    except tomlsafe.TomlLimitError as err:
+        raise PackageError(f"{manifest}: {err}") from None
+    pkg = parse_manifest(data, str(manifest))
     listed = {f.path for f in pkg.files}
     for root, dirs, files in os.walk(src):
         for name in dirs + files:
@@ -283,7 +292,11 @@ def _stage_tar(src: Path, staging: Path) -> InstalledPackage:
             regular[name] = m
         if MANIFEST not in regular:
             raise PackageError(f"{src}: no {MANIFEST} at the top of the archive")
-        pkg = parse_manifest(tar.extractfile(regular[MANIFEST]).read(), f"{src}:{MANIFEST}")
+        try:
+            data = tomlsafe.read_capped(tar.extractfile(regular[MANIFEST]))
+        except tomlsafe.TomlLimitError as err:
+            raise PackageError(f"{src}:{MANIFEST}: {err}") from None
+        pkg = parse_manifest(data, f"{src}:{MANIFEST}")
         listed = {f.path for f in pkg.files}
         for name in regular:
             if name != MANIFEST and name not in listed:

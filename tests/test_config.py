@@ -369,3 +369,26 @@ def test_hublabd_flags_for_threads_and_repack(tmp_path):
     assert (got.threads, got.threads_batch, got.repack) == (2, 4, False)
     with pytest.raises(HublabError, match="--queue-size must be >= 1"):
         settings_from_args(build_parser().parse_args(["--queue-size", "0"]))
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ('[model]\nname = "a"\npath = "a.gguf"\nx = ' + "[" * 3000 + "]" * 3000 + "\n",
+     "nested too deeply"),
+    ('[model]\nname = "a"\npath = "a.gguf"\nx = ' + "[" * 40 + "]" * 40 + "\n",
+     "nested deeper than 16"),
+    ('[model]\nname = "a"\npath = "a.gguf"\n[inference]\ntop_k = ' + "9" * 5000 + "\n",
+     "a number is too long"),
+    ('[model]\nname = "a"\npath = "a.gguf"\n# ' + "x" * (1 << 20) + "\n", "larger than 1024 KiB"),
+])
+def test_hostile_toml_is_a_config_error_not_a_crash(tmp_path, body, fragment):
+    path = write(tmp_path / "bad.toml", body)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        load_model_config(path)
+    assert str(info.value).startswith(str(path))
+    # the other files of the folder still load, and settings/daemon files get the same check
+    write(tmp_path / "good.toml", '[model]\nname = "ok"\npath = "a.gguf"\n')
+    configs, errors = load_model_dir(tmp_path)
+    assert [c.name for c in configs] == ["ok"] and len(errors) == 1
+    with pytest.raises(ConfigError, match=fragment):
+        load_daemon_settings(write(tmp_path / "h.toml", body.replace("[model]", "[daemon]")
+                                   .replace('name = "a"\npath = "a.gguf"\n', "")), required=True)

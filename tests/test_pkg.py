@@ -294,3 +294,21 @@ def test_os_errors_become_package_errors(tmp_path, models, monkeypatch):
     with pytest.raises(PackageError, match="demo.gguf: No space left on device"):
         pkg.install(make_dir(tmp_path / "p"), models)
     assert listing(models) == before
+
+
+@pytest.mark.parametrize("tail,fragment", [
+    ("# " + "x" * (2 << 20) + "\n", "larger than 1024 KiB"),   # a huge manifest, never read whole
+    ("x = " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    ("size_hint = " + "9" * 5000 + "\n", "a number is too long")])
+def test_hostile_manifests_are_package_errors(tmp_path, models, tail, fragment):
+    for kind in ("dir", "tar"):
+        src = make_dir(tmp_path / f"p-{kind}")
+        text = (src / "package.toml").read_text()
+        (src / "package.toml").write_text(text + tail)
+        if kind == "tar":
+            members = [reg(path, data) for path, data in FILES.items()]
+            members.append(reg("package.toml", (src / "package.toml").read_bytes()))
+            src = make_tar(tmp_path / "p.tar.gz", members)
+        with pytest.raises(PackageError, match=fragment):
+            pkg.install(src, models)
+        assert pkg.list_packages(models) == []
