@@ -16,9 +16,12 @@ cannot be loaded, so `ai list` can show it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
 import importlib.util
 import math
+import threading
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -594,6 +597,24 @@ def write_settings(data: dict[str, dict[str, Any]]) -> None:
     atomic_write_text(_settings_path(), tomli_w.dumps(data))
 
 
+_settings_thread_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def settings_lock():
+    """Serialize read-modify-write of the user settings file, between threads (a lock) and
+    between processes (flock on `<settings>.lock`): no concurrent `ai config` loses an update."""
+    path = _settings_path()
+    with _settings_thread_lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def update_settings(section: str, key: str, value: Any) -> None:
     """Set one user setting and persist it atomically. Inference keys are validated first;
     a value of None removes the key."""
@@ -602,13 +623,14 @@ def update_settings(section: str, key: str, value: Any) -> None:
                           f"unknown section; known sections: {', '.join(USER_SECTIONS)}")
     if section == "inference" and value is not None:
         value = validate_inference_override(key, value)
-    data = read_settings()
-    table = data.setdefault(section, {})
-    if value is None:
-        table.pop(key, None)
-    else:
-        table[key] = value
-    write_settings(data)
+    with settings_lock():
+        data = read_settings()
+        table = data.setdefault(section, {})
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+        write_settings(data)
 
 
 # Names used in docs/ARCHITECTURE.md.

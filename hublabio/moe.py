@@ -30,9 +30,16 @@ from hublabio.config import (
     ModelConfig,
     load_experts,
     read_settings,
+    settings_lock,
     write_settings,
 )
-from hublabio.errors import Cancelled, ConfigError, HublabError, ModelNotFound, RouterError
+from hublabio.errors import (
+    Cancelled,
+    ConfigError,
+    HublabError,
+    ModelNotFound,
+    RouterError,
+)
 from hublabio.remote import RemoteExpert
 from hublabio.router import (
     KeywordRouter,
@@ -165,11 +172,12 @@ def set_moe_setting(key: str, value: Any) -> MoESettings:
             updates[param] = validate_moe_setting(param, words[1])
     else:
         updates[key] = validate_moe_setting(key, value)
-    data = read_settings()
-    table = data.setdefault("moe", {})
-    table.update(updates)
-    new = MoESettings.from_dict(table)  # the whole section must stay valid
-    write_settings(data)
+    with settings_lock():
+        data = read_settings()
+        table = data.setdefault("moe", {})
+        table.update(updates)
+        new = MoESettings.from_dict(table)  # the whole section must stay valid
+        write_settings(data)
     return new
 
 

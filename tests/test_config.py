@@ -392,3 +392,33 @@ def test_hostile_toml_is_a_config_error_not_a_crash(tmp_path, body, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_daemon_settings(write(tmp_path / "h.toml", body.replace("[model]", "[daemon]")
                                    .replace('name = "a"\npath = "a.gguf"\n', "")), required=True)
+
+
+def _bump(key_and_rounds):
+    key, rounds = key_and_rounds
+    from hublabio.config import read_settings, update_settings
+
+    for i in range(rounds):
+        update_settings("inference", key, i + 1)
+    return read_settings()["inference"][key]
+
+
+def test_concurrent_settings_writers_lose_no_update():
+    """Two processes and two threads each write their own key, 25 times: every key ends at its
+    last value (without the lock, one writer's read-modify-write overwrote the other's)."""
+    import multiprocessing
+    import threading
+
+    from hublabio.config import read_settings
+
+    keys = ["max_tokens", "top_k", "threads", "threads_batch"]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as procs:
+        pending = procs.map_async(_bump, [(k, 25) for k in keys[:2]])
+        threads = [threading.Thread(target=_bump, args=((k, 25),)) for k in keys[2:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert pending.get(60) == [25, 25]
+    assert {k: read_settings()["inference"][k] for k in keys} == dict.fromkeys(keys, 25)

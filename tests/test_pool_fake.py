@@ -192,3 +192,23 @@ def test_a_refused_reload_at_a_bigger_context_keeps_the_resident_model(tmp_path,
     assert not engine.closed and [r.n_ctx for r in pool.resident()] == [256]
     pool.ensure_loaded(cfg, n_ctx=512)  # a reload that fits replaces it
     assert engine.closed and [r.n_ctx for r in pool.resident()] == [512]
+
+
+@pytest.mark.parametrize("op,params,fragment", [
+    ("generate", {"prompt": "hi", "model": 5}, "'model' must be a string or null, got int"),
+    ("generate", {"prompt": "hi", "model": ["a"]}, "'model' must be a string or null, got list"),
+    ("generate", {"prompt": "hi", "options": [1]}, "'options' must be an object or null"),
+    ("models.load", {"name": "m", "n_ctx": 1.5}, "'n_ctx' must be an integer or null"),
+    ("models.load", {"name": "m", "n_ctx": True}, "'n_ctx' must be an integer or null, got bool"),
+    ("config.set", {"key": 5, "value": 1}, "'key' must be a string, got int"),
+    ("generate", {"prompt": "\ud800"}, "prompt contains a lone surrogate"),
+    ("generate", {"messages": [{"role": "user", "content": "a\udc00"}]},
+     "messages[0].content contains a lone surrogate"),
+])
+def test_wrong_types_and_lone_surrogates_are_protocol_errors(tmp_path, smollm2_path, op, params,
+                                                              fragment):
+    svc = _service(tmp_path, smollm2_path)
+    [ev] = list(svc.run(op, params))
+    assert ev["type"] == "error" and ev["code"] == "protocol", ev
+    assert fragment in ev["message"]
+    assert FakeEngine.made == []  # refused before anything ran

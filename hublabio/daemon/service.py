@@ -22,6 +22,8 @@ import inspect
 import logging
 import threading
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,6 +55,55 @@ class OpSpec:
     params: frozenset[str] | None  # None: the function takes **kwargs
     required: frozenset[str]
     streaming: bool
+    types: dict = field(default_factory=dict)  # parameter -> accepted runtime types
+
+
+_RUNTIME = {str: (str,), int: (int,), float: (int, float), bool: (bool,), dict: (dict,),
+            list: (list,), type(None): (type(None),)}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "an object", list: "a list", type(None): "null"}
+
+
+def _param_types(fn) -> dict[str, tuple[type, ...]]:
+    """Each annotated parameter's accepted JSON types (str, int, float, bool, dict, list, None
+    and unions of them); Any or an unannotated parameter accepts anything."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved: no check
+        return {}
+    out = {}
+    for name, hint in hints.items():
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                       types.UnionType) else (hint,)
+        members = tuple(typing.get_origin(m) or m for m in members)
+        if all(m in _RUNTIME for m in members):
+            out[name] = tuple(t for m in members for t in _RUNTIME[m])
+    return out
+
+
+def _check_type(op_name: str, key: str, value, allowed: tuple[type, ...]) -> None:
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        want = " or ".join(_TYPE_NAMES[t] for t in dict.fromkeys(
+            t for t in allowed if not (t is int and float in allowed)))
+        raise ProtocolError(f"op {op_name!r}: parameter {key!r} must be {want}, got "
+                            f"{type(value).__name__}")
+
+
+def _check_text(op_name: str, where: str, value, depth: int = 0) -> None:
+    """Refuse strings that cannot be UTF-8 (lone surrogates such as \\ud800), anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError(f"op {op_name!r}: {where} contains a lone surrogate "
+                                f"({value[exc.start]!r} at character {exc.start})") from None
+    elif isinstance(value, dict) and depth < 64:
+        for k, v in value.items():
+            _check_text(op_name, f"{where}.{k}", v, depth + 1)
+    elif isinstance(value, list) and depth < 64:
+        for i, v in enumerate(value):
+            _check_text(op_name, f"{where}[{i}]", v, depth + 1)
 
 
 OPS: dict[str, OpSpec] = {}
@@ -69,7 +120,8 @@ def op(name: str, *, queued: bool = False):
         required = frozenset(p.name for p in ps if p.default is p.empty
                              and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
         OPS[name] = OpSpec(name, fn, queued, None if takes_any else names, required,
-                           inspect.isgeneratorfunction(fn))
+                           inspect.isgeneratorfunction(fn),
+                           {k: v for k, v in _param_types(fn).items() if k in names})
         return fn
 
     return register
@@ -246,6 +298,10 @@ class Service:
         missing = sorted(spec.required - set(params))
         if missing:
             raise ProtocolError(f"op {spec.name!r}: missing parameter {missing[0]!r}")
+        for key, value in params.items():
+            if key in spec.types:
+                _check_type(spec.name, key, value, spec.types[key])
+            _check_text(spec.name, key, value)
 
     def run(self, name: str, params: dict | None = None, *, request_id: str | None = None,
             cancel: threading.Event | None = None) -> Iterator[dict]:
