@@ -19,12 +19,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
-from typing import Callable
+from typing import Callable, Iterator
 
 from hublabio.budget import Estimate, Resident, estimate_memory, plan_admission
-from hublabio.errors import HublabError, ModelNotFound
+from hublabio.errors import GGUFError, HublabError, ModelNotFound
+from hublabio.gguf_check import problems as header_problems
 from hublabio.gguf_info import ModelInfo, read_gguf_info
 from hublabio.llama.cpu import decide as repack_policy
 
@@ -82,11 +81,18 @@ def _mb(nbytes: int) -> float:
 class ModelPool:
     def __init__(self, budget_mb: float, *, idle_ttl_s: float = 0.0,
                  load: LoadSettings | None = None, n_threads: int | None = None,
-                 engine_factory: Callable[..., object] | None = None):
+                 engine_factory: Callable[..., object] | None = None, prober=None):
+        """`prober.check(path)` runs before a file's first load (default with the real engine:
+        hublabio.llama.probe.Prober, a child process that survives llama.cpp's asserts)."""
         self.budget_mb = float(budget_mb)
         self.idle_ttl_s = idle_ttl_s
         self.load = load or LoadSettings(threads=n_threads or 0)
         self.engine_factory = engine_factory or _default_factory
+        if prober is None and engine_factory is None:
+            from hublabio.llama.probe import Prober
+
+            prober = Prober()
+        self.prober = prober
         self._models: dict[str, ResidentModel] = {}
         self._lock = threading.RLock()
 
@@ -142,6 +148,11 @@ class ModelPool:
     def _load(self, key: str, path: Path, n_ctx: int, name: str,
               load: LoadSettings) -> ResidentModel:
         info = read_gguf_info(path)
+        bad = header_problems(info)
+        if bad:
+            raise GGUFError(path, "refused before loading: " + "; ".join(bad))
+        if self.prober is not None:
+            self.prober.check(path)  # llama.cpp's own checks, in a child process
         est = estimate_memory(info, n_ctx, repack=repack_policy(load.repack))
         others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
                   for k, r in self._models.items() if k != key]

@@ -16,6 +16,7 @@ from hublabio import protocol
 from hublabio.config import read_settings, update_settings, validate_inference_override
 from hublabio.daemon.service import Req, Service, _mb, op
 from hublabio.errors import GGUFError, HublabError, ModelNotFound, ProtocolError
+from hublabio.gguf_check import problems as header_problems
 
 
 def _messages(messages, prompt) -> list[dict] | str:
@@ -69,6 +70,9 @@ def _models_list(svc: Service, req: Req) -> dict:
                 info = svc.model_info(cfg.path)
                 row["quantization"] = info.quantization
                 row["parameters"] = info.parameters_human
+                bad = header_problems(info)
+                if bad:
+                    row["error"] = f"{cfg.path}: " + "; ".join(bad)
             except (GGUFError, OSError) as exc:
                 row["error"] = str(exc)
         models.append(row)

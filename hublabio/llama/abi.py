@@ -23,7 +23,7 @@ VERSION = getattr(C, "__version__", "unknown")
 # Every field of every struct that the layer (or a tool through it) sets.
 FIELDS: dict[str, tuple[str, ...]] = {
     "llama_model_params": ("load_mode", "use_extra_bufts", "n_gpu_layers", "vocab_only",
-                           "check_tensors", "no_host"),
+                           "check_tensors", "no_host", "no_alloc"),
     "llama_context_params": ("n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_threads",
                              "n_threads_batch", "no_perf", "embeddings", "cb_eval",
                              "cb_eval_user_data", "type_k", "type_v", "flash_attn_type"),

@@ -58,7 +58,9 @@ class Model(_Handle):
     """A GGUF loaded by llama.cpp under the CPU policy (`repack`) and a load mode."""
 
     def __init__(self, path: str | os.PathLike, *, mmap: bool = True, mlock: bool = False,
-                 repack="auto", vocab_only: bool = False):
+                 repack="auto", vocab_only: bool = False, metadata_only: bool = False):
+        """`metadata_only`: read hyperparameters and tensor shapes, allocate and read no weight
+        (llama.cpp's no_alloc; hublabio.llama.probe uses it)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise GGUFError(self.path, "no such model file")
@@ -67,8 +69,9 @@ class Model(_Handle):
         self.mmap, self.mlock = mmap, mlock
         self._adapters: dict[Path, LoraAdapter] = {}
         params = C.llama_model_default_params()
-        set_fields(params, load_mode=load_mode(mmap, mlock),
-                   use_extra_bufts=self.policy.use_extra_bufts, vocab_only=vocab_only)
+        set_fields(params, load_mode=load_mode(mmap and not metadata_only, mlock),
+                   use_extra_bufts=self.policy.use_extra_bufts, vocab_only=vocab_only,
+                   no_alloc=metadata_only)
         with backend.load_lock:
             self.extra_buffer_types = backend.apply_policy(self.policy)
             log.clear_errors()

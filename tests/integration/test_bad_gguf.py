@@ -1,0 +1,90 @@
+"""GGUF headers that make llama.cpp abort the process (issue: a block_count of 0 or 600 killed
+the whole daemon): refused by the header check with the reason, and, where a check is missing,
+caught by the child-process probe. The daemon keeps serving the good model either way."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from hublabio.client import Client
+from hublabio.config import DaemonSettings
+from hublabio.daemon.server import start_in_thread
+from hublabio.errors import GGUFError
+from hublabio.gguf_check import problems
+from hublabio.gguf_info import read_gguf_info
+from hublabio.llama.probe import Prober, probe
+
+from .test_daemon import short_dir
+
+
+def patched(src: Path, dst: Path, key: str, value: int) -> Path:
+    """A copy of `src` with one uint32 metadata value changed in place."""
+    data = bytearray(src.read_bytes())
+    k = key.encode()
+    at = data.index(struct.pack("<Q", len(k)) + k) + 8 + len(k)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF type uint32
+    struct.pack_into("<I", data, at + 4, value)
+    dst.write_bytes(data)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_path) -> Path:
+    from hublabio_tools.gguf_float import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", smollm2_path)
+
+
+@pytest.mark.parametrize("value,fragment", [
+    (0, "llama.block_count must be an integer in [1, 512], got 0"),
+    (600, "llama.block_count must be an integer in [1, 512], got 600"),
+    (1, "llama.block_count is 1 but the file has tensors for block 1")])
+def test_the_header_check_names_the_bad_value(tiny, tmp_path, value, fragment):
+    bad = patched(tiny, tmp_path / "bad.gguf", "llama.block_count", value)
+    assert fragment in "; ".join(problems(read_gguf_info(bad)))
+    assert problems(read_gguf_info(tiny)) == []
+
+
+@pytest.mark.parametrize("value", [0, 600])
+def test_the_probe_survives_llama_cpps_abort(tiny, tmp_path, value):
+    bad = patched(tiny, tmp_path / "bad.gguf", "llama.block_count", value)
+    with pytest.raises(GGUFError, match=r"aborted \(SIGABRT\).*n_layer_all"):
+        probe(bad)  # in a child process: this test process lives on
+    prober = Prober()
+    prober.check(tiny)  # a good file passes, and is remembered
+    assert len(prober._good) == 1
+
+
+def test_a_refused_shape_is_a_clear_message(tiny, tmp_path):
+    bad = patched(tiny, tmp_path / "bad.gguf", "llama.attention.head_count_kv", 3)
+    assert problems(read_gguf_info(bad)) == []  # not something the header check knows
+    with pytest.raises(GGUFError, match="wrong shape"):
+        probe(bad)
+
+
+def test_the_daemon_refuses_bad_files_and_keeps_serving(tiny, tmp_path, smollm2_path,
+                                                        test_threads):
+    models = tmp_path / "models"
+    models.mkdir()
+    patched(tiny, models / "zero.gguf", "llama.block_count", 0)
+    patched(tiny, models / "kv3.gguf", "llama.attention.head_count_kv", 3)
+    for name, gguf in (("good", smollm2_path), ("zero", models / "zero.gguf"),
+                       ("kv3", models / "kv3.gguf")):
+        (models / f"{name}.toml").write_text(
+            f'[model]\nname = "{name}"\npath = "{gguf}"\n\n[inference]\ncontext_size = 256\n'
+            f"max_tokens = 4\ntemperature = 0.0\nthreads = {test_threads}\n")
+    handle = start_in_thread(DaemonSettings(models_dir=models, idle_ttl_s=0, budget_mb=2048),
+                             short_dir() / "d.sock")
+    try:
+        with Client(handle.socket_path) as c:
+            rows = {m["name"]: m for m in c.call("models.list")["models"]}
+            assert "block_count" in rows["zero"]["error"] and rows["good"]["error"] is None
+            for name, fragment in (("zero", "refused before loading"), ("kv3", "wrong shape")):
+                with pytest.raises(GGUFError, match=fragment):
+                    c.call("generate", model=name, prompt="Hi")
+            assert c.call("generate", model="good", prompt="The capital of France is")["text"]
+    finally:
+        handle.stop()
