@@ -217,6 +217,8 @@ def connect_or_start(socket_path: str | os.PathLike | None = None, **daemon_over
     overrides = {k: v for k, v in daemon_overrides.items() if v is not None}
     if "models_dir" in overrides:
         overrides["models_dir"] = Path(overrides["models_dir"])
+    # this daemon serves the shell's own user: `ai load ~/any/file.gguf` may name any file
+    overrides.setdefault("model_paths", "any")
     settings = replace(settings, socket=path, **overrides)
     handle = start_in_thread(settings, path)
     try:

@@ -21,6 +21,7 @@ import difflib
 import fcntl
 import importlib.util
 import math
+import os
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -442,6 +443,8 @@ class DaemonSettings:
     os_reserve_mb: int | None = None    # None = board profile
     mmap: bool = True
     mlock: bool = False
+    model_paths: str = "models_dir"     # clients may name a GGUF by path: "models_dir" (inside
+                                        # it only), "off", or "any" (the shell's own daemon)
     http: str | None = None             # "HOST:PORT" to serve the OpenAI-compatible API
     models_dir: Path | None = None      # None = hublabio.paths.models_dir()
     source: Path | None = None
@@ -473,6 +476,7 @@ _DAEMON_SECTIONS: dict[str, dict[str, tuple[str, Check | None]]] = {
         "threads": ("int", _between(0, 256)),
         "threads_batch": ("int", _between(0, 256)),
         "repack": ("repack", None),
+        "model_paths": ("str", _one_of("models_dir", "off", "any")),
     },
     "memory": {
         "budget_mb": ("int", _at_least(0)),
@@ -517,7 +521,7 @@ def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings
     out = DaemonSettings(source=path)
     changes: dict[str, Any] = {}
     for key in ("queue_size", "idle_ttl_s", "threads", "threads_batch", "repack", "budget_mb",
-                "mmap", "mlock"):
+                "mmap", "mlock", "model_paths"):
         if key in values:
             changes[key] = values[key]
     if values.get("os_reserve_mb", "auto") != "auto":
@@ -603,16 +607,17 @@ _settings_thread_lock = threading.RLock()
 @contextlib.contextmanager
 def settings_lock():
     """Serialize read-modify-write of the user settings file, between threads (a lock) and
-    between processes (flock on `<settings>.lock`): no concurrent `ai config` loses an update."""
+    between processes (flock on the state folder itself, so no lock file is left behind): no
+    concurrent `ai config` loses an update."""
     path = _settings_path()
     with _settings_thread_lock:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def update_settings(section: str, key: str, value: Any) -> None:

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import threading
 import time
 import types
@@ -242,11 +243,8 @@ class Service:
             cfg = self._find(name)
         if cfg is not None:
             return cfg
-        p = Path(name).expanduser()
-        if p.suffix == ".gguf" or "/" in name:
-            if not p.is_file():
-                raise ModelNotFound(f"no model named {name!r} and no such file: {p}")
-            p = p.absolute()
+        if name.endswith(".gguf") or "/" in name:
+            p = self._allowed_path(name)
             cfg = ModelConfig(name=p.stem, type="gguf", path=p, source=p, path_spec=str(p))
             with self._lock:
                 self._adhoc[cfg.name] = cfg
@@ -255,6 +253,28 @@ class Service:
         bad = [str(e) for e in errors if name in str(e.path)]
         hint = f"; its config was skipped: {bad[0]}" if bad else ""
         raise ModelNotFound(f"no model named {name!r} (known: {known}){hint}")
+
+    def _allowed_path(self, name: str) -> Path:
+        """A client-given GGUF path, under `[daemon] model_paths`: by default only a regular
+        file whose real path (symlinks resolved) lies inside the models directory. A refusal
+        says nothing about files outside it (not even whether they exist)."""
+        policy = self.settings.model_paths
+        p = Path(name).expanduser()
+        if not p.is_absolute():
+            p = (self.models_dir / p) if policy != "any" else p.absolute()
+        if policy == "off":
+            raise ModelNotFound(f"no model named {name!r}; naming models by path is off "
+                                "([daemon] model_paths)")
+        if policy != "any":
+            real = Path(os.path.realpath(p))
+            root = Path(os.path.realpath(self.models_dir))
+            if root not in real.parents:
+                raise ModelNotFound(f"no model named {name!r}; a path must lie inside the "
+                                    f"models directory {self.models_dir} ([daemon] model_paths)")
+            p = real
+        if not p.is_file():
+            raise ModelNotFound(f"no model named {name!r} and no such file: {p}")
+        return p.absolute()
 
     def set_current(self, name: str) -> None:
         with self._lock:

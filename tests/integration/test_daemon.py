@@ -476,7 +476,7 @@ def test_slow_reader_gets_every_event_in_order(models):
 
 
 def test_load_by_path_then_generate_by_its_name(models, smollm2_path):
-    with make_daemon(models) as d, Client(d.socket_path, timeout=120) as c:
+    with make_daemon(models, model_paths="any") as d, Client(d.socket_path, timeout=120) as c:
         data = c.call("models.load", path=str(smollm2_path))
         assert data["name"] == smollm2_path.stem and data["quantization"] == "Q4_1"
         assert c.call("info")["model"] == smollm2_path.stem  # the current model now
@@ -574,3 +574,22 @@ def test_client_skips_a_torn_line_but_not_a_version_mismatch():
             c.call("anything")
     t.join(5)
     server.close()
+
+
+def test_clients_name_paths_only_inside_the_models_dir(models, smollm2_path, tmp_path):
+    (models / "linked.gguf").symlink_to(smollm2_path)  # points outside: refused too
+    with make_daemon(models) as d, Client(d.socket_path, timeout=120) as c:
+        for path in ("/etc/passwd", "/nowhere/x.gguf", str(smollm2_path), "../x.gguf",
+                     str(models / "linked.gguf")):
+            with pytest.raises(ModelNotFound) as err:
+                c.call("models.load", path=path)
+            msg = str(err.value)
+            assert "inside the models directory" in msg
+            # nothing about the file itself: not its first bytes, size or existence
+            assert "b'" not in msg and "MiB" not in msg and "no such file" not in msg
+            with pytest.raises(ModelNotFound, match="inside the models directory"):
+                c.call("generate", model=path, prompt="Hi")
+    (models / "linked.gguf").unlink()
+    with make_daemon(models, model_paths="off") as d, Client(d.socket_path, timeout=120) as c:
+        with pytest.raises(ModelNotFound, match="naming models by path is off"):
+            c.call("models.load", path=str(models / "x.gguf"))
