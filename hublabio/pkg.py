@@ -156,17 +156,27 @@ def render_record(pkg: InstalledPackage) -> str:
 
 
 def _read_record(path: Path) -> InstalledPackage:
+    """A package record, validated like a manifest: a valid name, and every file and folder a
+    plain relative path inside the models directory (a tampered record is refused before
+    anything is touched)."""
     try:
         doc = tomlsafe.loads(tomlsafe.read_capped(path).decode("utf-8"))
         meta = doc["package"]
         meta.setdefault("dirs", doc.get("dirs", []))
-        return InstalledPackage(
+        pkg = InstalledPackage(
             name=meta["name"], version=meta["version"], category=meta.get("category", ""),
             description=meta.get("description", ""), installed_at=meta.get("installed_at", ""),
             dirs=list(meta.get("dirs", [])),
             files=[PackageFile(f["path"], f["sha256"], int(f["size"])) for f in doc.get("files", [])])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise PackageError(f"{path}: unreadable package record ({err})") from err
+    if not isinstance(pkg.name, str) or not NAME_RE.match(pkg.name):
+        raise PackageError(f"{path}: package.name {pkg.name!r} is not a package name")
+    for i, f in enumerate(pkg.files):
+        check_path(f.path, f"{path}: files[{i}].path")
+    for i, d in enumerate(pkg.dirs):
+        check_path(d, f"{path}: dirs[{i}]")
+    return pkg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,12 +423,68 @@ def _conflicts(models_dir: Path, pkg: InstalledPackage, old: InstalledPackage | 
     return take
 
 
+def check_journal(journal, where: str) -> dict:
+    """A journal read back from disk, validated like a package before recovery acts on it: a
+    package name, a staging folder of this package manager's own, plain relative paths, and a
+    record for the same package. Anything else is a PackageError (nothing is touched)."""
+    if not isinstance(journal, dict) or set(journal) != {"name", "staging", "files", "record",
+                                                         "take_over", "remove_old"}:
+        raise PackageError(f"{where}: not a journal of this package manager")
+    name, staging = journal["name"], journal["staging"]
+    if not isinstance(name, str) or not NAME_RE.match(name) or \
+            Path(where).name != f".journal-{name}.json":
+        raise PackageError(f"{where}: bad package name {name!r}")
+    if not isinstance(staging, str) or not re.fullmatch(re.escape(STAGING_PREFIX) + r"[\w.-]+",
+                                                         staging):
+        raise PackageError(f"{where}: staging {staging!r} is not a staging folder name")
+    for key in ("files", "remove_old"):
+        if not isinstance(journal[key], list):
+            raise PackageError(f"{where}: {key} must be a list")
+        for i, rel in enumerate(journal[key]):
+            check_path(rel, f"{where}: {key}[{i}]")
+    if not isinstance(journal["take_over"], dict):
+        raise PackageError(f"{where}: take_over must be a table")
+    for other, paths in journal["take_over"].items():
+        if not NAME_RE.match(str(other)) or not isinstance(paths, list):
+            raise PackageError(f"{where}: take_over[{other!r}] is not a package's file list")
+        for i, rel in enumerate(paths):
+            check_path(rel, f"{where}: take_over[{other!r}][{i}]")
+    if not isinstance(journal["record"], str):
+        raise PackageError(f"{where}: record must be text")
+    try:
+        record = tomlsafe.loads(journal["record"])
+        rec_name = record["package"]["name"]
+        rec_files = [f["path"] for f in record.get("files", [])]
+        rec_dirs = record["package"].get("dirs", record.get("dirs", []))
+    except (ValueError, KeyError, TypeError) as err:
+        raise PackageError(f"{where}: record is not a package record ({err})") from None
+    if rec_name != name:
+        raise PackageError(f"{where}: record is for {rec_name!r}, the journal for {name!r}")
+    for i, rel in enumerate([*rec_files, *rec_dirs]):
+        check_path(rel, f"{where}: record path [{i}]")
+    return journal
+
+
+def _inside(models_dir: Path, rel: str) -> bool:
+    """No folder on the way from models_dir to `rel` is a symlink (so writes stay inside)."""
+    p = models_dir
+    for part in PurePosixPath(rel).parts[:-1]:
+        p = p / part
+        if p.is_symlink():
+            return False
+    return True
+
+
 def _roll_forward(models_dir: Path, journal: dict) -> None:
     """Finish a journaled install; safe to run again after a crash at any point."""
     staging = models_dir / journal["staging"]
+    if staging.is_symlink():
+        raise PackageError(f"{staging}: a symlink where a staging folder should be; refusing")
     touched = set()
     for rel in journal["files"]:
         staged, target = staging / rel, models_dir / rel
+        if not (_inside(models_dir, rel) and _inside(staging, rel)) or staged.is_symlink():
+            raise PackageError(f"{target}: a symlink on the way; refusing to install through it")
         if staged.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, target)
@@ -464,11 +530,18 @@ def recover(models_dir) -> list[str]:
     journaled = set()
     if rec_dir.is_dir():
         for j in sorted(rec_dir.glob(".journal-*.json")):
+            if j.is_symlink():
+                raise PackageError(f"{j}: a symlink, not a journal; remove it by hand")
             try:
-                journal = json.loads(j.read_text(encoding="utf-8"))
+                journal = json.loads(tomlsafe.read_capped(j).decode("utf-8"))
             except (OSError, ValueError):
                 j.unlink(missing_ok=True)  # torn journal: written before its fsync'd rename
                 continue
+            try:
+                check_journal(journal, str(j))
+            except PackageError as err:
+                raise PackageError(f"{err}; nothing was changed: remove {j} by hand if you did "
+                                   "not put it there") from None
             journaled.add(journal["staging"])
             if _owner_alive(journal["staging"]):
                 continue
@@ -482,7 +555,9 @@ def recover(models_dir) -> list[str]:
 
 
 def _remove_file(models_dir: Path, rel: str) -> None:
-    target = models_dir / rel
+    target = models_dir / check_path(rel, str(models_dir))
+    if not _inside(models_dir, rel):
+        raise PackageError(f"{target}: a symlink on the way; refusing to delete through it")
     if target.is_file() or target.is_symlink():
         target.unlink()
 

@@ -312,3 +312,92 @@ def test_hostile_manifests_are_package_errors(tmp_path, models, tail, fragment):
         with pytest.raises(PackageError, match=fragment):
             pkg.install(src, models)
         assert pkg.list_packages(models) == []
+
+
+def _journal(models: Path, **override) -> Path:
+    rec = models / ".packages"
+    rec.mkdir(exist_ok=True)
+    journal = {"name": "evil", "staging": ".pkg-staging-999999999-x", "files": ["demo.gguf"],
+               "record": '[package]\nname = "evil"\nversion = "1"\n', "take_over": {},
+               "remove_old": []}
+    journal.update(override)
+    path = rec / f".journal-{journal['name']}.json"
+    path.write_text(json.dumps(journal))
+    return path
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ({"files": ["../../outside.txt"]}, "files[0]"),
+    ({"remove_old": ["/etc/hostname"]}, "remove_old[0]"),
+    ({"staging": "../../tmp"}, "not a staging folder name"),
+    ({"take_over": {"other": ["../x"]}}, "take_over['other'][0]"),
+    ({"record": '[package]\nname = "other"\nversion = "1"\n'}, "record is for 'other'"),
+    ({"record": '[package]\nname = "evil"\nversion = "1"\n[[files]]\npath = "../../x"\n'
+                'sha256 = "0"\nsize = 1\n'}, "record path"),
+    ({"extra": 1}, "not a journal of this package manager")])
+def test_a_planted_journal_is_refused_and_touches_nothing(tmp_path, models, override, fragment):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    journal = _journal(models, **override)
+    before = listing(models)
+    for action in (lambda: pkg.recover(models), lambda: pkg.install(make_dir(tmp_path / "p"),
+                                                                    models)):
+        with pytest.raises(PackageError) as err:
+            action()
+        assert fragment in str(err.value) and "remove" in str(err.value)
+    assert outside.read_text() == "keep me" and listing(models) == before and journal.exists()
+
+
+def test_a_journal_cannot_delete_or_write_through_a_symlinked_folder(tmp_path, models):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.gguf").write_text("keep me")
+    (models / "link").symlink_to(elsewhere, target_is_directory=True)
+    _journal(models, remove_old=["link/victim.gguf"], files=[])
+    with pytest.raises(PackageError, match="symlink on the way"):
+        pkg.recover(models)
+    assert (elsewhere / "victim.gguf").read_text() == "keep me"
+
+
+def test_a_tampered_record_is_refused_before_anything_is_deleted(tmp_path, models):
+    pkg.install(make_dir(tmp_path / "p"), models)
+    rec = models / ".packages" / "demo.toml"
+    rec.write_text(rec.read_text() + '\n[[files]]\npath = "../../outside.txt"\nsha256 = "'
+                   + "0" * 64 + '"\nsize = 1\n')
+    before = listing(models)
+    with pytest.raises(PackageError, match=r"files\[\d+\]\.path"):
+        pkg.remove("demo", models)
+    assert listing(models) == before  # not one of its files was deleted first
+
+
+def test_the_daemon_finishes_an_interrupted_install_before_serving(tmp_path, models, monkeypatch):
+    import shutil
+    import tempfile
+
+    from hublabio.client import Client
+    from hublabio.config import DaemonSettings
+    from hublabio.daemon.server import start_in_thread
+
+    real_replace, calls = os.replace, []
+
+    def dying_replace(a, b):
+        calls.append(b)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("power loss")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(pkg.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        pkg.install(make_dir(tmp_path / "p"), models)
+    monkeypatch.setattr(pkg.os, "replace", real_replace)
+    sock = Path(tempfile.mkdtemp(prefix="hl", dir="/tmp"))
+    handle = start_in_thread(DaemonSettings(models_dir=models), sock / "d.sock")
+    try:  # by the time it answers, the install is complete
+        with Client(handle.socket_path) as c:
+            assert c.call("hello")
+        for path, data in FILES.items():
+            assert (models / path).read_bytes() == data
+        assert not list((models / ".packages").glob(".journal-*"))
+    finally:
+        handle.stop()
+        shutil.rmtree(sock, ignore_errors=True)

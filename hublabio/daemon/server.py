@@ -324,6 +324,7 @@ class Server:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        self.service.recover_packages()  # before serving: the visible state is old or new
         self.dispatcher = Dispatcher(self.service, self.queue_size)
         self._stopped = asyncio.Event()
         _prepare_socket_path(self.socket_path)

@@ -276,6 +276,23 @@ class Service:
             raise ModelNotFound(f"no model named {name!r} and no such file: {p}")
         return p.absolute()
 
+    def recover_packages(self) -> list[str]:
+        """Finish or discard package installs a crash interrupted (hublabio.pkg.recover), so the
+        daemon never serves a half-installed package. A refused (tampered) journal is logged
+        and left for the administrator; the daemon still starts."""
+        from hublabio import pkg
+
+        if not self.models_dir.is_dir():
+            return []
+        try:
+            done = pkg.recover(self.models_dir)
+        except HublabError as exc:
+            log.error("package recovery refused: %s", exc)
+            return []
+        for line in done:
+            log.info("package recovery: %s", line)
+        return done
+
     def set_current(self, name: str) -> None:
         with self._lock:
             self._current = name
