@@ -409,7 +409,8 @@ def _load_many(files: list[Path], *, require_expert: bool):
 def _toml_files(folder: Path, *, skip=()) -> list[Path]:
     if not folder.is_dir():
         return []
-    files = [p for p in folder.glob("*.toml") if p.is_file() and p.name not in skip]
+    # not only regular files: a folder or a symlink loop named *.toml is reported, not skipped
+    files = [p for p in folder.glob("*.toml") if p.name not in skip]
     # model-config.toml (the default model) first, then alphabetical: later duplicates lose.
     return sorted(files, key=lambda p: (p.name != "model-config.toml", p.name))
 

@@ -37,3 +37,26 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, older_than_s: float = 600.0) -> list[Path]:
+    """Delete the temp files atomic_write_* left behind when its process was killed
+    (`.<name>.<random>.tmp`, untouched for `older_than_s`); returns what was removed. A writer
+    in progress holds its temp file for milliseconds, far below the age limit."""
+    import time
+
+    removed = []
+    now = time.time()
+    try:
+        candidates = list(Path(folder).glob(".*.tmp"))
+    except OSError:
+        return removed
+    for p in candidates:
+        try:
+            st = p.lstat()
+            if p.is_file() and not p.is_symlink() and now - st.st_mtime > older_than_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed

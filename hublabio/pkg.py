@@ -250,6 +250,9 @@ def _stage_dir(src: Path, staging: Path) -> InstalledPackage:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 raise PackageError(f"{full}: not a regular file (devices, fifos, sockets are refused)")
+            if st.st_nlink > 1:  # could be any file of the machine under another name
+                raise PackageError(f"{full}: a hard link ({st.st_nlink} names); a package folder "
+                                   "holds its own files only")
             if rel != MANIFEST and rel not in listed:
                 raise PackageError(f"{full}: not listed in {MANIFEST}")
     for entry in pkg.files:

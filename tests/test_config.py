@@ -422,3 +422,15 @@ def test_concurrent_settings_writers_lose_no_update():
             t.join(60)
         assert pending.get(60) == [25, 25]
     assert {k: read_settings()["inference"][k] for k in keys} == dict.fromkeys(keys, 25)
+
+
+def test_a_folder_or_a_symlink_loop_named_toml_is_reported_not_skipped(tmp_path):
+    write(tmp_path / "good.toml", '[model]\nname = "ok"\npath = "a.gguf"\n')
+    (tmp_path / "dir.toml").mkdir()
+    (tmp_path / "loop.toml").symlink_to(tmp_path / "loop.toml")
+    configs, errors = load_model_dir(tmp_path)
+    assert [c.name for c in configs] == ["ok"]
+    messages = sorted(str(e) for e in errors)
+    assert len(messages) == 2
+    assert "dir.toml: is a directory" in messages[0]
+    assert "loop.toml: cannot read" in messages[1]

@@ -401,3 +401,27 @@ def test_the_daemon_finishes_an_interrupted_install_before_serving(tmp_path, mod
     finally:
         handle.stop()
         shutil.rmtree(sock, ignore_errors=True)
+
+
+def test_folder_packages_refuse_hard_links(tmp_path, models):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(FILES["demo.gguf"])
+    src = make_dir(tmp_path / "p")
+    (src / "demo.gguf").unlink()
+    os.link(secret, src / "demo.gguf")  # same bytes, so only the link itself is wrong
+    with pytest.raises(PackageError, match="a hard link"):
+        pkg.install(src, models)
+    assert pkg.list_packages(models) == []
+
+
+def test_temp_files_of_killed_writers_are_removed_by_age(tmp_path):
+    import time
+
+    from hublabio.fsutil import remove_stale_temps
+
+    old, fresh = tmp_path / ".settings.toml.abc.tmp", tmp_path / ".settings.toml.def.tmp"
+    old.write_text("x")
+    fresh.write_text("y")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert remove_stale_temps(tmp_path) == [old]
+    assert fresh.exists() and not old.exists()

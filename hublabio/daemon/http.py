@@ -188,7 +188,13 @@ class HttpApi:
             name, sep, value = line.partition(":")
             if not sep or not name.strip():
                 raise HttpError(400, f"malformed header line {line[:60]!r}")
-            headers[name.strip().lower()] = value.strip()
+            key = name.strip().lower()
+            if key in headers and key in ("content-length", "transfer-encoding", "host"):
+                raise HttpError(400, f"the {key} header appears twice")
+            headers[key] = value.strip()
+        if "content-length" in headers and "transfer-encoding" in headers:
+            raise HttpError(400, "a request has either Content-Length or Transfer-Encoding, "
+                                 "not both")
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
@@ -196,10 +202,10 @@ class HttpApi:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             body = await self._read_chunked(reader)
         elif "content-length" in headers:
-            try:
-                n = int(headers["content-length"])
-            except ValueError:
-                raise HttpError(400, "Content-Length is not a number") from None
+            raw = headers["content-length"]
+            if not (raw.isascii() and raw.isdigit()):  # no sign, no spaces, no "1,2"
+                raise HttpError(400, "Content-Length is not a number")
+            n = int(raw)
             if n < 0 or n > MAX_BODY_BYTES:
                 raise HttpError(413, f"request body of {n} bytes exceeds {MAX_BODY_BYTES}")
             body = await reader.readexactly(n)
@@ -215,6 +221,8 @@ class HttpApi:
                 size = int(size_line.split(b";")[0].strip(), 16)
             except ValueError:
                 raise HttpError(400, "malformed chunk size") from None
+            if size < 0:
+                raise HttpError(400, "negative chunk size")
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass  # trailers

@@ -281,7 +281,11 @@ class Service:
         daemon never serves a half-installed package. A refused (tampered) journal is logged
         and left for the administrator; the daemon still starts."""
         from hublabio import pkg
+        from hublabio.fsutil import remove_stale_temps
 
+        for folder in (paths.state_dir(), self.models_dir, self.models_dir / "experts"):
+            for p in remove_stale_temps(folder):
+                log.info("removed a temp file a killed writer left: %s", p)
         if not self.models_dir.is_dir():
             return []
         try:

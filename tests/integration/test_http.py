@@ -235,3 +235,29 @@ def test_busy_daemon_answers_429(smollm2_path, tmp_path):
         r = httpx.post(f"http://{host}:{port}/v1/completions", json={"prompt": "Hi"}, timeout=30)
         assert r.status_code == 429 and r.json()["error"]["code"] == "busy"
         running.close()
+
+
+def _raw(handle, request: bytes, timeout: float = 10.0) -> bytes:
+    host, port = handle.http_address
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("request_bytes,fragment", [
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 40\r\n"
+     b"Connection: close\r\n\r\n{}", b"content-length header appears twice"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: "
+     b"chunked\r\nConnection: close\r\n\r\n{}", b"not both"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+     b"Connection: close\r\n\r\n-5\r\n", b"negative chunk size"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\nConnection: close"
+     b"\r\n\r\n{}", b"Content-Length is not a number")])
+def test_http_framing_edge_cases_get_a_400_not_a_hang(api, request_bytes, fragment):
+    handle, http = api
+    data = _raw(handle, request_bytes)
+    assert data.startswith(b"HTTP/1.1 400") and fragment in data
+    assert http.get("/health").status_code == 200  # and the server still answers
