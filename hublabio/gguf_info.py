@@ -275,9 +275,14 @@ def _parse(buf, path: Path, file_size: int) -> ModelInfo:
 
 def _meta_int(meta: dict, key: str, default: int = 0) -> int:
     v = meta.get(key, default)
-    if isinstance(v, list):
-        v = max(v) if v else default
+    if isinstance(v, list):  # one value per layer; a list of anything else counts as absent
+        nums = [x for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        v = max(nums) if nums and len(nums) == len(v) else default
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
 
 
 def _build_info(path: Path, file_size: int, meta: dict, tensors: list[TensorInfo]) -> ModelInfo:
@@ -303,7 +308,7 @@ def _build_info(path: Path, file_size: int, meta: dict, tensors: list[TensorInfo
     heads = _meta_int(meta, f"{a}.attention.head_count")
     kv_raw = meta.get(f"{a}.attention.head_count_kv", heads)
     layers = _meta_int(meta, f"{a}.block_count")
-    if isinstance(kv_raw, list):
+    if _ints(kv_raw):
         kv_per_layer = tuple(int(x) for x in kv_raw)
         kv_heads = max(kv_per_layer, default=0)
     else:

@@ -7,6 +7,7 @@ ops_moe.py is imported after this module and replaces `ask` with the MoE-R pipel
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from hublabio.config import read_settings, update_settings, validate_inference_o
 from hublabio.daemon.service import Req, Service, _mb, op
 from hublabio.errors import GGUFError, HublabError, ModelNotFound, ProtocolError
 from hublabio.gguf_check import problems as header_problems
+
+log = logging.getLogger("hublabd")
 
 
 def _messages(messages, prompt) -> list[dict] | str:
@@ -75,6 +78,9 @@ def _models_list(svc: Service, req: Req) -> dict:
                     row["error"] = f"{cfg.path}: " + "; ".join(bad)
             except (GGUFError, OSError) as exc:
                 row["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one odd file must not break the list
+                log.exception("models.list: %s", cfg.path)
+                row["error"] = f"{cfg.path}: unreadable header ({type(exc).__name__})"
         models.append(row)
     return {"models": models, "models_dir": str(svc.models_dir),
             "errors": [{"path": e.path, "key": e.key, "message": str(e)} for e in errors]}

@@ -88,3 +88,51 @@ def test_the_daemon_refuses_bad_files_and_keeps_serving(tiny, tmp_path, smollm2_
             assert c.call("generate", model="good", prompt="The capital of France is")["text"]
     finally:
         handle.stop()
+
+
+def retyped(src: Path, dst: Path, key: str, value, vtype=None) -> Path:
+    """A copy of `src` whose metadata `key` holds a value of another type."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, "llama")
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", key):
+            continue
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    if isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        writer.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type,
+                          raw_shape=[int(x) for x in reversed(t.shape)])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_type_confused_headers_are_named_and_ai_list_still_works(tiny, tmp_path, smollm2_path):
+    from gguf import GGUFValueType
+
+    from hublabio.daemon.service import Service
+    from hublabio.pool import ModelPool
+
+    models = tmp_path / "models"
+    models.mkdir()
+    retyped(tiny, models / "nested.gguf", "llama.attention.head_count_kv", [[1, 2], [3]])
+    retyped(tiny, models / "text.gguf", "llama.block_count", "two", GGUFValueType.STRING)
+    for name, gguf in (("good", smollm2_path), ("nested", models / "nested.gguf"),
+                       ("text", models / "text.gguf")):
+        (models / f"{name}.toml").write_text(f'[model]\nname = "{name}"\npath = "{gguf}"\n')
+    svc = Service(DaemonSettings(models_dir=models), board="b", pool=ModelPool(2048))
+    rows = {m["name"]: m for m in svc.call("models.list")["models"]}
+    assert rows["good"]["error"] is None and rows["good"]["parameters"] == "135M"
+    assert "head_count_kv must be a non-negative integer" in rows["nested"]["error"]
+    assert "block_count must be an integer in [1, 512], got 'two'" in rows["text"]["error"]
+    with pytest.raises(GGUFError, match="refused before loading"):
+        svc.call("models.load", name="text")
