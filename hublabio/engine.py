@@ -182,16 +182,17 @@ class Engine:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.model.detokenize(ids)
 
-    def format_chat(self, messages: list[dict]) -> str:
+    def format_chat(self, messages: list[dict], cancel: threading.Event | None = None) -> str:
         """Render chat messages with the GGUF's own chat template (Jinja2), ready for the
         assistant's turn. Models without a template get a plain `role: content` transcript."""
         if self._formatter is None:
             self._formatter = ChatTemplate(self.chat_template, bos=self._bos_text,
                                            eos=self._eos_text)
-        return self._formatter.render(messages)
+        return self._formatter.render(messages, cancel)
 
-    def prompt_tokens(self, prompt: str | list[dict]) -> list[int]:
-        text = self.format_chat(prompt) if isinstance(prompt, list) else prompt
+    def prompt_tokens(self, prompt: str | list[dict],
+                      cancel: threading.Event | None = None) -> list[int]:
+        text = self.format_chat(prompt, cancel) if isinstance(prompt, list) else prompt
         add_bos = self.model.add_bos
         if add_bos and self._bos_text and text.startswith(self._bos_text):
             add_bos = False  # the template already wrote BOS
@@ -284,7 +285,7 @@ class Engine:
         opts = opts or SamplingOptions()
         self.ctx._live()
         self._use_adapter(adapter, adapter_scale)
-        tokens = self.prompt_tokens(prompt)
+        tokens = self.prompt_tokens(prompt, cancel)
         if not tokens:  # an empty raw prompt: start from beginning-of-text, never from the
             if self.model.bos < 0:  # previous request's context
                 raise ProtocolError("the prompt is empty and this model has no BOS token to "

@@ -86,3 +86,8 @@ class LlamaError(HublabError):
     """llama.cpp refused or failed (load, context, decode, adapter, quantize): the one error
     type of hublabio.llama."""
     code = "engine"
+
+
+class TemplateError(HublabError):
+    """A model's chat template failed, ran too long, or wrote too much."""
+    code = "template"

@@ -136,3 +136,30 @@ def test_type_confused_headers_are_named_and_ai_list_still_works(tiny, tmp_path,
     assert "block_count must be an integer in [1, 512], got 'two'" in rows["text"]["error"]
     with pytest.raises(GGUFError, match="refused before loading"):
         svc.call("models.load", name="text")
+
+
+def test_an_endless_chat_template_frees_the_slot(tiny, tmp_path, smollm2_path, test_threads):
+    from gguf import GGUFValueType
+
+    from hublabio.errors import TemplateError
+
+    models = tmp_path / "models"
+    models.mkdir()
+    endless = ("{% for i in range(100000) %}{% for j in range(100000) %}{% set x = i * j %}"
+               "{% endfor %}{% endfor %}")
+    retyped(tiny, models / "endless.gguf", "tokenizer.chat_template", endless,
+            GGUFValueType.STRING)
+    for name, gguf in (("good", smollm2_path), ("endless", models / "endless.gguf")):
+        (models / f"{name}.toml").write_text(
+            f'[model]\nname = "{name}"\npath = "{gguf}"\n\n[inference]\ncontext_size = 256\n'
+            f"max_tokens = 3\ntemperature = 0.0\nthreads = {test_threads}\n")
+    handle = start_in_thread(DaemonSettings(models_dir=models, idle_ttl_s=0, budget_mb=2048),
+                             short_dir() / "d.sock")
+    try:
+        with Client(handle.socket_path) as c:
+            with pytest.raises(TemplateError, match="ran for more than"):
+                c.call("generate", model="endless", messages=[{"role": "user", "content": "Hi"}])
+            out = c.call("generate", model="good", messages=[{"role": "user", "content": "Hi"}])
+            assert out["completion_tokens"] >= 1
+    finally:
+        handle.stop()
