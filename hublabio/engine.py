@@ -285,7 +285,10 @@ class Engine:
         opts = opts or SamplingOptions()
         self.ctx._live()
         self._use_adapter(adapter, adapter_scale)
-        tokens = self.prompt_tokens(prompt, cancel)
+        try:
+            tokens = self.prompt_tokens(prompt, cancel)
+        except Cancelled:  # while the chat template rendered
+            return GenerationStats(finish_reason="cancelled")
         if not tokens:  # an empty raw prompt: start from beginning-of-text, never from the
             if self.model.bos < 0:  # previous request's context
                 raise ProtocolError("the prompt is empty and this model has no BOS token to "

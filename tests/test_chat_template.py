@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hublabio.errors import TemplateError
+from hublabio.errors import Cancelled, TemplateError
 from hublabio.llama.chat import ChatTemplate
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -42,7 +42,7 @@ def test_a_template_that_writes_without_end_is_stopped():
 def test_rendering_can_be_cancelled():
     cancel = threading.Event()
     threading.Timer(0.2, cancel.set).start()
-    with pytest.raises(TemplateError, match="cancelled"):
+    with pytest.raises(Cancelled, match="cancelled"):
         ChatTemplate(ENDLESS, bos="", eos="", time_limit_s=30).render(MSGS, cancel)
 
 

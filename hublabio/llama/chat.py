@@ -2,7 +2,7 @@
 llama-cpp-python and transformers render it (sandboxed environment, tojson, loop controls,
 add_generation_prompt), with limits: a template comes with the model file, and one that never
 finishes must not hold the only generation slot. Rendering stops with a TemplateError after
-`time_limit_s`, past `max_chars` of output, or as soon as `cancel` is set (the check runs on
+`time_limit_s`, past `max_chars` of output, or with Cancelled as soon as `cancel` is set (the check runs on
 the rendering thread's line events and on every output chunk). Models without a template get a
 plain `role: content` transcript."""
 
@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from hublabio.errors import TemplateError
+from hublabio.errors import Cancelled, TemplateError
 
 TIME_LIMIT_S = 2.0
 MAX_CHARS = 1 << 20
@@ -46,7 +46,7 @@ class ChatTemplate:
 
         def check() -> None:
             if cancel is not None and cancel.is_set():
-                raise TemplateError("cancelled while rendering the chat template")
+                raise Cancelled("cancelled while rendering the chat template")
             if time.monotonic() > deadline:
                 raise TemplateError(f"the model's chat template ran for more than "
                                     f"{self.time_limit_s:g} s")
@@ -75,7 +75,7 @@ class ChatTemplate:
                                         f"{self.max_chars} characters")
                 parts.append(chunk)
                 check()
-        except TemplateError:
+        except (TemplateError, Cancelled):
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a template can raise
             raise TemplateError(f"the model's chat template failed: {exc}") from None
