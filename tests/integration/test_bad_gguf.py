@@ -31,6 +31,16 @@ def patched(src: Path, dst: Path, key: str, value: int) -> Path:
     return dst
 
 
+def daemon_over(models: Path, threads: int, **ggufs: Path):
+    """A daemon over `models` with one config per name = GGUF."""
+    for name, gguf in ggufs.items():
+        (models / f"{name}.toml").write_text(
+            f'[model]\nname = "{name}"\npath = "{gguf}"\n\n[inference]\ncontext_size = 256\n'
+            f"max_tokens = 3\ntemperature = 0.0\nthreads = {threads}\n")
+    return start_in_thread(DaemonSettings(models_dir=models, idle_ttl_s=0, budget_mb=2048),
+                           short_dir() / "d.sock")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_path) -> Path:
     from hublabio_tools.gguf_float import write_tiny_llama
@@ -71,13 +81,8 @@ def test_the_daemon_refuses_bad_files_and_keeps_serving(tiny, tmp_path, smollm2_
     models.mkdir()
     patched(tiny, models / "zero.gguf", "llama.block_count", 0)
     patched(tiny, models / "kv3.gguf", "llama.attention.head_count_kv", 3)
-    for name, gguf in (("good", smollm2_path), ("zero", models / "zero.gguf"),
-                       ("kv3", models / "kv3.gguf")):
-        (models / f"{name}.toml").write_text(
-            f'[model]\nname = "{name}"\npath = "{gguf}"\n\n[inference]\ncontext_size = 256\n'
-            f"max_tokens = 4\ntemperature = 0.0\nthreads = {test_threads}\n")
-    handle = start_in_thread(DaemonSettings(models_dir=models, idle_ttl_s=0, budget_mb=2048),
-                             short_dir() / "d.sock")
+    handle = daemon_over(models, test_threads, good=smollm2_path, zero=models / "zero.gguf",
+                         kv3=models / "kv3.gguf")
     try:
         with Client(handle.socket_path) as c:
             rows = {m["name"]: m for m in c.call("models.list")["models"]}
@@ -149,12 +154,8 @@ def test_an_endless_chat_template_frees_the_slot(tiny, tmp_path, smollm2_path, t
                "{% endfor %}{% endfor %}")
     retyped(tiny, models / "endless.gguf", "tokenizer.chat_template", endless,
             GGUFValueType.STRING)
-    for name, gguf in (("good", smollm2_path), ("endless", models / "endless.gguf")):
-        (models / f"{name}.toml").write_text(
-            f'[model]\nname = "{name}"\npath = "{gguf}"\n\n[inference]\ncontext_size = 256\n'
-            f"max_tokens = 3\ntemperature = 0.0\nthreads = {test_threads}\n")
-    handle = start_in_thread(DaemonSettings(models_dir=models, idle_ttl_s=0, budget_mb=2048),
-                             short_dir() / "d.sock")
+    handle = daemon_over(models, test_threads, good=smollm2_path,
+                         endless=models / "endless.gguf")
     try:
         with Client(handle.socket_path) as c:
             with pytest.raises(TemplateError, match="ran for more than"):
