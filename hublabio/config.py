@@ -573,9 +573,36 @@ def validate_inference_override(key: str, value: Any) -> Any:
     return _check_value(where, None, key, value, (kind, check))
 
 
+RESET_HINT = "`ai config reset` starts a fresh settings file and keeps this one beside it"
+
+
 def read_settings() -> dict[str, dict[str, Any]]:
     """The user settings file as {section: {key: value}}; a missing file gives {}.
-    Inference values are validated (a hand-edited bad value is a ConfigError)."""
+    Inference values are validated (a hand-edited bad value is a ConfigError that says how to
+    reset the file)."""
+    try:
+        return _read_settings()
+    except ConfigError as exc:
+        if RESET_HINT in exc.message:
+            raise
+        raise ConfigError(exc.path, exc.key, f"{exc.message} ({RESET_HINT})") from None
+
+
+def reset_settings() -> Path | None:
+    """Move a (damaged) settings file aside as `settings.toml.damaged-<UTC time>` so the next
+    change starts from the defaults; returns where the old file went (None: there was none)."""
+    import time
+
+    path = _settings_path()
+    with settings_lock():
+        if not (path.exists() or path.is_symlink()):
+            return None
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.replace(path, aside)
+        return aside
+
+
+def _read_settings() -> dict[str, dict[str, Any]]:
     path = _settings_path()
     if not path.exists():
         return {}

@@ -434,3 +434,19 @@ def test_a_folder_or_a_symlink_loop_named_toml_is_reported_not_skipped(tmp_path)
     assert len(messages) == 2
     assert "dir.toml: is a directory" in messages[0]
     assert "loop.toml: cannot read" in messages[1]
+
+
+def test_a_damaged_settings_file_says_how_to_reset_and_reset_keeps_it(isolated_state):
+    from hublabio.config import reset_settings
+
+    path = settings_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[inference\ntemperature = 0.5\n")
+    for action in (read_settings, lambda: update_settings("inference", "top_k", 5)):
+        with pytest.raises(ConfigError, match="ai config reset"):
+            action()
+    kept = reset_settings()
+    assert kept.read_text() == "[inference\ntemperature = 0.5\n" and not path.exists()
+    update_settings("inference", "top_k", 5)
+    assert read_settings() == {"inference": {"top_k": 5}}
+    assert reset_settings() is not None and reset_settings() is None

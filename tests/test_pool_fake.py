@@ -212,3 +212,16 @@ def test_wrong_types_and_lone_surrogates_are_protocol_errors(tmp_path, smollm2_p
     assert ev["type"] == "error" and ev["code"] == "protocol", ev
     assert fragment in ev["message"]
     assert FakeEngine.made == []  # refused before anything ran
+
+
+def test_config_reset_op_moves_a_damaged_file_aside(tmp_path, smollm2_path):
+    from hublabio.paths import settings_file
+
+    svc = _service(tmp_path, smollm2_path)
+    settings_file().parent.mkdir(parents=True, exist_ok=True)
+    settings_file().write_text("garbage = [")
+    [err] = list(svc.run("config.get", {}))
+    assert err["type"] == "error" and "ai config reset" in err["message"]
+    data = svc.call("config.reset")
+    assert data["reset"] and Path(data["kept_as"]).read_text() == "garbage = ["
+    assert svc.call("config.set", key="temperature", value="0.2")["value"] == 0.2

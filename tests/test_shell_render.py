@@ -216,7 +216,15 @@ def test_ai_config_sends_the_pair_and_prints_the_daemons_answer():
     assert client.calls[-1] == ("config.set", {"key": "temperature", "value": "0.2"})
     assert out[-1] == "temperature = 0.2 (saved); applies to the next request\n"
     assert not execute(ctx, "ai config temperature")
-    assert err[-1] == "Error: usage: ai config [<key> <value>]\n"
+    assert err[-1] == "Error: usage: ai config [<key> <value> | reset]\n"
+
+
+def test_ai_config_reset_says_where_the_old_file_went():
+    ctx, client, out, err = make_ctx({"config.reset": {"reset": True,
+                                                       "kept_as": "/s/settings.toml.damaged-1"}})
+    assert execute(ctx, "ai config reset")
+    assert client.calls[-1] == ("config.reset", {})
+    assert out[-1] == "Settings reset; the old file is kept as /s/settings.toml.damaged-1\n"
 
 
 def test_ai_load_path_is_resolved_and_missing_file_is_reported(tmp_path):

@@ -14,7 +14,12 @@ from typing import Any
 
 import hublabio
 from hublabio import protocol
-from hublabio.config import read_settings, update_settings, validate_inference_override
+from hublabio.config import (
+    read_settings,
+    reset_settings,
+    update_settings,
+    validate_inference_override,
+)
 from hublabio.daemon.service import Req, Service, _mb, op
 from hublabio.errors import GGUFError, HublabError, ModelNotFound, ProtocolError
 from hublabio.gguf_check import problems as header_problems
@@ -175,6 +180,13 @@ def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
         note = "applies to models loaded from now on (ai unload to reload)"
         svc.pool.load = dataclasses.replace(svc.pool.load, **{key: typed})
     return {"key": key, "value": typed, "note": note}
+
+
+@op("config.reset")
+def _config_reset(svc: Service, req: Req) -> dict:
+    """Move the user settings file aside (e.g. after it was damaged) and start from defaults."""
+    aside = reset_settings()
+    return {"reset": aside is not None, "kept_as": str(aside) if aside else None}
 
 
 @op("stats")

@@ -300,8 +300,8 @@ def _require(args: list[str], low: int, high: int, usage: str) -> None:
 
 # ---------------------------------------------------------------- the built-in commands
 
-CONFIG_KEYS = ("context_size", "max_tokens", "temperature", "top_p", "top_k", "threads",
-               "repeat_penalty")
+CONFIG_KEYS = ("context_size", "max_tokens", "temperature", "top_p", "top_k", "threads", "threads_batch",
+               "repeat_penalty", "reset")
 
 
 @command("?", usage="?<question>", raw=True)
@@ -372,18 +372,25 @@ def ai_info(ctx: ShellContext, args: list[str]) -> None:
     ctx.out.line(render.info(ctx.client.call("info")))
 
 
-@command("ai config", usage="ai config [<key> <value>]", complete=CONFIG_KEYS)
+@command("ai config", usage="ai config [<key> <value> | reset]", complete=CONFIG_KEYS)
 def ai_config(ctx: ShellContext, args: list[str]) -> None:
     """Show the inference settings, or change one; changes are saved and survive a restart.
 
-    Keys: context_size, max_tokens, temperature, top_p, top_k, threads (0 = physical cores),
-    repeat_penalty. Example: ai config temperature 0.2"""
+    Keys: context_size, max_tokens, temperature, top_p, top_k, threads (generation; 0 = the
+    board's default), threads_batch (prompt processing), repeat_penalty.
+    Example: ai config temperature 0.2. `ai config reset` moves a damaged settings file aside
+    (it is kept as settings.toml.damaged-<time>) and starts from the defaults."""
+    if args == ["reset"]:
+        data = ctx.client.call("config.reset")
+        ctx.out.line(f"Settings reset; the old file is kept as {data['kept_as']}"
+                     if data["reset"] else "No settings file: nothing to reset.")
+        return
     if not args:
         data = ctx.client.call("config.get")
         ctx.out.line(render.config(data.get("settings", data), data.get("overrides"),
                                    data.get("model")))
         return
-    _require(args, 2, 2, "ai config [<key> <value>]")
+    _require(args, 2, 2, "ai config [<key> <value> | reset]")
     key, value = args
     # The daemon checks key, type and range (one rule for every client) and converts "0.2".
     ctx.out.line(render.config_set(ctx.client.call("config.set", key=key, value=value)))
