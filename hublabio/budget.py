@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from hublabio.errors import BudgetError
 from hublabio.gguf_info import ModelInfo
-from hublabio.llama.cpu import RepackPolicy, decide as repack_policy
+from hublabio.llama.cpu import RepackPolicy
+from hublabio.llama.cpu import decide as repack_policy
 
 MiB = 1024 * 1024
 CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of this

@@ -74,12 +74,6 @@ class SamplingOptions:
             values["stop"] = tuple(values["stop"])
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def non_default(self) -> dict:
-        """The options that differ from a plain SamplingOptions()."""
-        base = SamplingOptions()
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) != getattr(base, f.name)}
-
 
 @dataclass
 class GenerationStats:
@@ -109,6 +103,17 @@ class Step:
 
 
 Generation = Generator[Piece, None, GenerationStats]
+
+
+def map_pieces(gen: Generation, fn):
+    """Yield fn(piece) for each Piece of a generation; return its GenerationStats. Lets a
+    generator pass a generation on (`stats = yield from map_pieces(gen, to_event)`)."""
+    while True:
+        try:
+            piece = next(gen)
+        except StopIteration as done:
+            return done.value
+        yield fn(piece)
 
 
 def collect(gen: Generation) -> tuple[str, list[Piece], GenerationStats]:
@@ -157,7 +162,6 @@ class Engine:
         self._formatter = None
         self._adapter_key: tuple = ()
         self._cached: list[int] = []  # tokens whose KV is in the context (sequence 0)
-        self._lock = threading.Lock()
 
     # ---- what the pool and `ai info` show --------------------------------------------------
     @property

@@ -212,13 +212,13 @@ class _Run:
 def _pieces(gen, run: _Run):
     """(text, logprob) for each Piece of a generation, its text kept in `run`; returns the
     generation's GenerationStats."""
-    while True:
-        try:
-            piece = next(gen)
-        except StopIteration as done:
-            return done.value
+    from hublabio.engine import map_pieces
+
+    def keep(piece):
         run.texts.append(piece.text)
-        yield piece.text, (piece.logprob if piece.tokens else None)
+        return piece.text, piece.logprob
+
+    return (yield from map_pieces(gen, keep))
 
 
 # ---------------------------------------------------------------- the pipeline

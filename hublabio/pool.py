@@ -40,11 +40,11 @@ class LoadSettings:
     def for_model(self, inf) -> "LoadSettings":
         """These defaults overridden by a model's [inference] (threads, mmap, repack, ...)."""
         return LoadSettings(
-            threads=getattr(inf, "threads", 0) or self.threads,
-            threads_batch=getattr(inf, "threads_batch", 0) or self.threads_batch,
-            mmap=self.mmap if getattr(inf, "mmap", None) is None else inf.mmap,
-            mlock=self.mlock if getattr(inf, "mlock", None) is None else inf.mlock,
-            repack=self.repack if getattr(inf, "repack", "auto") == "auto" else inf.repack)
+            threads=inf.threads or self.threads,
+            threads_batch=inf.threads_batch or self.threads_batch,
+            mmap=self.mmap if inf.mmap is None else inf.mmap,
+            mlock=self.mlock if inf.mlock is None else inf.mlock,
+            repack=self.repack if inf.repack == "auto" else inf.repack)
 
 
 def _default_factory(path, **kwargs):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Iterator
@@ -106,9 +107,7 @@ class RemoteExpert:
 
     def generate(self, messages: list[dict], opts, *, cancel: Any = None):
         """Stream the answer as Pieces; the return value is a GenerationStats."""
-        import time
-
-        from .engine import GenerationStats
+        from .engine import GenerationStats  # engine imports llama.cpp: only when used
 
         stats = GenerationStats()
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ token that straddles the stop string's start is included, its text cut), and `st
 from __future__ import annotations
 
 import codecs
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,9 +32,11 @@ class Piece:
     tokens: list[TokenInfo] = field(default_factory=list)
 
     @property
-    def logprob(self) -> float:
-        """The log-probability of the whole piece (sum over its tokens)."""
-        return float(sum(t.logprob for t in self.tokens))
+    def logprob(self) -> float | None:
+        """The log-probability of the whole piece (sum over its tokens); None when it has no
+        tokens or their log-probabilities were not computed."""
+        total = float(sum(t.logprob for t in self.tokens))
+        return total if self.tokens and not math.isnan(total) else None
 
 
 class TextStream:

@@ -12,7 +12,6 @@ from typing import Callable
 import numpy as np
 
 from hublabio.llama import Context, Model, owned
-from hublabio.llama.log import recent_errors as recent_llama_errors  # noqa: F401 - re-export
 
 
 class LlamaModel:

@@ -31,7 +31,13 @@ from pathlib import Path
 from hublabio import paths, protocol
 from hublabio.config import DaemonSettings
 from hublabio.daemon.service import Service
-from hublabio.errors import BusyError, Cancelled, DaemonUnavailable, HublabError, ProtocolError
+from hublabio.errors import (
+    BusyError,
+    Cancelled,
+    DaemonUnavailable,
+    HublabError,
+    ProtocolError,
+)
 
 log = logging.getLogger("hublabd")
 
@@ -324,7 +330,7 @@ class Server:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self.service.recover_packages()  # before serving: the visible state is old or new
+        self.service.tidy_at_start()  # before serving: the visible state is old or new
         self.dispatcher = Dispatcher(self.service, self.queue_size)
         self._stopped = asyncio.Event()
         _prepare_socket_path(self.socket_path)

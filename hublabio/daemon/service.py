@@ -276,10 +276,11 @@ class Service:
             raise ModelNotFound(f"no model named {name!r} and no such file: {p}")
         return p.absolute()
 
-    def recover_packages(self) -> list[str]:
-        """Finish or discard package installs a crash interrupted (hublabio.pkg.recover), so the
-        daemon never serves a half-installed package. A refused (tampered) journal is logged
-        and left for the administrator; the daemon still starts."""
+    def tidy_at_start(self) -> list[str]:
+        """Start-up clean-up: remove temp files that killed writers left, and finish or discard
+        package installs a crash interrupted (hublabio.pkg.recover), so the daemon never serves
+        a half-installed package. A refused (tampered) journal is logged and left for the
+        administrator; the daemon still starts."""
         from hublabio import pkg
         from hublabio.fsutil import remove_stale_temps
 
@@ -454,19 +455,18 @@ def token_events(gen, parts: list[str], *, detail: bool = False) -> Iterator[dic
     """Token events for the Pieces of a generation (appending their text to `parts`); returns
     the generation's return value (its GenerationStats). With `detail`, each event also lists
     its tokens with their log-probabilities and top alternatives."""
-    while True:
-        try:
-            piece = next(gen)
-        except StopIteration as done:
-            return done.value
+    from hublabio.engine import map_pieces
+
+    def event(piece) -> dict:
         parts.append(piece.text)
         tokens = None
         if detail:
             tokens = [{"text": t.text, "bytes": list(t.data), "logprob": t.logprob,
                        "top": [{"text": text, "logprob": lp} for _, text, lp in t.top]}
                       for t in piece.tokens]
-        yield protocol.token(piece.text, piece.logprob if piece.tokens else None,
-                             tokens=tokens)
+        return protocol.token(piece.text, piece.logprob, tokens=tokens)
+
+    return (yield from map_pieces(gen, event))
 
 
 def load_settings(settings: DaemonSettings, board):

@@ -15,8 +15,16 @@ from hublabio.errors import LlamaError
 from hublabio.llama import abi  # noqa: F401 - checks the binding on import
 from hublabio.llama.abi import LlamaABIError
 from hublabio.llama.backend import extra_buffer_types
-from hublabio.llama.cpu import RepackPolicy, decide as repack_policy, parse_repack
-from hublabio.llama.handles import Batch, Context, LoraAdapter, Model, SamplerChain, owned
+from hublabio.llama.cpu import RepackPolicy, parse_repack
+from hublabio.llama.cpu import decide as repack_policy
+from hublabio.llama.handles import (
+           Batch,
+           Context,
+           LoraAdapter,
+           Model,
+           SamplerChain,
+           owned,
+)
 
 __all__ = ["LlamaError", "LlamaABIError", "Model", "LoraAdapter", "Context", "Batch",
            "SamplerChain", "owned", "RepackPolicy", "repack_policy", "parse_repack",

@@ -21,8 +21,6 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-REPACK_CHOICES = ("auto", True, False)
-
 # ggml-cpu/repack.cpp (llama.cpp in llama-cpp-python 0.3.36): tensor type -> the row count
 # (ne[1]) a matrix must be a multiple of to get a repacked copy, per CPU feature set.
 _X86_AVX2 = {"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8}

@@ -8,6 +8,7 @@ one ExitStack in that order). Every failure is a LlamaError naming the file or t
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import os
 from contextlib import ExitStack
@@ -30,7 +31,7 @@ def load_mode(mmap: bool, mlock: bool) -> int:
     return C.LLAMA_LOAD_MODE_MLOCK if mlock else C.LLAMA_LOAD_MODE_NONE
 
 
-class _Handle:
+class _Handle(abc.ABC):
     _ptr = None
 
     def _live(self):
@@ -50,8 +51,9 @@ class _Handle:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
-    def close(self) -> None:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the C object (idempotent)."""
 
 
 class Model(_Handle):
@@ -66,7 +68,6 @@ class Model(_Handle):
             raise GGUFError(self.path, "no such model file")
         backend.init()
         self.policy: RepackPolicy = decide(repack)
-        self.mmap, self.mlock = mmap, mlock
         self._adapters: dict[Path, LoraAdapter] = {}
         params = C.llama_model_default_params()
         set_fields(params, load_mode=load_mode(mmap and not metadata_only, mlock),

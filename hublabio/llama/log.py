@@ -2,7 +2,7 @@
 
 llama.cpp logs through a single process-wide callback. hublabio installs this one when the
 backend starts (hublabio.llama.backend.init): nothing reaches stderr unless HUBLAB_LLAMA_LOG=1
-(or `echo(True)`), recent warnings and errors are kept for error messages (`recent_errors`), and
+), recent warnings and errors are kept for error messages (`recent_errors`), and
 the "model buffer size" lines of a load are captured, so a loaded model can say which buffer
 types (CPU_Mapped, CPU_REPACK, AMX, ...) hold its weights.
 """
@@ -51,12 +51,6 @@ def _callback(level, text, user_data):  # runs on llama.cpp's threads; must neve
 
 def install() -> None:
     C.llama_log_set(_callback, ctypes.c_void_p(0))
-
-
-def echo(on: bool) -> None:
-    """Print llama.cpp's log to stderr (the tools' --verbose)."""
-    global _echo
-    _echo = on
 
 
 def recent_errors(n: int = 8) -> list[str]:

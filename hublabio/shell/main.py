@@ -29,8 +29,14 @@ from pathlib import Path
 from hublabio import __version__, paths
 from hublabio.errors import HublabError
 from hublabio.shell import render
-from hublabio.shell.commands import (ExitShell, Output, ShellContext, execute, load_plugins,
-                                     read_history_file)
+from hublabio.shell.commands import (
+    ExitShell,
+    Output,
+    ShellContext,
+    execute,
+    load_plugins,
+    read_history_file,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,13 @@ import signal
 import threading
 from pathlib import Path
 
-from hublabio.shell.commands import ExitShell, Output, ShellContext, execute, read_history_file
+from hublabio.shell.commands import (
+    ExitShell,
+    Output,
+    ShellContext,
+    execute,
+    read_history_file,
+)
 
 PROMPT = "hublab> "
 CTRL_C, CTRL_D, CTRL_U, BS, DEL, ESC = "\x03", "\x04", "\x15", "\x08", "\x7f", "\x1b"
