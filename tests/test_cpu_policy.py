@@ -45,3 +45,13 @@ def test_pi_boards():
     assert pi5.repacked("Q4_0", 4) and pi5.repacked("Q8_0", 8) and not pi5.repacked("Q4_1", 8)
     pi4 = decide("auto", machine="aarch64", flags=frozenset({"asimd"}))
     assert not pi4.repacked("Q4_0", 64)
+
+
+def test_apply_policy_keeps_every_extra_buffer_type_but_amx_under_auto():
+    from hublabio.llama import backend
+
+    offered = backend.extra_buffer_types()
+    assert backend.apply_policy(decide("auto")) == [b for b in offered if b != "AMX"]
+    assert backend.apply_policy(decide(False)) == []
+    assert backend.apply_policy(decide(True)) == offered
+    backend.apply_policy(decide("auto"))  # leave the process as every load expects it

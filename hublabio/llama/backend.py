@@ -77,6 +77,8 @@ def _find_extra_bufts() -> None:
         return  # a build without extra buffer types: nothing to choose
     fn = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)
     arr = fn(dev)
+    if not arr:  # no extra buffer types at all (a build without repack kernels)
+        return
     entries = []
     while arr and arr[len(entries)]:
         entries.append(arr[len(entries)])
