@@ -10,7 +10,10 @@ HTTP/1.1 with keep-alive, Content-Length or chunked bodies, `Expect: 100-continu
 use Content-Length, streams use chunked transfer encoding. Errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}}. Requests go through the daemon's dispatcher,
 so they share the socket clients' queue (busy → 429) and a client that hangs up cancels its
-generation. Listens on loopback unless another host is given explicitly.
+generation; one that only half-closes (shuts down its sending side) still gets the answer.
+Streams are written through a SocketWriter (hublabio.daemon.sockwrite): a client that does not
+read is cut off without holding up the generation. Listens on loopback unless another host is
+given explicitly.
 """
 
 from __future__ import annotations
@@ -22,12 +25,10 @@ import json
 import logging
 import os
 import re
-import select
-import socket
 import time
 
 from hublabio import protocol
-from hublabio.daemon.server import WRITE_STALL_S
+from hublabio.daemon.sockwrite import WRITE_STALL_S, ClientGone, SocketWriter
 from hublabio.errors import HublabError, ProtocolError
 
 log = logging.getLogger("hublabd.http")
@@ -138,9 +139,12 @@ class HttpApi:
         self.dispatcher = dispatcher
         self.service = service
         self.counts: dict[tuple[str, int], int] = {}
+        self._outs: dict[asyncio.StreamWriter, SocketWriter] = {}  # per connection, for streams
 
     # ---- connection loop -----------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._outs[writer] = SocketWriter(writer.get_extra_info("socket"),
+                                          asyncio.get_running_loop())
         try:
             while True:
                 try:
@@ -160,7 +164,10 @@ class HttpApi:
                     break
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutdown; ending normally spares asyncio's callback a cancelled task
         finally:
+            self._outs.pop(writer).close()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -258,7 +265,7 @@ class HttpApi:
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
         writer.write(head.encode("latin-1") + body)
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), WRITE_STALL_S)  # a client that never reads
 
     async def _send_json(self, writer, status: int, obj, keep_alive: bool) -> None:
         await self._send(writer, status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
@@ -397,7 +404,7 @@ class HttpApi:
         created = int(time.time())
         job = self.dispatcher.new_job(f"http-{protocol.new_id()}", "generate")
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
-        watcher = asyncio.ensure_future(_watch_disconnect(reader, writer, job))
+        watcher = asyncio.ensure_future(_watch_disconnect(writer, self._outs[writer], job))
         try:
             if stream:
                 req.close_after = req.version != "HTTP/1.1"
@@ -495,63 +502,43 @@ class HttpApi:
                 return out + sse(HttpError.from_event(ev).body()) + sse(b"[DONE]")
             return out
 
-        # The op's worker thread writes each event itself (DirectWriter): a token reaches the
+        # The op's worker thread writes each event itself (SocketWriter): a token reaches the
         # client without waking the event loop, whose wake-ups would compete with llama.cpp's
-        # threads for the cores on every token.
-        direct_writer = DirectWriter(writer)
+        # threads for the cores on every token. The writer never blocks: what a slow client
+        # leaves unread waits in this connection's buffer, not in the generation thread.
+        out = self._outs[writer]
 
         def direct(ev) -> None:
             data = encode(ev)
             if data:
-                direct_writer.write(data)
+                out.write(data)
 
-        async def send(ev):  # unused with `direct`; the dispatcher's interface needs one
-            data = encode(ev)
-            if data:
-                writer.write(data)
-                await writer.drain()
+        async def send(ev):  # the dispatcher's own events (a queue-full error, ...)
+            direct(ev)
 
         try:
             await self.dispatcher.track(self.dispatcher.submit(job, params, send, direct=direct))
-        finally:
-            direct_writer.close()
+            await out.drain()  # before the transport writes again (the last chunk, a status)
+        except ClientGone:
+            state["gone"] = True
         if "error" in state:
             raise HttpError.from_event(state["error"])
+        if state.get("gone"):
+            raise ConnectionResetError("the client went away during the stream")
         if chunked:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         return state["status"]  # HTTP/1.0: the stream ends when the connection closes
 
 
-class DirectWriter:
-    """Blocking writes to a connection's socket from a worker thread, while the event loop
-    leaves it alone (an SSE stream: nothing else writes until the op's last event). Waits for
-    room with select; a client that takes nothing for WRITE_STALL_S is cut off."""
 
-    def __init__(self, writer: asyncio.StreamWriter):
-        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
-
-    def write(self, data: bytes) -> None:
-        view, stalled_since = memoryview(data), None
-        while view:
-            try:
-                view = view[self._sock.send(view):]
-                stalled_since = None
-            except BlockingIOError:
-                now = time.monotonic()
-                stalled_since = stalled_since or now
-                if now - stalled_since > WRITE_STALL_S:
-                    raise ConnectionResetError(f"client read nothing for {WRITE_STALL_S:.0f} s")
-                select.select([], [self._sock], [], 0.5)
-
-    def close(self) -> None:
-        self._sock.close()  # the duplicate only: the connection stays open
-
-
-async def _watch_disconnect(reader: asyncio.StreamReader, writer, job, every: float = 0.1) -> None:
-    """Cancel the job when the client hangs up (EOF seen by the reader; nothing is consumed)."""
+async def _watch_disconnect(writer, out: SocketWriter, job, every: float = 0.1) -> None:
+    """Cancel the job when the client has hung up. An EOF alone is not that: a client may
+    shut down its sending side after the request (half-close) and still read the answer; a
+    client that closed its socket is noticed once a write to it fails (a stream: the next
+    token; a whole answer: when it is written)."""
     while True:
-        if reader.at_eof() or writer.transport.is_closing():
+        if writer.transport.is_closing() or out.hung_up():
             job.request_cancel()
             return
         await asyncio.sleep(every)

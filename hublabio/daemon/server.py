@@ -4,7 +4,10 @@
 - queued ops (generate, ask, models.load, benchmark, ...) run one at a time; at most
   `queue_size` wait behind the running one, and one more gets an immediate `busy` error;
 - `{"op": "cancel", "target": id}` cancels a waiting or running request; a client that
-  disconnects cancels all of its requests;
+  disconnects cancels all of its requests; one that only shuts down its sending side
+  (half-close) still gets its answers;
+- writes never block (hublabio.daemon.sockwrite): a client that does not read is cut off from
+  its own stream and stalls no other client, no worker thread and no generation;
 - `Server.shutdown()` (SIGTERM in hublabd) stops accepting, cancels what runs, closes the
   model pool and removes the socket.
 
@@ -19,11 +22,9 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import socket
 import stat
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 from hublabio import paths, protocol
 from hublabio.config import DaemonSettings
 from hublabio.daemon.service import Service
+from hublabio.daemon.sockwrite import WRITE_STALL_S, ClientGone, SocketWriter
 from hublabio.errors import (
     BusyError,
     Cancelled,
@@ -45,7 +47,6 @@ SOCKET_MODE = 0o660
 MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 SHUTDOWN_GRACE_S = 10.0
 LIGHT_WORKERS = 16  # quick ops (hello, info, models.list, ...) running at once
-WRITE_STALL_S = 30.0  # a client whose socket stays full this long is disconnected
 
 
 @dataclass(eq=False)
@@ -55,10 +56,20 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     started: bool = False
+    loop: asyncio.AbstractEventLoop | None = None  # the loop `cancelled` belongs to
 
     def request_cancel(self) -> None:
+        """Cancel from any thread (an asyncio.Event may only be set on its loop's thread)."""
         self.cancel.set()
-        self.cancelled.set()
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if self.loop is None or here is self.loop:
+            self.cancelled.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+                self.loop.call_soon_threadsafe(self.cancelled.set)
 
 
 class Dispatcher:
@@ -86,7 +97,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
 
     def new_job(self, request_id: str, op: str) -> Job:
-        job = Job(request_id, op)
+        job = Job(request_id, op, loop=asyncio.get_running_loop())
         self.jobs.add(job)
         return job
 
@@ -234,80 +245,35 @@ class Dispatcher:
 
 
 class Connection:
-    """One client. Every write goes straight to the socket under one thread lock, either from
-    the event loop (`send`, never blocking it) or from an op's worker thread (`send_sync`), so
-    events of one request keep their order and lines never interleave."""
+    """One client: its requests, and a SocketWriter that every event goes through (from the
+    event loop or straight from an op's worker thread), so events of one request keep their
+    order, lines never interleave, and a client that does not read stalls nobody else."""
 
     def __init__(self, writer: asyncio.StreamWriter):
-        self.writer = writer
-        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
-        self._lock = threading.Lock()
+        self.out = SocketWriter(writer.get_extra_info("socket"), asyncio.get_running_loop())
         self.jobs: dict[str, Job] = {}
-        self.closed = False
-
-    def _write_locked(self, data: memoryview, *, block: bool) -> memoryview:
-        """Write what the socket takes (waiting for room when `block`); the unsent rest.
-        A client that takes nothing for WRITE_STALL_S is dropped (its work is cancelled), so it
-        cannot hold a worker thread or the queue forever."""
-        stalled_since = None
-        while data:
-            if self.closed:
-                raise ConnectionResetError("client disconnected")
-            try:
-                data = data[self._sock.send(data):]
-                stalled_since = None
-            except BlockingIOError:
-                if not block:
-                    return data
-                now = time.monotonic()
-                stalled_since = stalled_since or now
-                if now - stalled_since > WRITE_STALL_S:
-                    self.closed = True
-                    with contextlib.suppress(OSError):
-                        self._sock.shutdown(socket.SHUT_RDWR)  # the loop sees EOF: cancels
-                    raise ConnectionResetError(f"client read nothing for {WRITE_STALL_S:.0f} s")
-                select.select([], [self._sock], [], 0.5)
-        return data
+        self.tasks: set[asyncio.Task] = set()
 
     def send_sync(self, ev: dict) -> None:
-        """Write one event from any thread, waiting while the client's buffer is full."""
-        data = memoryview(protocol.encode(ev))
-        with self._lock:
-            self._write_locked(data, block=True)
-
-    def _finish_locked(self, rest: memoryview) -> None:
-        try:
-            self._write_locked(rest, block=True)
-        finally:
-            self._lock.release()
+        """Write one event from any thread, never blocking. Raises ClientGone."""
+        self.out.write(protocol.encode(ev))
 
     async def send(self, ev: dict) -> None:
-        """Write one event from the event loop; a slow reader is waited for in a worker thread."""
-        if self.closed:
-            raise ConnectionResetError("client disconnected")
-        data = memoryview(protocol.encode(ev))
-        loop = asyncio.get_running_loop()
-        if not self._lock.acquire(blocking=False):
-            await loop.run_in_executor(None, self.send_sync, ev)
-            return
-        try:
-            rest = self._write_locked(data, block=False)
-        except BaseException:
-            self._lock.release()
-            raise
-        if not rest:
-            self._lock.release()
-            return
-        await loop.run_in_executor(None, self._finish_locked, rest)  # releases the lock
+        self.out.write(protocol.encode(ev))
 
-    def close(self) -> None:
-        self.closed = True
-        got = self._lock.acquire(timeout=1.0)
-        try:
-            self._sock.close()
-        finally:
-            if got:
-                self._lock.release()
+    async def finish(self) -> None:
+        """The client shut down its sending side (half-close): answer what it asked, then
+        return. Should it hang up meanwhile, its requests are cancelled."""
+        while self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=0.5)
+            if self.out.hung_up():
+                self.cancel_all()
+        with contextlib.suppress(ClientGone):
+            await asyncio.wait_for(self.out.drain(), WRITE_STALL_S)
+
+    def cancel_all(self) -> None:
+        for job in list(self.jobs.values()):
+            job.request_cancel()
 
 
 class Server:
@@ -415,25 +381,23 @@ class Server:
                 except (ConnectionError, OSError):
                     break
                 if not data:
+                    await conn.finish()  # a half-close still gets its answers
                     break
                 for line in splitter.feed(data):
                     await self._on_line(conn, line)
         except asyncio.CancelledError:
             pass
         finally:
-            conn.closed = True
-            for job in list(conn.jobs.values()):
-                job.request_cancel()
+            conn.cancel_all()
             self._connections.discard(task)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.get_running_loop().run_in_executor(None, conn.close)
+            conn.out.close()
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), 5.0)
 
     async def _on_line(self, conn: Connection, line) -> None:
         async def reply(ev):
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(ClientGone):
                 await conn.send(ev)
 
         if isinstance(line, protocol.TooLong):
@@ -472,7 +436,9 @@ class Server:
             finally:
                 conn.jobs.pop(req.id, None)
 
-        self.dispatcher.track(run())
+        task = self.dispatcher.track(run())
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -261,3 +261,57 @@ def test_http_framing_edge_cases_get_a_400_not_a_hang(api, request_bytes, fragme
     data = _raw(handle, request_bytes)
     assert data.startswith(b"HTTP/1.1 400") and fragment in data
     assert http.get("/health").status_code == 200  # and the server still answers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_half_closed_request_gets_its_answer(api, stream):
+    """A client that shuts down its sending side after the request still reads the answer
+    (before: the EOF cancelled the generation and the connection closed with nothing)."""
+    handle, _ = api
+    body = json.dumps({"prompt": "Count from 1 to 100: 1, 2, 3,", "max_tokens": 40,
+                       "temperature": 0, "stream": stream,
+                       "stream_options": {"include_usage": True}}).encode()
+    host, port = handle.http_address
+    with socket.create_connection((host, port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert b'"completion_tokens": 40' in data  # all of it: not cut short by a cancel
+    assert (b"data: [DONE]" in data) if stream else (b'"finish_reason": "length"' in data)
+
+
+def test_a_stream_nobody_reads_does_not_hold_up_generation(api, monkeypatch):
+    """The generation thread never waits for an SSE client: what it does not read piles up in
+    its own buffer until the cap, then it is cut off and its generation cancelled (before, the
+    llama.cpp thread blocked on the socket for WRITE_STALL_S, 30 s, stalling every client)."""
+    from hublabio.daemon import sockwrite
+
+    real_init = sockwrite.SocketWriter.__init__
+
+    def small_buffers(self, sock, loop):  # so that the kernel's buffers fill within a test
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        real_init(self, sock, loop)
+
+    monkeypatch.setattr(sockwrite.SocketWriter, "__init__", small_buffers)
+    monkeypatch.setattr(sockwrite, "MAX_PENDING", 32 << 10)
+    handle, http = api
+    with Client(handle.socket_path) as c:
+        before = c.call("stats")["cancelled"]
+        host, port = handle.http_address
+        body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story."}],
+                           "max_tokens": 400, "stream": True, "logprobs": True,
+                           "top_logprobs": 20}).encode()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            s.connect((host, port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            t0 = time.monotonic()
+            wait_for(lambda: c.call("stats")["cancelled"] > before, timeout=20)
+            assert time.monotonic() - t0 < sockwrite.WRITE_STALL_S
+            out = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert out.status_code == 200
