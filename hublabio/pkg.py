@@ -33,7 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from hublabio import tomlsafe
+from hublabio import jsonsafe, tomlsafe
 from hublabio.errors import PackageError
 
 MANIFEST = "package.toml"
@@ -536,7 +536,7 @@ def recover(models_dir) -> list[str]:
             if j.is_symlink():
                 raise PackageError(f"{j}: a symlink, not a journal; remove it by hand")
             try:
-                journal = json.loads(tomlsafe.read_capped(j).decode("utf-8"))
+                journal = jsonsafe.loads(tomlsafe.read_capped(j))
             except (OSError, ValueError):
                 j.unlink(missing_ok=True)  # torn journal: written before its fsync'd rename
                 continue

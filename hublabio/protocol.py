@@ -1,6 +1,7 @@
 """The daemon's wire protocol: versioned JSON lines over a Unix socket.
 
-One JSON object per line, UTF-8, at most MAX_LINE bytes.
+One JSON object per line, UTF-8, at most MAX_LINE bytes, nested at most jsonsafe.MAX_DEPTH
+levels, numbers of at most jsonsafe.MAX_NUMBER_CHARS characters (no NaN or Infinity).
 
 Request:  {"v": 1, "id": "<str>", "op": "<name>", ...params}
 Events back, each tagged with the request's id:
@@ -23,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from hublabio import errors
+from hublabio import errors, jsonsafe
 from hublabio.errors import HublabError, ProtocolError
 
 VERSION = 1
@@ -84,9 +85,11 @@ def _parse(line: bytes | str, what: str) -> dict:
         except UnicodeDecodeError as e:
             raise ProtocolError(f"{what} is not UTF-8 (byte {e.start})") from None
     try:
-        msg = json.loads(line)
+        msg = jsonsafe.loads(line)
     except json.JSONDecodeError as e:
         raise ProtocolError(f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+    except jsonsafe.JsonLimitError as e:
+        raise ProtocolError(f"{what} refused: {e}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(msg).__name__}")
     return msg

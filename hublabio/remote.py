@@ -24,10 +24,13 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterator
 
+from . import jsonsafe, protocol
 from .errors import Cancelled, DaemonUnavailable, HublabError
 from .textstream import Piece, TokenInfo
 
 # SamplingOptions field -> request body key, and the value that means "not set".
+MAX_ANSWER_BYTES = 8 << 20  # a whole (non-streamed) answer from a remote expert
+
 _FORWARD = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
             "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
             "presence_penalty": "presence_penalty", "seed": "seed", "stop": "stop",
@@ -85,6 +88,13 @@ class RemoteExpert:
         if opts.top_logprobs:
             body["top_logprobs"] = int(opts.top_logprobs)
         return body
+
+    def _json(self, raw: bytes | str):
+        """A remote answer's JSON within jsonsafe's limits; anything else is a HublabError."""
+        try:
+            return jsonsafe.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, JsonLimitError
+            raise HublabError(f"remote expert {self.url}: bad JSON answer: {exc}") from None
 
     def _open_or_raise(self, body: dict):
         try:
@@ -167,12 +177,21 @@ class RemoteExpert:
         with resp:
             ctype = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in ctype:
-                obj = json.loads(resp.read() or b"{}")
+                raw = resp.read(MAX_ANSWER_BYTES + 1)
+                if len(raw) > MAX_ANSWER_BYTES:
+                    raise HublabError(f"remote expert {self.url}: answer over "
+                                      f"{MAX_ANSWER_BYTES >> 20} MiB")
+                obj = self._json(raw or b"{}")
+                if not isinstance(obj, dict):
+                    raise HublabError(f"remote expert {self.url}: answer is not a JSON object")
                 if "error" in obj:
                     raise HublabError(f"remote expert {self.url}: {obj['error']}")
                 yield obj
                 return
-            for raw in resp:
+            while raw := resp.readline(protocol.MAX_LINE + 1):
+                if len(raw) > protocol.MAX_LINE:
+                    raise HublabError(f"remote expert {self.url}: a stream line over "
+                                      f"{protocol.MAX_LINE >> 20} MiB")
                 if is_cancelled(cancel):
                     raise Cancelled(f"remote expert {self.url}: cancelled")
                 line = raw.decode("utf-8", "replace").strip()
@@ -181,9 +200,8 @@ class RemoteExpert:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     return
-                try:
-                    chunk = json.loads(data)
-                except json.JSONDecodeError:
+                chunk = self._json(data)
+                if not isinstance(chunk, dict):
                     raise HublabError(f"remote expert {self.url}: bad stream chunk {data[:80]!r}")
                 if "error" in chunk:
                     raise HublabError(f"remote expert {self.url}: {chunk['error']}")

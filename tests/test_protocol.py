@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -117,3 +118,21 @@ def test_version_mismatch_is_its_own_error():
     with pytest.raises(ProtocolError) as ei:
         protocol.decode_event(b'{"v": 1, "id": "r", "type": "tok')
     assert not isinstance(ei.value, protocol.VersionMismatch)
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ('{"v":1,"id":"a","op":"generate","options":' + "[" * 5000 + "]" * 5000 + "}",
+     'field "options": nested deeper than 32 levels'),
+    ('{"v":1,"id":"a","op":"generate","options":{"seed":' + "7" * 5000 + "}}",
+     'field "seed": a number of 5000 characters'),
+    ('{"v":1,"id":"a","op":"generate","options":{"temperature":1e999}}',
+     'field "temperature": 1e999 is out of range'),
+    ('{"v":1,"id":"a","op":"generate","options":{"top_p":NaN}}', 'NaN is not a JSON number')])
+def test_hostile_json_is_a_protocol_error_naming_the_field(line, fragment):
+    with pytest.raises(protocol.RequestError, match=re.escape(fragment)):
+        protocol.decode_request(line)
+
+
+def test_brackets_inside_strings_do_not_count_as_depth():
+    req = protocol.decode_request('{"v":1,"id":"a","op":"ask","question":"' + "[" * 500 + '"}')
+    assert req.params["question"] == "[" * 500

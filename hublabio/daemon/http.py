@@ -27,7 +27,7 @@ import os
 import re
 import time
 
-from hublabio import protocol
+from hublabio import jsonsafe, protocol
 from hublabio.daemon.sockwrite import WRITE_STALL_S, ClientGone, SocketWriter
 from hublabio.errors import HublabError, ProtocolError
 
@@ -126,9 +126,11 @@ class Request:
         if "json" not in ctype and "text/plain" not in ctype:
             raise HttpError(415, f"Content-Type must be application/json, got {ctype!r}")
         try:
-            obj = json.loads(self.body or b"null")
+            obj = jsonsafe.loads(self.body or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HttpError(400, f"request body is not valid JSON: {exc}") from None
+        except jsonsafe.JsonLimitError as exc:
+            raise HttpError(400, f"request body refused: {exc}") from None
         if not isinstance(obj, dict):
             raise HttpError(400, "request body must be a JSON object")
         return obj

@@ -652,3 +652,19 @@ def test_clients_name_paths_only_inside_the_models_dir(models, smollm2_path, tmp
     with make_daemon(models, model_paths="off") as d, Client(d.socket_path, timeout=120) as c:
         with pytest.raises(ModelNotFound, match="naming models by path is off"):
             c.call("models.load", path=str(models / "x.gguf"))
+
+
+def test_hostile_json_lines_get_an_error_and_the_connection_stays(daemon):
+    """Issue 11: very deep JSON or a 5000-digit number dropped the connection with no answer."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.socket_path))
+        s.settimeout(30)
+        f = s.makefile("rb")
+        for bad in ('{"v":1,"id":"d","op":"hello","x":' + "[" * 100_000 + "]" * 100_000 + "}",
+                    '{"v":1,"id":"n","op":"generate","options":{"seed":' + "9" * 5000 + "}}"):
+            s.sendall(bad.encode() + b"\n")
+            ev = json.loads(f.readline())
+            assert ev["type"] == "error" and ev["code"] == "protocol", ev
+            assert "nested deeper" in ev["message"] or "5000 characters" in ev["message"]
+        s.sendall(protocol.encode(protocol.make_request("hello", "ok")))
+        assert json.loads(f.readline())["data"]["protocol"] == protocol.VERSION

@@ -315,3 +315,14 @@ def test_a_stream_nobody_reads_does_not_hold_up_generation(api, monkeypatch):
             assert time.monotonic() - t0 < sockwrite.WRITE_STALL_S
             out = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert out.status_code == 200
+
+
+def test_a_hostile_json_body_is_a_400_naming_the_field(api):
+    _, http = api
+    r = http.post("/v1/completions", content='{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and 'field "max_tokens"' in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", content='{"messages": ' + "[" * 50_000 + "]" * 50_000
+                  + "}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested deeper" in r.json()["error"]["message"]
+    assert http.get("/health").status_code == 200
