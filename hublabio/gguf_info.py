@@ -32,6 +32,17 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 # Arrays longer than this are skipped (only their length is kept): tokenizer tables.
 _KEEP_ARRAY_MAX = 1024
+# Limits on what a header may hold, so that a hostile file costs bounded memory and time. They
+# are far above any real model's (SmolLM2: 37 keys, 272 tensors, a 3 KB chat template) and
+# include llama.cpp's own: no arrays of arrays, no duplicate keys, tensor names under
+# GGML_MAX_NAME (64 bytes), at most GGML_MAX_DIMS (4) dimensions.
+MAX_KEYS = 65536
+MAX_TENSORS = 65536
+MAX_KEY_BYTES = 1024
+MAX_STRING_BYTES = 1 << 20       # one metadata string (a chat template)
+MAX_ITEM_BYTES = 64 << 10        # one string in an array (a token, a merge)
+MAX_TENSOR_NAME_BYTES = 63       # GGML_MAX_NAME - 1
+MAX_DIMS = 4                     # GGML_MAX_DIMS
 
 
 @dataclass(frozen=True)
@@ -117,8 +128,10 @@ class _Reader:
     def u32(self, what): return self.scalar("<I", what)
     def u64(self, what): return self.scalar("<Q", what)
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int = MAX_STRING_BYTES) -> str:
         n = self.u64(f"length of {what}")
+        if n > limit:
+            raise self.fail(f"{what} is {n} bytes long; at most {limit}")
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
@@ -127,8 +140,10 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.fail(f"{what} at byte {self.pos - n} is not valid UTF-8") from None
 
-    def skip_string(self, what: str) -> None:
+    def skip_string(self, what: str, limit: int = MAX_ITEM_BYTES) -> None:
         n = self.u64(f"length of {what}")
+        if n > limit:
+            raise self.fail(f"{what} is {n} bytes long; at most {limit}")
         self.need(n, what)
         self.pos += n
 
@@ -155,10 +170,10 @@ class _Reader:
                     for i in range(count):
                         self.skip_string(f"item {i} of {key}")
                     return _Skipped(count)
-                return [self.string(f"item {i} of {key}") for i in range(count)]
+                return [self.string(f"item {i} of {key}", MAX_ITEM_BYTES) for i in range(count)]
             if etype == _ARRAY:
-                self.need(count * 12, f"array {key} ({count} arrays)")
-                return [self.value(_ARRAY, key) for _ in range(count)]
+                raise self.fail(f"{key} is an array of arrays, which GGUF readers (llama.cpp) "
+                                "do not accept")
             raise self.fail(f"unknown element type {etype} in array {key}")
         raise self.fail(f"unknown value type {vtype} for key {key!r}")
 
@@ -232,19 +247,29 @@ def _parse(buf, path: Path, file_size: int) -> ModelInfo:
     if n_kv * 12 > file_size or n_tensors * 24 > file_size:
         raise GGUFError(path, f"corrupt header: {n_kv} metadata entries / {n_tensors} tensors "
                         f"cannot fit in {file_size} bytes")
+    if n_kv > MAX_KEYS or n_tensors > MAX_TENSORS:
+        raise GGUFError(path, f"header lists {n_kv} metadata entries and {n_tensors} tensors; "
+                        f"at most {MAX_KEYS} and {MAX_TENSORS}")
 
     meta: dict = {}
     for i in range(n_kv):
-        key = r.string(f"metadata key #{i}")
+        key = r.string(f"metadata key #{i}", MAX_KEY_BYTES)
+        if key in meta:
+            raise GGUFError(path, f"metadata key {key!r} appears twice")
         vtype = r.u32(f"type of {key}")
         meta[key] = r.value(vtype, key)
 
     tensors: list[TensorInfo] = []
+    names: set[str] = set()
     for i in range(n_tensors):
-        name = r.string(f"name of tensor #{i}")
+        name = r.string(f"name of tensor #{i}", MAX_TENSOR_NAME_BYTES)
+        if name in names:
+            raise GGUFError(path, f"tensor name {name!r} appears twice")
+        names.add(name)
         n_dims = r.u32(f"dimension count of {name}")
-        if not 1 <= n_dims <= 8:
-            raise GGUFError(path, f"corrupt tensor {name!r}: {n_dims} dimensions")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(path, f"corrupt tensor {name!r}: {n_dims} dimensions; at most "
+                            f"{MAX_DIMS}")
         shape = tuple(r.u64(f"shape of {name}") for _ in range(n_dims))
         ttype = r.u32(f"type of {name}")
         offset = r.u64(f"offset of {name}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import struct
 import time
 
 import gguf
@@ -203,3 +205,41 @@ def test_fifo_is_rejected(tmp_path):
     p = tmp_path / "pipe.gguf"
     os.mkfifo(p)
     expect_error(p, "not a regular file")
+
+
+def _s(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _raw_gguf(path, kvs: list[bytes], tensors: list[bytes] = (), *, n_kv=None, pad=0):
+    """A GGUF header written by hand, so that it can break the format's rules."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs) if n_kv is None else n_kv)
+    path.write_bytes(head + b"".join(kvs) + b"".join(tensors) + b"\0" * (64 + pad))
+    return path
+
+
+_ARCH = _s("general.architecture") + struct.pack("<I", 8) + _s("llama")
+
+
+@pytest.mark.parametrize("kvs,tensors,extra,fragment", [
+    ([_s("k" * 2000) + struct.pack("<II", 4, 1)], [], {},
+     "metadata key #0 is 2000 bytes long; at most 1024"),
+    ([_ARCH, _s("general.name") + struct.pack("<IQ", 8, 2 << 20)], [], {},
+     "value of general.name is 2097152 bytes long; at most 1048576"),
+    ([_ARCH, _ARCH], [], {}, "metadata key 'general.architecture' appears twice"),
+    ([_ARCH, _s("llama.attention.head_count") + struct.pack("<IIQ", 9, 9, 1)
+      + struct.pack("<IQ", 4, 1) + struct.pack("<I", 3)], [], {},
+     "llama.attention.head_count is an array of arrays"),
+    ([_ARCH], [], {"n_kv": 70_000, "pad": 70_000 * 12},
+     "header lists 70000 metadata entries and 0 tensors; at most 65536 and 65536"),
+    ([_ARCH], [_s("t" * 100) + struct.pack("<IQIQ", 1, 32, 0, 0)], {},
+     "name of tensor #0 is 100 bytes long; at most 63"),
+    ([_ARCH], [_s("t") + struct.pack("<I5QIQ", 5, 32, 1, 1, 1, 1, 0, 0)], {},
+     "corrupt tensor 't': 5 dimensions; at most 4"),
+    ([_ARCH], [_s("t") + struct.pack("<IQIQ", 1, 32, 0, 0)] * 2, {},
+     "tensor name 't' appears twice")])
+def test_header_limits_are_named(tmp_path, kvs, tensors, extra, fragment):
+    path = _raw_gguf(tmp_path / "hostile.gguf", kvs, tensors, **extra)
+    with pytest.raises(GGUFError, match=re.escape(fragment)):
+        read_gguf_info(path)

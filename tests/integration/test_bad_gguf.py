@@ -137,7 +137,7 @@ def test_type_confused_headers_are_named_and_ai_list_still_works(tiny, tmp_path,
     svc = Service(DaemonSettings(models_dir=models), board="b", pool=ModelPool(2048))
     rows = {m["name"]: m for m in svc.call("models.list")["models"]}
     assert rows["good"]["error"] is None and rows["good"]["parameters"] == "135M"
-    assert "head_count_kv must be a non-negative integer" in rows["nested"]["error"]
+    assert "head_count_kv is an array of arrays" in rows["nested"]["error"]
     assert "block_count must be an integer in [1, 512], got 'two'" in rows["text"]["error"]
     with pytest.raises(GGUFError, match="refused before loading"):
         svc.call("models.load", name="text")
