@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fcntl
 import importlib.util
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any, Callable
 
 from hublabio import tomlsafe
 from hublabio.errors import ConfigError
-from hublabio.fsutil import atomic_write_text
+from hublabio.fsutil import atomic_write_text, dir_lock
 from hublabio.tomlsafe import TomlLimitError, read_capped
 
 # ---------------------------------------------------------------------------------------------
@@ -640,12 +639,8 @@ def settings_lock():
     path = _settings_path()
     with _settings_thread_lock:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with dir_lock(path.parent):
             yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
 
 
 def update_settings(section: str, key: str, value: Any) -> None:

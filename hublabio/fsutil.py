@@ -1,10 +1,43 @@
-"""Crash-safe file writes: temp file in the same folder, fsync, rename, fsync the folder."""
+"""Crash-safe file writes (temp file in the same folder, fsync, rename, fsync the folder), the
+clean-up of what killed writers leave, and a lock on a folder shared by processes."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+import time
 from pathlib import Path
+
+
+class LockTimeout(TimeoutError):
+    """Another process held the folder's lock for longer than the caller would wait."""
+
+
+@contextlib.contextmanager
+def dir_lock(folder: str | os.PathLike, timeout: float | None = None):
+    """Hold an exclusive flock on `folder` itself (no lock file is left behind), against other
+    processes and, since every call opens its own descriptor, other threads. The lock goes
+    with the process: a killed holder never leaves it stuck. With `timeout`, LockTimeout
+    after that many seconds of waiting."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"{folder} is locked by another process") from None
+                    time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
@@ -43,8 +76,6 @@ def remove_stale_temps(folder: str | os.PathLike, *, older_than_s: float = 600.0
     """Delete the temp files atomic_write_* left behind when its process was killed
     (`.<name>.<random>.tmp`, untouched for `older_than_s`); returns what was removed. A writer
     in progress holds its temp file for milliseconds, far below the age limit."""
-    import time
-
     removed = []
     now = time.time()
     try:

@@ -17,6 +17,12 @@ package record `.packages/<name>.toml` is written last (fsync), and the journal 
 After a power loss the next install/remove finishes a journaled install (every staged file was
 already verified) or discards an unjournaled staging folder, so the directory is always either
 in its old or its new state. remove() deletes exactly the files in the record.
+
+Journal-to-end of an install, a remove and a recovery hold an flock on the models directory
+(hublabio.fsutil.dir_lock), so they never interleave, and a running daemon that finds a journal
+(has_journal) waits for the install that wrote it or, when that process was killed, finishes it
+itself before it reads the models directory: a running daemon never serves a half-installed
+package either.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from hublabio import jsonsafe, tomlsafe
+from hublabio.fsutil import dir_lock, fsync_dir
 from hublabio.errors import PackageError
 
 MANIFEST = "package.toml"
@@ -183,14 +190,6 @@ def _read_record(path: Path) -> InstalledPackage:
 # durable file operations
 # ---------------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durable(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -198,7 +197,7 @@ def _write_durable(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _copy_verified(src_file, dest: Path, entry: PackageFile, where: str) -> None:
@@ -373,6 +372,18 @@ def install(src, models_dir, *, force: bool = False) -> InstalledPackage:
     staging.mkdir()
     try:
         pkg = _stage_dir(src, staging) if src.is_dir() else _stage_tar(src, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    with dir_lock(models_dir):  # from here on, one install/remove/recovery at a time
+        return _install_staged(models_dir, staging, pkg, force)
+
+
+def _install_staged(models_dir: Path, staging: Path, pkg: InstalledPackage,
+                    force: bool) -> InstalledPackage:
+    """Journal the staged package and move it into place (the caller holds the lock). Once
+    the journal is written, a failure leaves journal + staging for recover() to finish."""
+    try:
         old = _existing(models_dir, pkg.name)
         plan = _conflicts(models_dir, pkg, old, force)
     except BaseException:
@@ -493,7 +504,7 @@ def _roll_forward(models_dir: Path, journal: dict) -> None:
             os.replace(staged, target)
             touched.add(target.parent)
     for d in touched:
-        _fsync_dir(d)
+        fsync_dir(d)
     rec_dir = models_dir / RECORDS
     for other, paths in journal["take_over"].items():
         rec = rec_dir / f"{other}.toml"
@@ -505,7 +516,7 @@ def _roll_forward(models_dir: Path, journal: dict) -> None:
     for rel in journal["remove_old"]:
         _remove_file(models_dir, rel)
     (rec_dir / f".journal-{journal['name']}.json").unlink(missing_ok=True)
-    _fsync_dir(rec_dir)
+    fsync_dir(rec_dir)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -524,10 +535,25 @@ def _owner_alive(staging_name: str) -> bool:
     return True
 
 
-def recover(models_dir) -> list[str]:
+def recover(models_dir, *, timeout: float | None = None) -> list[str]:
     """Finish interrupted installs (journal present) and discard unjournaled staging folders.
-    Returns what was done, one line each."""
+    Returns what was done, one line each. Waits for an install or remove in progress to end
+    (at most `timeout` seconds: then fsutil.LockTimeout)."""
     models_dir = Path(models_dir)
+    with dir_lock(models_dir, timeout):
+        return _recover_locked(models_dir)
+
+
+def has_journal(models_dir) -> bool:
+    """Is an install half done (in progress, or killed) in models_dir? One directory read."""
+    try:
+        with os.scandir(Path(models_dir) / RECORDS) as it:
+            return any(e.name.startswith(".journal-") for e in it)
+    except OSError:
+        return False
+
+
+def _recover_locked(models_dir: Path) -> list[str]:
     done = []
     rec_dir = models_dir / RECORDS
     journaled = set()
@@ -546,8 +572,7 @@ def recover(models_dir) -> list[str]:
                 raise PackageError(f"{err}; nothing was changed: remove {j} by hand if you did "
                                    "not put it there") from None
             journaled.add(journal["staging"])
-            if _owner_alive(journal["staging"]):
-                continue
+            # under the lock no install is between its journal and its end: this one was killed
             _roll_forward(models_dir, journal)
             done.append(f"finished the interrupted install of {journal['name']}")
     for d in models_dir.glob(STAGING_PREFIX + "*"):
@@ -569,7 +594,12 @@ def _remove_file(models_dir: Path, rel: str) -> None:
 def remove(name: str, models_dir) -> InstalledPackage:
     """Delete exactly the files recorded for package `name`, then its record."""
     models_dir = Path(models_dir)
-    recover(models_dir)
+    with dir_lock(models_dir):
+        return _remove_locked(name, models_dir)
+
+
+def _remove_locked(name: str, models_dir: Path) -> InstalledPackage:
+    _recover_locked(models_dir)
     rec = models_dir / RECORDS / f"{name}.toml"
     if not NAME_RE.match(name) or not rec.exists():
         known = ", ".join(p.name for p in list_packages(models_dir)) or "none installed"
@@ -583,5 +613,5 @@ def remove(name: str, models_dir) -> InstalledPackage:
         if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
     rec.unlink()
-    _fsync_dir(rec.parent)
+    fsync_dir(rec.parent)
     return pkg

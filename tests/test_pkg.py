@@ -425,3 +425,37 @@ def test_temp_files_of_killed_writers_are_removed_by_age(tmp_path):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert remove_stale_temps(tmp_path) == [old]
     assert fresh.exists() and not old.exists()
+
+
+def test_installs_from_several_threads_all_land(tmp_path, models):
+    """The models-dir lock serializes them (one descriptor per call: threads too, no deadlock)."""
+    import threading
+
+    errors = []
+
+    def one(i):
+        files = {f"m{i}.toml": f'[model]\nname = "m{i}"\npath = "m{i}.gguf"\n'.encode(),
+                 f"m{i}.gguf": b"GGUF" + bytes([i]) * 5000}
+        try:
+            pkg.install(make_dir(tmp_path / f"p{i}", name=f"pk{i}", files=files), models)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(p.name for p in pkg.list_packages(models)) == [f"pk{i}" for i in range(6)]
+    assert not list(models.glob(pkg.STAGING_PREFIX + "*"))
+    assert not pkg.has_journal(models)
+
+
+def test_recovery_waits_for_an_install_in_progress(models):
+    from hublabio.fsutil import LockTimeout, dir_lock
+
+    with dir_lock(models):  # another process moving files into place
+        with pytest.raises(LockTimeout, match="locked by another process"):
+            pkg.recover(models, timeout=0.2)
+    assert pkg.recover(models, timeout=0.2) == []

@@ -47,6 +47,8 @@ from hublabio.errors import (
 
 log = logging.getLogger("hublabd")
 
+SETTLE_WAIT_S = 5.0  # how long a request waits for a `pkg install` moving files into place
+
 
 @dataclass(frozen=True)
 class OpSpec:
@@ -183,6 +185,7 @@ class Service:
         self._adhoc: dict[str, ModelConfig] = {}  # models loaded by path with `models.load`
         self._current: str | None = None
         self._info_cache: dict[tuple, Any] = {}
+        self._recovery_refused = ""  # the last refusal logged (logged once, not per request)
         self.ops = OPS
         _load_extensions()
 
@@ -202,6 +205,7 @@ class Service:
 
     def configs(self) -> tuple[list[ModelConfig], list[ConfigError]]:
         """The model configs, re-read when any top-level *.toml changed (added, removed, edited)."""
+        self.settle_packages()
         with self._lock:
             sig = self._signature()
             if sig != self._config_sig:
@@ -278,9 +282,7 @@ class Service:
 
     def tidy_at_start(self) -> list[str]:
         """Start-up clean-up: remove temp files that killed writers left, and finish or discard
-        package installs a crash interrupted (hublabio.pkg.recover), so the daemon never serves
-        a half-installed package. A refused (tampered) journal is logged and left for the
-        administrator; the daemon still starts."""
+        package installs a crash interrupted (settle_packages)."""
         from hublabio import pkg
         from hublabio.fsutil import remove_stale_temps
 
@@ -289,10 +291,30 @@ class Service:
                 log.info("removed a temp file a killed writer left: %s", p)
         if not self.models_dir.is_dir():
             return []
+        return self._recover(lambda: pkg.recover(self.models_dir, timeout=SETTLE_WAIT_S))
+
+    def settle_packages(self) -> list[str]:
+        """Requests never see a half-installed package: while a `pkg install` is between its
+        journal and its end (moving files into place now, or killed while doing it), wait for
+        it (at most SETTLE_WAIT_S) or finish it (hublabio.pkg.recover) before reading the
+        models directory. Costs one directory read when no install is under way."""
+        from hublabio import pkg
+
+        if not pkg.has_journal(self.models_dir):
+            return []
+        return self._recover(lambda: pkg.recover(self.models_dir, timeout=SETTLE_WAIT_S))
+
+    def _recover(self, run) -> list[str]:
+        """Run package recovery; log what it did. A refused (tampered) journal or a lock held
+        too long is logged once and left for the administrator: the daemon keeps serving."""
+        from hublabio.fsutil import LockTimeout
+
         try:
-            done = pkg.recover(self.models_dir)
-        except HublabError as exc:
-            log.error("package recovery refused: %s", exc)
+            done = run()
+        except (HublabError, LockTimeout) as exc:
+            if str(exc) != self._recovery_refused:
+                log.error("package recovery refused: %s", exc)
+                self._recovery_refused = str(exc)
             return []
         for line in done:
             log.info("package recovery: %s", line)
