@@ -36,6 +36,9 @@ log = logging.getLogger("hublabd.http")
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
 KEEPALIVE_S = 60.0
+MAX_TRAILERS = 32
+LINGER_S = 2.0
+_HEX = re.compile(rb"[0-9a-fA-F]{1,15}")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
@@ -170,6 +173,8 @@ class HttpApi:
             pass  # shutdown; ending normally spares asyncio's callback a cancelled task
         finally:
             self._outs.pop(writer).close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await _linger(reader, writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -209,7 +214,10 @@ class HttpApi:
             await writer.drain()
         body = b""
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = await self._read_chunked(reader)
+            try:
+                body = await self._read_chunked(reader)
+            except asyncio.IncompleteReadError:
+                raise HttpError(400, "chunked request body ended before its last chunk") from None
         elif "content-length" in headers:
             raw = headers["content-length"]
             if not (raw.isascii() and raw.isdigit()):  # no sign, no spaces, no "1,2"
@@ -217,7 +225,11 @@ class HttpApi:
             n = int(raw)
             if n < 0 or n > MAX_BODY_BYTES:
                 raise HttpError(413, f"request body of {n} bytes exceeds {MAX_BODY_BYTES}")
-            body = await reader.readexactly(n)
+            try:
+                body = await reader.readexactly(n)
+            except asyncio.IncompleteReadError as exc:
+                raise HttpError(400, f"request body ended after {len(exc.partial)} of the {n} "
+                                     "bytes its Content-Length announced") from None
         elif method == "POST":
             raise HttpError(411, "POST needs a Content-Length or chunked body")
         return Request(method, target, version, headers, body)
@@ -225,21 +237,22 @@ class HttpApi:
     async def _read_chunked(self, reader) -> bytes:
         body = bytearray()
         while True:
-            size_line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise HttpError(400, "malformed chunk size") from None
-            if size < 0:
+            text = (await _read_line(reader, "chunk size")).split(b";")[0].strip()
+            if text.startswith(b"-"):
                 raise HttpError(400, "negative chunk size")
+            if not _HEX.fullmatch(text):
+                raise HttpError(400, f"malformed chunk size {text[:20]!r}")
+            size = int(text, 16)
             if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass  # trailers
-                return bytes(body)
+                for _ in range(MAX_TRAILERS + 1):
+                    if await _read_line(reader, "trailer") == b"\r\n":
+                        return bytes(body)
+                raise HttpError(400, f"more than {MAX_TRAILERS} trailer lines")
             if len(body) + size > MAX_BODY_BYTES:
                 raise HttpError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
             body += await reader.readexactly(size)
-            await reader.readexactly(2)
+            if await reader.readexactly(2) != b"\r\n":
+                raise HttpError(400, "a chunk is longer than its size says")
 
     # ---- routing -------------------------------------------------------------------------
     async def _dispatch(self, req: Request, reader, writer, keep: bool) -> int:
@@ -532,6 +545,28 @@ class HttpApi:
             await writer.drain()
         return state["status"]  # HTTP/1.0: the stream ends when the connection closes
 
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close gracefully: send FIN, then read and drop what the client still sends (a body the
+    server refused to read) for a moment. Closing with unread input makes the kernel send a
+    reset, and the client can lose the response written just before (nginx: lingering_close)."""
+    if reader.at_eof() or writer.transport.is_closing():
+        return
+    await asyncio.wait_for(writer.drain(), LINGER_S)
+    writer.write_eof()
+    async def drop():
+        for _ in range(64):
+            if not await reader.read(65536):
+                return
+    await asyncio.wait_for(drop(), LINGER_S)
+
+
+async def _read_line(reader: asyncio.StreamReader, what: str) -> bytes:
+    try:
+        return await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(400, f"{what} line longer than {MAX_HEADER_BYTES} bytes") from None
 
 
 async def _watch_disconnect(writer, out: SocketWriter, job, every: float = 0.1) -> None:

@@ -1,16 +1,21 @@
 """The first load of an unknown GGUF runs in a short-lived child process.
 
 llama.cpp checks a model's header with asserts that abort the whole process (a block_count of 0
-or 600, an expert count past its limit, ...), and no pre-check in Python can know them all. So
-before a file is loaded in the daemon, `probe(path)` loads it in a child process — metadata,
-hyperparameters and every tensor's shape, with no weight read or allocated (llama.cpp's
-no_alloc: about 0.25 s and 60 MB for SmolLM2 here) — and reports success, llama.cpp's refusal,
-or the abort, as a GGUFError naming the file. A file that passed is remembered by
-(path, size, mtime), so it is probed once per daemon run.
+or 600, an expert count past its limit, ...), and ggml asserts on values that only matter when a
+batch is computed (a NaN norm epsilon), so no pre-check in Python can know them all. Before a
+file is loaded in the daemon, `probe(path)` runs its first load in a child process, in two steps:
 
-Not covered: asserts that fire only when a context is built or a batch is decoded.
+1. metadata, hyperparameters and every tensor's shape, with no weight read or allocated
+   (llama.cpp's no_alloc): a broken header is refused fast;
+2. the real load (mmap, the daemon's repack policy), a context of 16 tokens, one 2-token batch
+   and one single-token decode: the code paths a first request takes.
 
-  python -m hublabio.llama.probe FILE   # exit 0 = loads, 1 = refused (message on stdout)
+It reports success, llama.cpp's refusal, or the abort, as a GGUFError naming the file. A file
+that passed is remembered by (path, size, mtime), so it is probed once per daemon run. What it
+costs (a second load; the weights it read stay in the page cache for the daemon's own load) is
+in docs/BENCHMARKS.md (bench/bench_probe.py).
+
+  python -m hublabio.llama.probe FILE [REPACK]   # exit 0 = runs, 1 = refused (message on stdout)
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class Prober:
         self._good: set[tuple] = set()
         self._lock = threading.Lock()
 
-    def check(self, path: str | os.PathLike) -> None:
+    def check(self, path: str | os.PathLike, repack="auto") -> None:
         path = Path(path)
         try:
             key = _key(path)
@@ -49,21 +54,23 @@ class Prober:
         with self._lock:
             if key in self._good:
                 return
-        probe(path, timeout_s=self.timeout_s)
+        probe(path, timeout_s=self.timeout_s, repack=repack)
         with self._lock:
             self._good.add(key)
 
 
-def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S) -> None:
+def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S, repack="auto") -> None:
+    """Raise GGUFError unless the file loads and computes a batch in a child process."""
     path = Path(path)
     env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # no gdb attach on abort
+    arg = {True: "on", False: "off"}.get(repack, str(repack))
     try:
-        proc = subprocess.run([sys.executable, "-m", "hublabio.llama.probe", str(path)],
+        proc = subprocess.run([sys.executable, "-m", "hublabio.llama.probe", str(path), arg],
                               capture_output=True, text=True, timeout=timeout_s, env=env,
                               errors="replace")
     except subprocess.TimeoutExpired:
-        raise GGUFError(path, f"llama.cpp did not finish reading this file's header in "
-                              f"{timeout_s:.0f} s") from None
+        raise GGUFError(path, f"llama.cpp did not finish loading this file and computing one "
+                              f"batch in {timeout_s:.0f} s") from None
     if proc.returncode == 0:
         return
     if proc.returncode < 0:
@@ -71,8 +78,9 @@ def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S) -> None:
         lines = [ln.strip() for ln in proc.stderr.splitlines() if "GGML_ASSERT" in ln
                  or "error" in ln.lower()]
         detail = lines[-1].split("llama.cpp/", 1)[-1] if lines else "no message"
-        raise GGUFError(path, f"llama.cpp aborted ({name}) while checking this file's header "
-                              f"and tensors: {detail}")
+        step = ("computing a first batch" if "loaded" in proc.stdout
+                else "checking this file's header and tensors")
+        raise GGUFError(path, f"llama.cpp aborted ({name}) while {step}: {detail}")
     message = proc.stdout.strip().splitlines()[-1:] or proc.stderr.strip().splitlines()[-1:]
     raise GGUFError(path, message[0] if message else f"the probe failed (exit {proc.returncode})")
 
@@ -80,10 +88,18 @@ def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from hublabio.errors import HublabError
-    from hublabio.llama.handles import Model
+    from hublabio.llama.cpu import parse_repack
+    from hublabio.llama.handles import Batch, Context, Model
 
+    path, repack = argv[0], parse_repack(argv[1] if len(argv) > 1 else "auto")
     try:
-        Model(argv[0], metadata_only=True).close()
+        Model(path, metadata_only=True).close()
+        with Model(path, repack=repack) as model:
+            print("loaded", flush=True)  # an abort from here on is in the compute
+            with Context(model, n_ctx=16, n_batch=8, threads=1) as ctx:
+                token = model.bos if 0 <= model.bos < model.n_vocab else 0
+                ctx.decode([token, token], 0)
+                ctx.decode([token], 2)
     except HublabError as err:
         text = str(err)
         print(text.removeprefix(f"{getattr(err, 'path', '')}: "))
