@@ -152,7 +152,7 @@ class ModelPool:
         if bad:
             raise GGUFError(path, "refused before loading: " + "; ".join(bad))
         if self.prober is not None:
-            self.prober.check(path, load.repack)  # llama.cpp, in a child process
+            self.prober.check(path)  # llama.cpp, in a child process
         est = estimate_memory(info, n_ctx, repack=repack_policy(load.repack))
         others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
                   for k, r in self._models.items() if k != key]

@@ -7,15 +7,18 @@ file is loaded in the daemon, `probe(path)` runs its first load in a child proce
 
 1. metadata, hyperparameters and every tensor's shape, with no weight read or allocated
    (llama.cpp's no_alloc): a broken header is refused fast;
-2. the real load (mmap, the daemon's repack policy), a context of 16 tokens, one 2-token batch
-   and one single-token decode: the code paths a first request takes.
+2. the real load, a context of 16 tokens, one 2-token batch and one single-token decode: the
+   code paths a first request takes. The weights are mmapped and not repacked, so the child
+   copies none: what it reads stays in the page cache for the daemon's own load, and on a
+   small board it does not need the model's memory twice while another model is resident.
+   (Asserts inside repacked matmul kernels only are therefore not covered.)
 
 It reports success, llama.cpp's refusal, or the abort, as a GGUFError naming the file. A file
 that passed is remembered by (path, size, mtime), so it is probed once per daemon run. What it
 costs (a second load; the weights it read stay in the page cache for the daemon's own load) is
 in docs/BENCHMARKS.md (bench/bench_probe.py).
 
-  python -m hublabio.llama.probe FILE [REPACK]   # exit 0 = runs, 1 = refused (message on stdout)
+  python -m hublabio.llama.probe FILE   # exit 0 = runs, 1 = refused (message on stdout)
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Prober:
         self._good: set[tuple] = set()
         self._lock = threading.Lock()
 
-    def check(self, path: str | os.PathLike, repack="auto") -> None:
+    def check(self, path: str | os.PathLike) -> None:
         path = Path(path)
         try:
             key = _key(path)
@@ -54,18 +57,17 @@ class Prober:
         with self._lock:
             if key in self._good:
                 return
-        probe(path, timeout_s=self.timeout_s, repack=repack)
+        probe(path, timeout_s=self.timeout_s)
         with self._lock:
             self._good.add(key)
 
 
-def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S, repack="auto") -> None:
+def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S) -> None:
     """Raise GGUFError unless the file loads and computes a batch in a child process."""
     path = Path(path)
     env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # no gdb attach on abort
-    arg = {True: "on", False: "off"}.get(repack, str(repack))
     try:
-        proc = subprocess.run([sys.executable, "-m", "hublabio.llama.probe", str(path), arg],
+        proc = subprocess.run([sys.executable, "-m", "hublabio.llama.probe", str(path)],
                               capture_output=True, text=True, timeout=timeout_s, env=env,
                               errors="replace")
     except subprocess.TimeoutExpired:
@@ -85,21 +87,30 @@ def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S, repack="auto
     raise GGUFError(path, message[0] if message else f"the probe failed (exit {proc.returncode})")
 
 
+def _anon_mb() -> float:
+    """This process's anonymous (not file-backed) resident memory, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from hublabio.errors import HublabError
-    from hublabio.llama.cpu import parse_repack
-    from hublabio.llama.handles import Batch, Context, Model
+    from hublabio.llama.handles import Context, Model
 
-    path, repack = argv[0], parse_repack(argv[1] if len(argv) > 1 else "auto")
+    path = argv[0]
     try:
         Model(path, metadata_only=True).close()
-        with Model(path, repack=repack) as model:
+        with Model(path, repack=False) as model:
             print("loaded", flush=True)  # an abort from here on is in the compute
             with Context(model, n_ctx=16, n_batch=8, threads=1) as ctx:
                 token = model.bos if 0 <= model.bos < model.n_vocab else 0
                 ctx.decode([token, token], 0)
                 ctx.decode([token], 2)
+                print(f"anon_mb {_anon_mb():.0f}", flush=True)  # for bench/bench_probe.py
     except HublabError as err:
         text = str(err)
         print(text.removeprefix(f"{getattr(err, 'path', '')}: "))
