@@ -81,6 +81,8 @@ def _models_list(svc: Service, req: Req) -> dict:
                 bad = header_problems(info)
                 if bad:
                     row["error"] = f"{cfg.path}: " + "; ".join(bad)
+                elif svc.pool.prober is not None:  # refused by the probe at a load attempt
+                    row["error"] = svc.pool.prober.problem(cfg.path)
             except (GGUFError, OSError) as exc:
                 row["error"] = str(exc)
             except Exception as exc:  # noqa: BLE001 - one odd file must not break the list

@@ -41,11 +41,14 @@ def _key(path: Path) -> tuple:
 
 
 class Prober:
-    """`check(path)` raises GGUFError unless llama.cpp can load the file's header and shapes."""
+    """`check(path)` raises GGUFError unless llama.cpp can load the file and compute a batch.
+    Both outcomes are remembered per (path, size, mtime): a refused file is refused again at
+    once (and `problem(path)` tells `ai list` why) until it changes."""
 
     def __init__(self, timeout_s: float = TIMEOUT_S):
         self.timeout_s = timeout_s
         self._good: set[tuple] = set()
+        self._bad: dict[tuple, GGUFError] = {}
         self._lock = threading.Lock()
 
     def check(self, path: str | os.PathLike) -> None:
@@ -57,9 +60,26 @@ class Prober:
         with self._lock:
             if key in self._good:
                 return
-        probe(path, timeout_s=self.timeout_s)
+            if key in self._bad:
+                raise self._bad[key]
+        try:
+            probe(path, timeout_s=self.timeout_s)
+        except GGUFError as err:
+            with self._lock:
+                self._bad[key] = err
+            raise
         with self._lock:
             self._good.add(key)
+
+    def problem(self, path: str | os.PathLike) -> str | None:
+        """Why this file (as it is now) was refused, if it was."""
+        try:
+            key = _key(Path(path))
+        except OSError:
+            return None
+        with self._lock:
+            err = self._bad.get(key)
+        return str(err) if err is not None else None
 
 
 def probe(path: str | os.PathLike, *, timeout_s: float = TIMEOUT_S) -> None:

@@ -116,6 +116,11 @@ def test_the_daemon_refuses_bad_files_and_keeps_serving(tiny, tmp_path, smollm2_
                 with pytest.raises(GGUFError, match=fragment):
                     c.call("generate", model=name, prompt="Hi")
             assert c.call("generate", model="good", prompt="The capital of France is")["text"]
+            # `ai list` now shows why kv3 was refused (it passed the header check)
+            rows = {m["name"]: m for m in c.call("models.list")["models"]}
+            assert "wrong shape" in rows["kv3"]["error"] and rows["good"]["error"] is None
+            with pytest.raises(GGUFError, match="wrong shape"):  # at once, no second probe
+                c.call("generate", model="kv3", prompt="Hi")
     finally:
         handle.stop()
 

@@ -326,3 +326,16 @@ def test_a_hostile_json_body_is_a_400_naming_the_field(api):
                   + "}", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "nested deeper" in r.json()["error"]["message"]
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("model", ["/etc/passwd", "/nowhere/x.gguf", "../../etc/hostname"])
+def test_the_http_model_field_names_nothing_outside_the_models_dir(api, model):
+    """Issue 11: any server path was accepted, and the 500 told whether the file existed, its
+    size and its first 4 bytes (b'root' for /etc/passwd)."""
+    _, http = api
+    r = http.post("/v1/chat/completions", json={"model": model, "max_tokens": 1,
+                                                "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 404, r.text
+    msg = r.json()["error"]["message"]
+    assert "inside the models directory" in msg
+    assert "b'" not in msg and "MiB" not in msg and "bytes" not in msg
