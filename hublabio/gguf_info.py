@@ -43,6 +43,7 @@ MAX_STRING_BYTES = 1 << 20       # one metadata string (a chat template)
 MAX_ITEM_BYTES = 64 << 10        # one string in an array (a token, a merge)
 MAX_TENSOR_NAME_BYTES = 63       # GGML_MAX_NAME - 1
 MAX_DIMS = 4                     # GGML_MAX_DIMS
+MAX_KEPT_BYTES = 16 << 20        # strings kept in memory, all keys together
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class _Reader:
 
     def __init__(self, buf, path: Path):
         self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+        self.kept = 0  # bytes of strings kept so far (MAX_KEPT_BYTES)
 
     def fail(self, what: str) -> GGUFError:
         return GGUFError(self.path, what)
@@ -133,6 +135,9 @@ class _Reader:
         if n > limit:
             raise self.fail(f"{what} is {n} bytes long; at most {limit}")
         self.need(n, what)
+        self.kept += n
+        if self.kept > MAX_KEPT_BYTES:
+            raise self.fail(f"the header's strings pass {MAX_KEPT_BYTES >> 20} MiB at {what}")
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:

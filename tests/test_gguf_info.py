@@ -238,7 +238,9 @@ _ARCH = _s("general.architecture") + struct.pack("<I", 8) + _s("llama")
     ([_ARCH], [_s("t") + struct.pack("<I5QIQ", 5, 32, 1, 1, 1, 1, 0, 0)], {},
      "corrupt tensor 't': 5 dimensions; at most 4"),
     ([_ARCH], [_s("t") + struct.pack("<IQIQ", 1, 32, 0, 0)] * 2, {},
-     "tensor name 't' appears twice")])
+     "tensor name 't' appears twice"),
+    ([_ARCH] + [_s(f"k{i}") + struct.pack("<I", 8) + _s("v" * (1 << 20)) for i in range(17)], [],
+     {}, "the header's strings pass 16 MiB at value of k15")])
 def test_header_limits_are_named(tmp_path, kvs, tensors, extra, fragment):
     path = _raw_gguf(tmp_path / "hostile.gguf", kvs, tensors, **extra)
     with pytest.raises(GGUFError, match=re.escape(fragment)):
