@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping, Sequence
 
@@ -144,6 +144,14 @@ class MoESettings:
             return parse_strategy("threshold", t=self.threshold, per_domain=per)
         return parse_strategy(self.routing)
 
+    def with_overrides(self, routing: str | None = None,
+                       synthesis: str | None = None) -> "MoESettings":
+        """These settings with one request's routing ("topk 2", ...) and synthesis."""
+        updates = parse_routing(routing) if routing is not None else {}
+        if synthesis is not None:
+            updates["synthesis"] = validate_moe_setting("synthesis", synthesis)
+        return replace(self, **updates)
+
     def describe(self) -> str:
         if self.routing == "topk":
             return f"topk {self.k}"
@@ -152,26 +160,28 @@ class MoESettings:
         return self.routing
 
 
+def parse_routing(value: Any) -> dict[str, Any]:
+    """"topk 2" / "threshold 0.4" / "single" / "all" -> the [moe] keys it sets."""
+    words = str(value).split()
+    if not words:
+        raise ConfigError(_settings_file(), "[moe] routing", "expected a routing strategy")
+    routing = validate_moe_setting("routing", words[0])
+    updates: dict[str, Any] = {"routing": routing}
+    if len(words) > 2 or (len(words) == 2 and routing not in ("topk", "threshold")):
+        raise ConfigError(_settings_file(), "[moe] routing",
+                          f"{routing} takes {'one number' if routing in ('topk', 'threshold') else 'no parameter'}, "
+                          f"got {value!r}")
+    if len(words) == 2:
+        param = "k" if routing == "topk" else "threshold"
+        updates[param] = validate_moe_setting(param, words[1])
+    return updates
+
+
 def set_moe_setting(key: str, value: Any) -> MoESettings:
     """Validate and persist one [moe] setting atomically (temp file, fsync, rename). For
     `routing` the value may carry the strategy's parameter: "topk 2", "threshold 0.4" (both
     keys are written in the same atomic replace). Returns the new settings."""
-    updates: dict[str, Any] = {}
-    if key == "routing":
-        words = str(value).split()
-        if not words:
-            raise ConfigError(_settings_file(), "[moe] routing", "expected a routing strategy")
-        routing = validate_moe_setting("routing", words[0])
-        updates["routing"] = routing
-        if len(words) > 2 or (len(words) == 2 and routing not in ("topk", "threshold")):
-            raise ConfigError(_settings_file(), "[moe] routing",
-                              f"{routing} takes {'one number' if routing in ('topk', 'threshold') else 'no parameter'}, "
-                              f"got {value!r}")
-        if len(words) == 2:
-            param = "k" if routing == "topk" else "threshold"
-            updates[param] = validate_moe_setting(param, words[1])
-    else:
-        updates[key] = validate_moe_setting(key, value)
+    updates = parse_routing(value) if key == "routing" else {key: validate_moe_setting(key, value)}
     with settings_lock():
         data = read_settings()
         table = data.setdefault("moe", {})
@@ -299,14 +309,33 @@ class MoE:
         return RouteResult(query, scores, selected, self.settings.describe(), self.router_kind,
                            fallback)
 
+    def route_to(self, query: str, domains: Sequence[str]) -> RouteResult:
+        """A route the caller chose: these experts, with the router's scores for the record."""
+        usable = self.available()
+        unknown = [d for d in domains if d not in usable]
+        if unknown or not domains:
+            raise ModelNotFound(f"moe: no available expert {', '.join(map(repr, unknown))}; "
+                                f"available: {', '.join(sorted(usable)) or 'none'}")
+        raw = self.router.score(query)
+        scores = {d: float(raw.get(d, 0.0)) for d in self.experts}
+        return RouteResult(query, scores, [Route(d, scores[d]) for d in domains],
+                           "chosen by the request", self.router_kind)
+
     # ---- running experts -----------------------------------------------------------------
     def inference(self, cfg: ModelConfig):
         return cfg.inference.with_overrides(self.inference_overrides) \
             if self.inference_overrides else cfg.inference
 
-    def messages(self, cfg: ModelConfig, query: str) -> list[dict]:
+    def messages(self, cfg: ModelConfig, query: str,
+                 history: Sequence[Mapping[str, str]] = ()) -> list[dict]:
+        """The expert's system prompt (with the conversation's own system text after it), the
+        earlier turns of the conversation, then the query."""
         inf = self.inference(cfg)
-        msgs = [{"role": "system", "content": inf.system_prompt}] if inf.system_prompt else []
+        system = [inf.system_prompt] if inf.system_prompt else []
+        system += [m["content"] for m in history if m["role"] == "system"]
+        msgs = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+        msgs += [{"role": m["role"], "content": m["content"]} for m in history
+                 if m["role"] in ("user", "assistant")]
         return msgs + [{"role": "user", "content": query}]
 
     def _tokenizer_key(self, engine) -> str:
@@ -376,9 +405,11 @@ class MoE:
         return fuse
 
     def query(self, query: str, *, cancel=None, options: Mapping[str, Any] | None = None,
-              route: RouteResult | None = None) -> Generator[dict, None, dict]:
+              route: RouteResult | None = None,
+              history: Sequence[Mapping[str, str]] = ()) -> Generator[dict, None, dict]:
         """Events (protocol.info / protocol.token dicts) and, as the generator's return value,
-        the result: text, synthesis, experts (answers), routes, timings."""
+        the result: text, synthesis, experts (answers), routes, timings. `history`: the
+        conversation before `query` (role/content dicts), given to every expert."""
         t0 = time.perf_counter()
         routed = route or self.route(query)
         t_route = time.perf_counter() - t0
@@ -407,7 +438,7 @@ class MoE:
             t1 = time.perf_counter()
             if strategy == "concatenate":
                 yield protocol.token(f"### {r.domain}\n", None)
-            for text, lp in self.stream_expert(cfg, self.messages(cfg, query), run,
+            for text, lp in self.stream_expert(cfg, self.messages(cfg, query, history), run,
                                                options=options, cancel=cancel):
                 if ttft is None:
                     ttft = time.perf_counter() - t0
@@ -427,7 +458,7 @@ class MoE:
                 runs.append((cfg, run))
                 t1 = time.perf_counter()
                 try:
-                    for _ in self.stream_expert(cfg, self.messages(cfg, query), run,
+                    for _ in self.stream_expert(cfg, self.messages(cfg, query, history), run,
                                                 options=options, cancel=cancel):
                         pass
                 except Cancelled:
@@ -476,6 +507,9 @@ class MoE:
             "route_ms": round(t_route * 1000, 3),
             "ttft_s": ttft, "total_s": time.perf_counter() - t0,
             "generations": [(cfg.name, run.stats) for cfg, run in runs if run.stats is not None],
+            # the streamed answer's: one expert's own, or the fusing general expert's
+            "finish_reason": runs[-1][1].finish_reason if runs and (
+                len(chosen) == 1 or strategy == "summarize") else "stop",
         }
 
     @staticmethod

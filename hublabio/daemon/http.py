@@ -2,8 +2,13 @@
 
   GET  /health                  liveness + memory
   GET  /metrics                 Prometheus text (requests, tokens, tok/s, memory, loaded models)
-  GET  /v1/models[/ID]          the configured models
-  POST /v1/chat/completions     messages → answer; "stream": true gives SSE chunks + [DONE]
+  GET  /v1/models[/ID]          the configured models, then "moe" and each expert
+  POST /v1/chat/completions     messages → answer; "stream": true gives SSE chunks + [DONE];
+                                model "moe" routes the last user turn through MoE-R (the
+                                earlier turns go to the experts), an expert's name asks that
+                                expert; `hublab: {routing, synthesis}` overrides `settings moe`
+                                for the request, and the answer carries `hublab` (experts
+                                chosen, probabilities, the answer that won)
   POST /v1/completions          raw prompt → text; same streaming
 
 HTTP/1.1 with keep-alive, Content-Length or chunked bodies, `Expect: 100-continue`; responses
@@ -37,6 +42,7 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
 KEEPALIVE_S = 60.0
 MAX_TRAILERS = 32
+MOE_MODEL = "moe"  # the model name that routes through MoE-R
 LINGER_S = 2.0
 _HEX = re.compile(rb"[0-9a-fA-F]{1,15}")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
@@ -309,19 +315,34 @@ class HttpApi:
         return 200
 
     async def _models(self, req, reader, writer, keep) -> int:
-        data = await self._call("models.list", {})
-        await self._send_json(writer, 200, {"object": "list",
-                                            "data": [_model_obj(m) for m in data["models"]]}, keep)
+        await self._send_json(writer, 200, {"object": "list", "data": await self._model_objs()},
+                              keep)
         return 200
 
     async def _model(self, req, reader, writer, keep) -> int:
         name = req.path[len("/v1/models/"):]
-        data = await self._call("models.list", {})
-        for m in data["models"]:
-            if m["name"] == name:
-                await self._send_json(writer, 200, _model_obj(m), keep)
+        for m in await self._model_objs():
+            if m["id"] == name:
+                await self._send_json(writer, 200, m, keep)
                 return 200
         raise HttpError(404, f"no model named {name!r}", param="model", code="model_not_found")
+
+    async def _model_objs(self) -> list[dict]:
+        """The configured models, then `moe` (MoE-R under the current `settings moe`) and each
+        available expert, when there are experts."""
+        objs = [_model_obj(m) for m in (await self._call("models.list", {}))["models"]]
+        experts = await self._experts()
+        if experts:
+            moe = await self._call("settings.moe.get", {})
+            objs.append({"id": MOE_MODEL, "object": "model", "created": 0, "owned_by": "hublab",
+                         "hublab": {"kind": "moe", "routing": moe["routing"],
+                                    "synthesis": moe["synthesis"], "router": moe["router"],
+                                    "experts": sorted(r["domain"] for r in experts.values())}})
+            objs += [{"id": name, "object": "model", "created": 0, "owned_by": "hublab",
+                      "loaded": bool(r["loaded"]),
+                      "hublab": {"kind": "expert", "domain": r["domain"]}}
+                     for name, r in sorted(experts.items())]
+        return objs
 
     async def _metrics(self, req, reader, writer, keep) -> int:
         data = await self._call("stats", {})
@@ -410,26 +431,69 @@ class HttpApi:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise HttpError(400, "'model' must be a string", param="model")
-        if model:
+        op = "generate"
+        moe_params = await self._moe_params(model, body) if model else None
+        if moe_params is not None:  # MoE-R, or one expert through it
+            if want_lp:
+                raise HttpError(400, f"logprobs are not available from {model!r} (answers may "
+                                     "be synthesized from several experts)", param="logprobs")
+            op, options = "moe.query", {k: v for k, v in options.items() if k != "logprobs"}
+            params = {("messages" if chat else "query"): params.get("messages",
+                                                                   params.get("prompt")),
+                      **moe_params}
+        elif "hublab" in body:
+            raise HttpError(400, "'hublab' routing options apply to model 'moe' and the "
+                                 "experts only", param="hublab")
+        elif model:
             params["model"] = model
         if options:
             params["options"] = options
         stream = bool(body.get("stream", False))
         usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
         created = int(time.time())
-        job = self.dispatcher.new_job(f"http-{protocol.new_id()}", "generate")
+        job = self.dispatcher.new_job(f"http-{protocol.new_id()}", op)
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         watcher = asyncio.ensure_future(_watch_disconnect(writer, self._outs[writer], job))
         try:
             if stream:
                 req.close_after = req.version != "HTTP/1.1"
                 return await self._stream(writer, job, params, rid, created, chat, want_lp,
-                                          usage_in_stream, not req.close_after)
-            return await self._whole(writer, job, params, rid, created, chat, want_lp, keep)
+                                          usage_in_stream, not req.close_after, model)
+            return await self._whole(writer, job, params, rid, created, chat, want_lp, keep,
+                                     model)
         finally:
             watcher.cancel()
 
-    async def _whole(self, writer, job, params, rid, created, chat, want_lp, keep) -> int:
+    async def _moe_params(self, model: str, body: dict) -> dict | None:
+        """moe.query's parameters when `model` is "moe" or an expert's name, else None.
+        `hublab: {"routing": "topk 2", "synthesis": "vote"}` overrides [moe] for this request."""
+        extra = body.get("hublab") or {}
+        if not isinstance(extra, dict) or set(extra) - {"routing", "synthesis"}:
+            raise HttpError(400, "'hublab' takes routing (\"topk 2\", \"threshold 0.4\", "
+                                 "\"single\", \"all\") and synthesis only", param="hublab")
+        for key, value in extra.items():
+            if not isinstance(value, str):
+                raise HttpError(400, f"hublab.{key} must be a string", param=f"hublab.{key}")
+        if model == MOE_MODEL:
+            return dict(extra)
+        experts = await self._experts()
+        if model in experts:
+            if "routing" in extra:
+                raise HttpError(400, f"{model!r} is one expert: no routing to choose",
+                                param="hublab.routing")
+            return {"experts": [experts[model]["domain"]], **extra}
+        return None
+
+    async def _experts(self) -> dict[str, dict]:
+        """Available experts by model name ({} when MoE-R cannot load)."""
+        try:
+            rows = (await self._call("moe.experts", {}))["experts"]
+        except HttpError:
+            return {}
+        return {r["model"]: r for r in rows if not r["missing"]}
+
+    async def _whole(self, writer, job, params, rid, created, chat, want_lp, keep,
+                     asked: str | None) -> int:
         tokens: list[dict] = []
         final: dict = {}
 
@@ -444,7 +508,7 @@ class HttpApi:
         if ev["type"] == "error":
             raise HttpError.from_event(ev)
         data = ev["data"]
-        model = data.get("model")
+        model = data.get("model") or asked
         lp = _logprobs(tokens, chat) if want_lp else None
         reason = _finish(data.get("finish_reason"))
         if chat:
@@ -455,12 +519,13 @@ class HttpApi:
         await self._send_json(writer, 200, {
             "id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice], "usage": _usage(data),
-            "timings": _timings(data)}, keep)
+            **_extension(data)}, keep)
         return 200
 
     async def _stream(self, writer, job, params, rid, created, chat, want_lp, usage_in_stream,
-                      chunked: bool) -> int:
-        state = {"started": False, "role_sent": False, "model": params.get("model"), "status": 200}
+                      chunked: bool, asked: str | None) -> int:
+        state = {"started": False, "role_sent": False,
+                 "model": asked, "status": 200}
         obj_name = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict | None, **extra) -> dict:
@@ -508,9 +573,10 @@ class HttpApi:
                 last = ({"index": 0, "delta": {} if state["role_sent"] else {"role": "assistant"},
                          "logprobs": None, "finish_reason": reason} if chat else
                         {"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
-                out += sse(chunk(last))
+                out += sse(chunk(last, **({"hublab": _extension(data)["hublab"]}
+                                          if "route" in data else {})))
                 if usage_in_stream:
-                    out += sse(chunk(None, usage=_usage(data), timings=_timings(data)))
+                    out += sse(chunk(None, usage=_usage(data), **_extension(data)))
                 return out + sse(b"[DONE]")
             if kind == "error":
                 state["status"] = HttpError.from_event(ev).status
@@ -662,7 +728,22 @@ def _logprobs(events: list[dict], chat: bool, offset: int = 0) -> dict:
             "text_offset": offsets}
 
 
+def _extension(data: dict) -> dict:
+    """What rides beside OpenAI's fields: llama-server's `timings` for one model; for MoE-R,
+    `hublab` with the routing (experts chosen, their probabilities) and which answer won."""
+    if "route" not in data:
+        return {"timings": _timings(data)}
+    route = data["route"]
+    return {"hublab": {
+        "routing": route["strategy"], "router": route["router"], "fallback": route["fallback"],
+        "selected": route["selected"], "synthesis": data["synthesis"], "chosen": data["chosen"],
+        "detail": data["detail"],
+        "experts": [{"domain": a["domain"], "model": a["model"], "confidence": a["confidence"],
+                     "tokens": a["tokens"]} for a in data["experts"]]}}
+
+
 def _usage(data: dict) -> dict:
+    data = data.get("usage") or data  # moe.query sums its experts' tokens in "usage"
     p, c = data.get("prompt_tokens", 0), data.get("completion_tokens", 0)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 

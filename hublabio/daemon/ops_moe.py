@@ -1,8 +1,14 @@
 """MoE-R ops for hublabd (imported by service.py at start; registrations replace core ops).
 
 - `moe.route {query}`            -> {query, scores, selected, strategy, router, fallback}
-- `moe.query {query, options?}`  -> streams `[Router]`/`[Expert]`/`[Synthesizer]` info lines and
-                                    the answer's tokens; result {text, synthesis, experts, ...}
+- `moe.query {query | messages, options?, routing?, synthesis?, experts?}`
+                                 -> streams `[Router]`/`[Expert]`/`[Synthesizer]` info lines and
+                                    the answer's tokens; result {text, synthesis, chosen, route,
+                                    experts, usage, ...}. `messages` (a conversation) routes its
+                                    last user turn and gives the earlier turns to the experts;
+                                    `routing` ("topk 2", ...) and `synthesis` override the
+                                    [moe] settings for this request; `experts` (domains) skips
+                                    the router (the HTTP API's expert models use it).
 - `moe.experts`                  -> per expert: domain, model, loaded, memory_mb, adapter, ...
 - `settings.moe.get`             -> the [moe] settings, router kind, active experts
 - `settings.moe.set {key, value}`-> validates and persists one setting (crash-safe);
@@ -86,17 +92,50 @@ def _moe_route(svc: Service, req: Req, query: str) -> dict:
     return out
 
 
-def _run_moe(svc: Service, req: Req, moe: MoE, query: str, options):
-    result = yield from moe.query(query, cancel=req.cancel, options=_check_options(options))
+def _run_moe(svc: Service, req: Req, moe: MoE, query: str, options, *, route=None,
+             history=()):
+    result = yield from moe.query(query, cancel=req.cancel, options=_check_options(options),
+                                  route=route, history=history)
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
     for name, stats in result.pop("generations", []):
         svc.record_generation(name, stats)
+        usage["prompt_tokens"] += stats.prompt_tokens
+        usage["completion_tokens"] += stats.completion_tokens
+    result["usage"] = usage
     return result
 
 
+def _conversation(messages) -> tuple[str, list[dict]]:
+    """(the last user turn, the turns before it) of a role/content conversation."""
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError("moe.query: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ProtocolError(f"moe.query: messages[{i}] must have a role (system, user or "
+                                "assistant) and a string content")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None or last != len(messages) - 1:
+        raise ProtocolError("moe.query: the conversation must end with a user message")
+    return _query_text(messages[last]["content"]), messages[:last]
+
+
 @op("moe.query", queued=True)
-def _moe_query(svc: Service, req: Req, query: str, options: dict | None = None):
+def _moe_query(svc: Service, req: Req, query: str | None = None, options: dict | None = None,
+               messages: list | None = None, routing: str | None = None,
+               synthesis: str | None = None, experts: list | None = None):
+    if (query is None) == (messages is None):
+        raise ProtocolError("moe.query needs either 'query' or 'messages'")
+    text, history = _conversation(messages) if messages is not None else (_query_text(query), [])
     moe, _ = moe_for(svc)
-    return (yield from _run_moe(svc, req, moe, _query_text(query), options))
+    if routing is not None or synthesis is not None:
+        moe.settings = moe.settings.with_overrides(routing, synthesis)
+    route = None
+    if experts is not None:
+        if not all(isinstance(d, str) for d in experts):
+            raise ProtocolError("moe.query: 'experts' must be a list of expert domains")
+        route = moe.route_to(text, experts)
+    return (yield from _run_moe(svc, req, moe, text, options, route=route, history=history))
 
 
 @op("moe.experts")
