@@ -57,12 +57,14 @@ class SamplingOptions:
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0   # alternatives per token to report (0 = none)
     logprobs: bool = True   # each token's log-probability (False skips the log-softmax)
+    grammar: str | None = None  # GBNF (rule root) the answer must be a sentence of
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the answer is argmax(logits)."""
         return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.logit_bias
-                and not self.frequency_penalty and not self.presence_penalty)
+                and not self.frequency_penalty and not self.presence_penalty
+                and self.grammar is None)
 
     @classmethod
     def from_inference(cls, inf, **overrides) -> "SamplingOptions":
@@ -255,7 +257,7 @@ class Engine:
                 self.model, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                 repeat_penalty=opts.repeat_penalty, frequency_penalty=opts.frequency_penalty,
                 presence_penalty=opts.presence_penalty, seed=opts.seed,
-                logit_bias=opts.logit_bias))
+                logit_bias=opts.logit_bias, grammar=opts.grammar))
             scratch = np.empty(self.n_vocab, dtype=np.float32)
             for _ in range(max_new):
                 logits = self.ctx.logits(-1)

@@ -34,7 +34,7 @@ MAX_ANSWER_BYTES = 8 << 20  # a whole (non-streamed) answer from a remote expert
 _FORWARD = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
             "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
             "presence_penalty": "presence_penalty", "seed": "seed", "stop": "stop",
-            "logit_bias": "logit_bias"}
+            "logit_bias": "logit_bias", "grammar": "grammar"}  # grammar: llama-server's key
 
 
 def is_cancelled(cancel: Any) -> bool:

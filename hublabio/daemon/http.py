@@ -437,6 +437,10 @@ class HttpApi:
             if want_lp:
                 raise HttpError(400, f"logprobs are not available from {model!r} (answers may "
                                      "be synthesized from several experts)", param="logprobs")
+            if model == MOE_MODEL and "grammar" in options:
+                raise HttpError(400, "structured output (response_format, grammar) is not "
+                                     "available from 'moe': synthesis may combine answers; ask "
+                                     "an expert by name", param="response_format")
             op, options = "moe.query", {k: v for k, v in options.items() if k != "logprobs"}
             params = {("messages" if chat else "query"): params.get("messages",
                                                                    params.get("prompt")),
@@ -651,14 +655,27 @@ _OPENAI_OPTIONS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tok
                    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                    "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
                    "presence_penalty": "presence_penalty", "logit_bias": "logit_bias",
-                   "seed": "seed", "stop": "stop"}
+                   "seed": "seed", "stop": "stop", "grammar": "grammar"}
+# Fields of OpenAI's API this server does not implement: a 400 naming them, never silence.
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                "suffix", "audio", "modalities", "prediction", "web_search_options")
 
 
 def _options(body: dict) -> dict:
+    for key in _UNSUPPORTED:
+        if body.get(key) is not None and not (key == "tool_choice" and body[key] == "none"):
+            raise HttpError(400, f"'{key}' is not supported by this server", param=key)
     out = {}
     for key, target in _OPENAI_OPTIONS.items():
         if body.get(key) is not None:
             out[target] = body[key]
+    if body.get("response_format") is not None:
+        if "grammar" in out:
+            raise HttpError(400, "give either 'response_format' or 'grammar', not both",
+                            param="response_format")
+        grammar = _response_grammar(body["response_format"])
+        if grammar is not None:
+            out["grammar"] = grammar
     try:
         from hublabio.daemon.service import _check_options
 
@@ -667,6 +684,30 @@ def _options(body: dict) -> dict:
         param = str(exc).split(" ", 1)[0].removeprefix("options.")
         raise HttpError(400, str(exc).replace("options.", ""), param=param) from None
     return out
+
+
+def _response_grammar(fmt) -> str | None:
+    """OpenAI's response_format as a grammar: json_object = any JSON object, json_schema = JSON
+    the schema accepts (hublabio.grammar; an unsupported keyword is a 400 naming it)."""
+    from hublabio.grammar import SchemaError, json_grammar
+
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar(None)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise HttpError(400, "response_format.json_schema.schema must be a JSON Schema "
+                                 "object", param="response_format.json_schema.schema")
+        try:
+            return json_grammar(spec["schema"])
+        except SchemaError as exc:
+            raise HttpError(400, f"response_format.json_schema.{exc}",
+                            param="response_format.json_schema.schema") from None
+    raise HttpError(400, "response_format.type must be text, json_object or json_schema, got "
+                         f"{kind!r}", param="response_format.type")
 
 
 def _chat_messages(messages) -> list[dict]:

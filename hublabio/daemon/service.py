@@ -514,7 +514,9 @@ def _user_inference() -> dict:
 
 _OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
                  "repeat_penalty": float, "frequency_penalty": float, "presence_penalty": float,
-                 "seed": int, "stop": list, "logit_bias": dict, "top_logprobs": int}
+                 "seed": int, "stop": list, "logit_bias": dict, "top_logprobs": int,
+                 "grammar": str}
+MAX_GRAMMAR_CHARS = 256 * 1024
 _RANGES = {"frequency_penalty": (-2.0, 2.0), "presence_penalty": (-2.0, 2.0),
            "top_logprobs": (0, 20)}
 
@@ -535,6 +537,12 @@ def _check_options(options: dict | None) -> dict:
             continue
         if key == "logit_bias":
             out[key] = _check_logit_bias(value)
+            continue
+        if key == "grammar":
+            if not isinstance(value, str) or not value.strip() or len(value) > MAX_GRAMMAR_CHARS:
+                raise ProtocolError("options.grammar must be a GBNF grammar (rule root) of at "
+                                    f"most {MAX_GRAMMAR_CHARS} characters")
+            out[key] = value
             continue
         if key == "stop":
             if isinstance(value, str):

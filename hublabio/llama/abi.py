@@ -51,6 +51,7 @@ FUNCTIONS: tuple[str, ...] = (
     "llama_sampler_chain_add", "llama_sampler_free", "llama_sampler_sample",
     "llama_sampler_init_penalties", "llama_sampler_init_top_k", "llama_sampler_init_top_p",
     "llama_sampler_init_temp", "llama_sampler_init_dist", "llama_sampler_init_greedy",
+    "llama_sampler_init_grammar",
     "llama_sampler_init_logit_bias", "llama_model_quantize",
     "llama_model_quantize_default_params",
 )

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import llama_cpp as C
 import numpy as np
 
-from hublabio.errors import GGUFError, LlamaError
+from hublabio.errors import GGUFError, LlamaError, ProtocolError
 from hublabio.llama import backend, log
 from hublabio.llama.abi import set_fields
 from hublabio.llama.cpu import RepackPolicy, decide
@@ -316,17 +316,28 @@ class Context(_Handle):
 
 
 class SamplerChain(_Handle):
-    """llama.cpp's sampler chain: logit bias → penalties → greedy, or top-k → top-p →
-    temperature → seeded distribution."""
+    """llama.cpp's sampler chain: grammar → logit bias → penalties → greedy, or top-k → top-p →
+    temperature → seeded distribution. A `grammar` (GBNF, rule `root`) masks every token that
+    would leave its language, and only lets the generation end once a sentence is complete."""
 
     def __init__(self, model: Model, *, temperature: float, top_k: int = 40, top_p: float = 1.0,
                  repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
                  presence_penalty: float = 0.0, penalty_last_n: int = 64,
-                 seed: int | None = None, logit_bias: dict[int, float] | None = None):
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None,
+                 grammar: str | None = None):
         params = C.llama_sampler_chain_default_params()
         set_fields(params, no_perf=True)
         self._ptr = C.llama_sampler_chain_init(params)
         add = lambda s: C.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
+        if grammar is not None:
+            log.clear_errors()
+            g = C.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+            if not g:
+                self.close()
+                detail = "; ".join(log.recent_errors(2))
+                raise ProtocolError("options.grammar: llama.cpp could not parse the grammar"
+                                    + (f": {detail}" if detail else ""))
+            add(g)
         if logit_bias:
             arr = (C.llama_logit_bias * len(logit_bias))()
             for i, (tok, bias) in enumerate(logit_bias.items()):
