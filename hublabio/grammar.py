@@ -61,7 +61,34 @@ def json_grammar(schema: dict | None) -> str:
     """The GBNF grammar for `schema` (None: any JSON object)."""
     conv = _Converter(schema if schema is not None else {"type": "object"})
     conv.rules["root"] = conv.visit(conv.root, "root", "schema")
-    return "\n".join(f"{name} ::= {body}" for name, body in conv.rules.items()) + "\n"
+    return _format(conv.rules)
+
+
+def tool_call_grammar(tools: list[tuple[str, dict]], *, allow_answer: bool) -> str:
+    """JSON that calls one of `tools` ((name, parameters schema) pairs):
+    `{"tool_call": {"name": NAME, "arguments": {...}}}`, its arguments valid for that tool's
+    schema; with `allow_answer`, also `{"response": "text"}` (answer without a tool)."""
+    rules: dict[str, str] = {}
+    calls = []
+    for i, (name, params) in enumerate(tools):
+        conv = _Converter(params, rules=rules, prefix=f"tool{i}-")
+        args = conv.visit(params, f"tool{i}-args", f"tools[{i}].function.parameters")
+        calls.append(f'"{{" space "\\"name\\"" space ":" space '
+                     f'{literal(json.dumps(name, ensure_ascii=False))} space "," space '
+                     f'"\\"arguments\\"" space ":" space {args} "}}" space')
+    conv = _Converter({}, rules=rules)
+    conv.primitive("space")
+    call = conv.add("tool-call", " | ".join(calls))
+    alts = [f'"{{" space "\\"tool_call\\"" space ":" space {call} "}}" space']
+    if allow_answer:
+        alts.append(f'"{{" space "\\"response\\"" space ":" space {conv.primitive("string")} '
+                    '"}" space')
+    rules["root"] = " | ".join(alts)
+    return _format(rules)
+
+
+def _format(rules: dict[str, str]) -> str:
+    return "\n".join(f"{name} ::= {body}" for name, body in rules.items()) + "\n"
 
 
 def literal(text: str) -> str:
@@ -84,11 +111,12 @@ def _escape(c: str) -> str:
 
 
 class _Converter:
-    def __init__(self, root):
+    def __init__(self, root, *, rules: dict[str, str] | None = None, prefix: str = ""):
         if not isinstance(root, dict):
             raise SchemaError(f"schema: must be an object, got {type(root).__name__}")
         self.root = root
-        self.rules: dict[str, str] = {}
+        self.rules: dict[str, str] = {} if rules is None else rules  # shared between tools
+        self.prefix = prefix  # of this schema's $ref rules (each tool has its own $defs)
         self.refs: dict[str, str] = {}  # "$ref" -> rule name
 
     def add(self, name: str, body: str) -> str:
@@ -175,7 +203,7 @@ class _Converter:
         if target is None:
             raise SchemaError(f"{where}.$ref: {ref!r} is not a definition in this schema "
                               "(#/$defs/NAME or #/definitions/NAME)")
-        name = self.add(f"ref-{m.group(2)}", "")  # reserve the name first: recursion
+        name = self.add(f"{self.prefix}ref-{m.group(2)}", "")  # reserve it first: recursion
         self.refs[ref] = name
         self.rules[name] = self.visit(target, name, ref)
         return name

@@ -33,6 +33,7 @@ import re
 import time
 
 from hublabio import jsonsafe, protocol
+from hublabio.daemon.http_tools import ToolPlan, ToolsError, parse_tools, template_messages
 from hublabio.daemon.sockwrite import WRITE_STALL_S, ClientGone, SocketWriter
 from hublabio.errors import HublabError, ProtocolError
 
@@ -394,9 +395,15 @@ class HttpApi:
 
     async def _chat(self, req, reader, writer, keep) -> int:
         body = req.json()
-        messages = _chat_messages(body.get("messages"))
+        try:
+            plan = parse_tools(body)
+        except ToolsError as exc:
+            raise HttpError(400, str(exc), param=exc.param) from None
+        messages = template_messages(_chat_messages(body.get("messages")))
+        if plan is not None:
+            messages = plan.messages(messages)
         return await self._generate(req, reader, writer, keep, body, {"messages": messages},
-                                    chat=True)
+                                    chat=True, tools=plan)
 
     async def _completions(self, req, reader, writer, keep) -> int:
         body = req.json()
@@ -408,14 +415,25 @@ class HttpApi:
                             param="prompt")
         if body.get("echo"):
             raise HttpError(400, "'echo' is not supported", param="echo")
+        for key in ("tools", "tool_choice"):
+            if body.get(key) is not None:
+                raise HttpError(400, f"'{key}' needs /v1/chat/completions", param=key)
         return await self._generate(req, reader, writer, keep, body, {"prompt": prompt},
                                     chat=False)
 
     async def _generate(self, req, reader, writer, keep, body: dict, params: dict, *,
-                        chat: bool) -> int:
+                        chat: bool, tools: ToolPlan | None = None) -> int:
         if body.get("n", 1) != 1:
             raise HttpError(400, "only n = 1 is supported", param="n")
         options = _options(body)
+        if tools is not None:
+            if "grammar" in options:
+                raise HttpError(400, "tools answer in their own JSON format: no response_format "
+                                     "or grammar with them", param="response_format")
+            try:
+                options["grammar"] = tools.grammar()
+            except ToolsError as exc:
+                raise HttpError(400, str(exc), param=exc.param) from None
         want_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
         top_n = body.get("top_logprobs") if chat else body.get("logprobs")
         if want_lp:
@@ -437,6 +455,8 @@ class HttpApi:
             if want_lp:
                 raise HttpError(400, f"logprobs are not available from {model!r} (answers may "
                                      "be synthesized from several experts)", param="logprobs")
+            if tools is not None:
+                raise HttpError(400, f"tools are not available from {model!r}", param="tools")
             if model == MOE_MODEL and "grammar" in options:
                 raise HttpError(400, "structured output (response_format, grammar) is not "
                                      "available from 'moe': synthesis may combine answers; ask "
@@ -461,10 +481,15 @@ class HttpApi:
         try:
             if stream:
                 req.close_after = req.version != "HTTP/1.1"
+            if stream and tools is not None:  # the JSON is known only once it is complete
+                return await self._stream_tools(writer, job, params, rid, created, want_lp,
+                                                usage_in_stream, not req.close_after, model,
+                                                tools)
+            if stream:
                 return await self._stream(writer, job, params, rid, created, chat, want_lp,
                                           usage_in_stream, not req.close_after, model)
             return await self._whole(writer, job, params, rid, created, chat, want_lp, keep,
-                                     model)
+                                     model, tools)
         finally:
             watcher.cancel()
 
@@ -496,8 +521,8 @@ class HttpApi:
             return {}
         return {r["model"]: r for r in rows if not r["missing"]}
 
-    async def _whole(self, writer, job, params, rid, created, chat, want_lp, keep,
-                     asked: str | None) -> int:
+    async def _run_whole(self, job, params) -> tuple[list[dict], dict]:
+        """Run the job to its end: (token events, result data); an error event raises."""
         tokens: list[dict] = []
         final: dict = {}
 
@@ -511,11 +536,18 @@ class HttpApi:
         ev = final["ev"]
         if ev["type"] == "error":
             raise HttpError.from_event(ev)
-        data = ev["data"]
+        return tokens, ev["data"]
+
+    async def _whole(self, writer, job, params, rid, created, chat, want_lp, keep,
+                     asked: str | None, tools: ToolPlan | None = None) -> int:
+        tokens, data = await self._run_whole(job, params)
         model = data.get("model") or asked
         lp = _logprobs(tokens, chat) if want_lp else None
         reason = _finish(data.get("finish_reason"))
-        if chat:
+        if tools is not None:
+            choice = {"index": 0, **tools.answer(data["text"], reason, f"call_{job.id}"),
+                      "logprobs": lp}
+        elif chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": data["text"]},
                       "logprobs": lp, "finish_reason": reason}
         else:
@@ -524,6 +556,37 @@ class HttpApi:
             "id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice], "usage": _usage(data),
             **_extension(data)}, keep)
+        return 200
+
+    async def _stream_tools(self, writer, job, params, rid, created, want_lp, usage_in_stream,
+                            chunked: bool, asked: str | None, tools: ToolPlan) -> int:
+        """A streamed answer under tools: generated whole (only complete JSON says whether it
+        is a call), then sent as OpenAI's chunks: the role and the content or the tool call
+        (arguments in one piece), the finish reason, usage when asked, [DONE]."""
+        tokens, data = await self._run_whole(job, params)
+        answer = tools.answer(data["text"], _finish(data.get("finish_reason")), f"call_{job.id}")
+        msg = answer["message"]
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": data.get("model") or asked}
+        delta = {"role": "assistant", "content": msg["content"]}
+        if msg.get("tool_calls"):
+            delta["tool_calls"] = [{"index": 0, **c} for c in msg["tool_calls"]]
+        lp = _logprobs(tokens, True) if want_lp else None
+        chunks = [{**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+                                        "finish_reason": None}]},
+                  {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": answer["finish_reason"]}]}]
+        if usage_in_stream:
+            chunks.append({**base, "choices": [], "usage": _usage(data), **_extension(data)})
+        payloads = [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
+                    for c in chunks] + [b"data: [DONE]\n\n"]
+        head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache"
+                "\r\n" + ("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n" if chunked
+                          else "Connection: close\r\n") + "\r\n").encode()
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n" \
+            if chunked else b"".join(payloads)
+        writer.write(head + body)
+        await asyncio.wait_for(writer.drain(), WRITE_STALL_S)
         return 200
 
     async def _stream(self, writer, job, params, rid, created, chat, want_lp, usage_in_stream,
@@ -657,13 +720,14 @@ _OPENAI_OPTIONS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tok
                    "presence_penalty": "presence_penalty", "logit_bias": "logit_bias",
                    "seed": "seed", "stop": "stop", "grammar": "grammar"}
 # Fields of OpenAI's API this server does not implement: a 400 naming them, never silence.
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                "suffix", "audio", "modalities", "prediction", "web_search_options")
+# (tools and tool_choice: chat only, hublabio.daemon.http_tools)
+_UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "modalities", "prediction",
+                "web_search_options")
 
 
 def _options(body: dict) -> dict:
     for key in _UNSUPPORTED:
-        if body.get(key) is not None and not (key == "tool_choice" and body[key] == "none"):
+        if body.get(key) is not None:
             raise HttpError(400, f"'{key}' is not supported by this server", param=key)
     out = {}
     for key, target in _OPENAI_OPTIONS.items():
@@ -720,9 +784,9 @@ def _chat_messages(messages) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise HttpError(400, f"messages[{i}].role must be system, user or assistant, got "
-                                 f"{role!r}", param=f"messages[{i}].role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise HttpError(400, f"messages[{i}].role must be system, user, assistant or tool, "
+                                 f"got {role!r}", param=f"messages[{i}].role")
         if isinstance(content, list):  # content parts: keep the text ones
             if not all(isinstance(p, dict) for p in content) or \
                     any(p.get("type") != "text" for p in content):
@@ -734,8 +798,32 @@ def _chat_messages(messages) -> list[dict]:
         if not isinstance(content, str):
             raise HttpError(400, f"messages[{i}].content must be a string",
                             param=f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        entry = {"role": role, "content": content}
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise HttpError(400, f"messages[{i}].tool_call_id must be a string (the id of "
+                                     "the call this answers)", param=f"messages[{i}].tool_call_id")
+            entry["tool_call_id"] = m["tool_call_id"]
+        if role == "assistant" and m.get("tool_calls") is not None:
+            entry["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        out.append(entry)
     return out
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant turn's tool_calls, checked: [{id, type: function, function: {name,
+    arguments (a JSON string)}}]."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise HttpError(400, f"{where} must be a non-empty array", param=where)
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments"), str):
+            raise HttpError(400, f"{where}[{j}] must be {{id, type: function, function: {{name, "
+                                 "arguments}}}} with arguments a JSON string",
+                            param=f"{where}[{j}]")
+    return calls
 
 
 def _model_obj(m: dict) -> dict:

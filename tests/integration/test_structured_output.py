@@ -129,8 +129,7 @@ def test_a_streamed_structured_answer_is_the_same_json(api):
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}},
      "properties.n: the keyword 'minimum' is not supported"),
     ({"response_format": {"type": "yaml"}}, "response_format.type must be"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-     "'tools' is not supported"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "'functions' is not supported"),
     ({"extra_body": {"suffix": "x"}}, "'suffix' is not supported")])
 def test_what_cannot_be_honoured_is_a_400(api, kwargs, fragment):
     with pytest.raises(openai.BadRequestError) as err:
