@@ -21,6 +21,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -446,6 +447,7 @@ class DaemonSettings:
     model_paths: str = "models_dir"     # clients may name a GGUF by path: "models_dir" (inside
                                         # it only), "off", or "any" (the shell's own daemon)
     http: str | None = None             # "HOST:PORT" to serve the OpenAI-compatible API
+    cors_origins: tuple[str, ...] = ()  # browser origins the API answers ("*" = any); () = off
     models_dir: Path | None = None      # None = hublabio.paths.models_dir()
     source: Path | None = None
 
@@ -457,6 +459,19 @@ def _check_listen(v: str) -> str | None:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         return f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8080\") or \"\", got {v!r}"
     return None
+
+
+def check_origin(v) -> str | None:
+    """None when `v` is "*" or a browser origin (scheme://host[:port], nothing after)."""
+    if v == "*" or (isinstance(v, str) and re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", v)):
+        return None
+    return f"expected \"*\" or an origin like \"http://localhost:3000\", got {v!r}"
+
+
+def _check_origins(v) -> str | None:
+    if not isinstance(v, list):
+        return f"expected a list of origins, got {v!r}"
+    return next((p for p in map(check_origin, v) if p), None)
 
 
 def _check_reserve(v) -> str | None:
@@ -486,6 +501,7 @@ _DAEMON_SECTIONS: dict[str, dict[str, tuple[str, Check | None]]] = {
     },
     "http": {
         "listen": ("str", _check_listen),
+        "cors_origins": ("any", _check_origins),
     },
 }
 
@@ -532,6 +548,8 @@ def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings
             changes[key] = p if p.is_absolute() else base / p
     if values.get("listen"):
         changes["http"] = values["listen"]
+    if "cors_origins" in values:
+        changes["cors_origins"] = tuple(values["cors_origins"])
     return replace(out, **changes)
 
 

@@ -450,3 +450,18 @@ def test_a_damaged_settings_file_says_how_to_reset_and_reset_keeps_it(isolated_s
     update_settings("inference", "top_k", 5)
     assert read_settings() == {"inference": {"top_k": 5}}
     assert reset_settings() is not None and reset_settings() is None
+
+
+def test_cors_origins_from_the_file_and_the_flag(tmp_path):
+    from hublabio.daemon.main import build_parser, settings_from_args
+
+    path = write(tmp_path / "h.toml", '[http]\ncors_origins = ["http://localhost:3000", "*"]\n')
+    assert load_daemon_settings(path).cors_origins == ("http://localhost:3000", "*")
+    bad = write(tmp_path / "bad.toml", '[http]\ncors_origins = ["localhost:3000"]\n')
+    with pytest.raises(ConfigError, match=r"\[http\] cors_origins.*an origin like"):
+        load_daemon_settings(bad)
+    args = build_parser().parse_args(["--config", str(path), "--cors-origin", "https://a.b:8"])
+    assert settings_from_args(args).cors_origins == ("https://a.b:8",)
+    with pytest.raises(HublabError, match="--cors-origin"):
+        settings_from_args(build_parser().parse_args(["--cors-origin", "ftp://x"]))
+    assert DaemonSettings().cors_origins == ()

@@ -46,21 +46,23 @@ MAX_TRAILERS = 32
 MOE_MODEL = "moe"  # the model name that routes through MoE-R
 LINGER_S = 2.0
 _HEX = re.compile(rb"[0-9a-fA-F]{1,15}")
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
+REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+           404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
-# daemon error code → (HTTP status, OpenAI error type)
+# daemon error code → (HTTP status, OpenAI error type, OpenAI error code, param); any other
+# code is a 500 server_error carrying the daemon's code
 ERROR_STATUS = {
-    "protocol": (400, "invalid_request_error"),
-    "config": (400, "invalid_request_error"),
-    "context": (400, "context_length_exceeded"),
-    "not_found": (404, "invalid_request_error"),
-    "busy": (429, "server_busy"),
-    "budget": (503, "insufficient_memory"),
-    "unavailable": (503, "server_error"),
-    "cancelled": (503, "server_error"),
+    "protocol": (400, "invalid_request_error", "invalid_request", None),
+    "config": (400, "invalid_request_error", "invalid_value", None),
+    "context": (400, "invalid_request_error", "context_length_exceeded", "messages"),
+    "not_found": (404, "invalid_request_error", "model_not_found", "model"),
+    "busy": (429, "rate_limit_error", "rate_limit_exceeded", None),
+    "budget": (503, "server_error", "insufficient_memory", None),
+    "unavailable": (503, "server_error", "service_unavailable", None),
+    "cancelled": (503, "server_error", "cancelled", None),
 }
 
 
@@ -111,8 +113,9 @@ class HttpError(Exception):
 
     @classmethod
     def from_event(cls, ev: dict) -> "HttpError":
-        status, type_ = ERROR_STATUS.get(ev.get("code"), (500, "server_error"))
-        return cls(status, ev.get("message", "error"), code=ev.get("code"), type_=type_)
+        status, type_, code, param = ERROR_STATUS.get(
+            ev.get("code"), (500, "server_error", ev.get("code"), None))
+        return cls(status, ev.get("message", "error"), code=code, param=param, type_=type_)
 
 
 class Request:
@@ -152,6 +155,8 @@ class HttpApi:
         self.service = service
         self.counts: dict[tuple[str, int], int] = {}
         self._outs: dict[asyncio.StreamWriter, SocketWriter] = {}  # per connection, for streams
+        self.cors_origins = tuple(getattr(service.settings, "cors_origins", ()) or ())
+        self._cors: dict[asyncio.StreamWriter, str] = {}  # the current request's CORS headers
 
     # ---- connection loop -----------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -169,7 +174,11 @@ class HttpApi:
                 if req is None:
                     break
                 keep = req.keep_alive
-                status = await self._dispatch(req, reader, writer, keep)
+                self._cors[writer] = self._cors_headers(req)
+                if req.method == "OPTIONS":
+                    status = await self._preflight(req, writer, keep)
+                else:
+                    status = await self._dispatch(req, reader, writer, keep)
                 key = (req.path if req.path in _ROUTES else "other", status)
                 self.counts[key] = self.counts.get(key, 0) + 1
                 if not keep or req.close_after:
@@ -179,6 +188,7 @@ class HttpApi:
         except asyncio.CancelledError:
             pass  # shutdown; ending normally spares asyncio's callback a cancelled task
         finally:
+            self._cors.pop(writer, None)
             self._outs.pop(writer).close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await _linger(reader, writer)
@@ -280,12 +290,41 @@ class HttpApi:
             await self._send_json(writer, exc.status, exc.body(), keep_alive=keep)
             return exc.status
 
+    # ---- CORS (off unless --cors-origin / [http] cors_origins) -------------------------------
+    def _allowed_origin(self, req: Request) -> str | None:
+        origin = req.headers.get("origin")
+        if origin and ("*" in self.cors_origins or origin in self.cors_origins):
+            return origin
+        return None
+
+    def _cors_headers(self, req: Request) -> str:
+        origin = self._allowed_origin(req)
+        return f"Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n" if origin else ""
+
+    async def _preflight(self, req: Request, writer, keep: bool) -> int:
+        """A browser's OPTIONS before a cross-origin request: allowed origins get 204 and the
+        methods and headers they may use; others a 403 saying how to allow them."""
+        if self._allowed_origin(req) is None:
+            refusal = HttpError(403, "cross-origin requests are off for this origin (start "
+                                     "hublabd with --cors-origin ORIGIN to allow one)",
+                                code="cors_origin_not_allowed")
+            await self._send_json(writer, 403, refusal.body(), keep)
+            return 403
+        asked = req.headers.get("access-control-request-headers", "Content-Type, Authorization")
+        head = ("HTTP/1.1 204 No Content\r\n" + self._cors[writer]
+                + "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+                f"Access-Control-Allow-Headers: {asked}\r\nAccess-Control-Max-Age: 600\r\n"
+                f"Content-Length: 0\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n")
+        writer.write(head.encode("latin-1"))
+        await asyncio.wait_for(writer.drain(), WRITE_STALL_S)
+        return 204
+
     # ---- responses -----------------------------------------------------------------------
-    @staticmethod
-    async def _send(writer, status: int, body: bytes, ctype: str, keep_alive: bool) -> None:
+    async def _send(self, writer, status: int, body: bytes, ctype: str, keep_alive: bool) -> None:
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
+                + self._cors.get(writer, "")
+                + f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
         writer.write(head.encode("latin-1") + body)
         await asyncio.wait_for(writer.drain(), WRITE_STALL_S)  # a client that never reads
 
@@ -558,6 +597,14 @@ class HttpApi:
             **_extension(data)}, keep)
         return 200
 
+    def _sse_head(self, writer, chunked: bool) -> bytes:
+        """The head of a 200 event stream (chunked on HTTP/1.1; else it ends with the
+        connection)."""
+        return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache"
+                "\r\n" + self._cors.get(writer, "")
+                + ("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n" if chunked
+                   else "Connection: close\r\n") + "\r\n").encode()
+
     async def _stream_tools(self, writer, job, params, rid, created, want_lp, usage_in_stream,
                             chunked: bool, asked: str | None, tools: ToolPlan) -> int:
         """A streamed answer under tools: generated whole (only complete JSON says whether it
@@ -580,9 +627,7 @@ class HttpApi:
             chunks.append({**base, "choices": [], "usage": _usage(data), **_extension(data)})
         payloads = [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
                     for c in chunks] + [b"data: [DONE]\n\n"]
-        head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache"
-                "\r\n" + ("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n" if chunked
-                          else "Connection: close\r\n") + "\r\n").encode()
+        head = self._sse_head(writer, chunked)
         body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n" \
             if chunked else b"".join(payloads)
         writer.write(head + body)
@@ -606,10 +651,7 @@ class HttpApi:
 
         def head() -> bytes:
             state["started"] = True
-            return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    "Cache-Control: no-cache\r\n"
-                    + ("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n" if chunked
-                       else "Connection: close\r\n") + "\r\n").encode()
+            return self._sse_head(writer, chunked)
 
         def encode(ev) -> bytes:
             """The bytes one event puts on the wire (b"" for none)."""

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "<state dir>/hublabd.sock)")
     p.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible API, "
                    "e.g. 127.0.0.1:8080 (give another host explicitly to listen beyond loopback)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call "
+                        "the HTTP API; repeat for more (default: none)")
     p.add_argument("--config", type=Path, help="daemon settings TOML (default: $HUBLAB_CONFIG, "
                    "/etc/hublab/hublab.toml, or etc/hublab.toml)")
     p.add_argument("--threads", type=int, help="llama.cpp threads for generation (0 = the "
@@ -70,6 +73,13 @@ def settings_from_args(args: argparse.Namespace):
     for key, lo in (("budget_mb", 0), ("threads", 0), ("threads_batch", 0), ("queue_size", 1)):
         if key in changes and changes[key] < lo:
             raise HublabError(f"--{key.replace('_', '-')} must be >= {lo}, got {changes[key]}")
+    if args.cors_origin:
+        from hublabio.config import check_origin
+
+        for origin in args.cors_origin:
+            if check_origin(origin):
+                raise HublabError(f"--cors-origin: {check_origin(origin)}")
+        changes["cors_origins"] = tuple(args.cors_origin)
     if "http" in changes:
         from hublabio.daemon.http import parse_listen
 

@@ -125,7 +125,7 @@ def test_errors_use_openai_shape(api):
         (http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}),
          400, None),
         (http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": [
-            {"role": "user", "content": "hi"}]}), 404, "not_found"),
+            {"role": "user", "content": "hi"}]}), 404, "model_not_found"),
         (http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                  "temperature": 7}), 400, None),
         (http.get("/v1/chat/completions"), 405, "method_not_allowed"),
@@ -233,7 +233,7 @@ def test_busy_daemon_answers_429(smollm2_path, tmp_path):
         running = c.stream("generate", prompt="A long story:", options={"max_tokens": 400})
         assert next(e for e in running if e["type"] == "token")
         r = httpx.post(f"http://{host}:{port}/v1/completions", json={"prompt": "Hi"}, timeout=30)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "busy"
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         running.close()
 
 
@@ -339,3 +339,48 @@ def test_the_http_model_field_names_nothing_outside_the_models_dir(api, model):
     msg = r.json()["error"]["message"]
     assert "inside the models directory" in msg
     assert "b'" not in msg and "MiB" not in msg and "bytes" not in msg
+
+
+def test_openai_error_codes(api):
+    """OpenAI's codes, so that SDKs map them: model_not_found, context_length_exceeded."""
+    _, http = api
+    r = http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert r.status_code == 404
+    assert r.json()["error"] | {"message": None} == {"message": None, "param": "model",
+                                                     "type": "invalid_request_error",
+                                                     "code": "model_not_found"}
+    r = http.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": "word " * 2000}]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["code"], err["param"], err["type"]) == (
+        "context_length_exceeded", "messages", "invalid_request_error")
+
+
+def test_cors_is_off_by_default(api):
+    _, http = api
+    r = http.get("/health", headers={"Origin": "http://ui.test"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    r = http.options("/v1/chat/completions", headers={
+        "Origin": "http://ui.test", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 403 and "--cors-origin" in r.json()["error"]["message"]
+
+
+def test_cors_origin_lets_that_browser_origin_in(smollm2_path, tmp_path):
+    write_model_config(tmp_path, smollm2_path)
+    with make_daemon(tmp_path, http="127.0.0.1:0", cors_origins=("http://ui.test",)) as d:
+        host, port = d.http_address
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as http:
+            pre = http.options("/v1/chat/completions", headers={
+                "Origin": "http://ui.test", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, authorization"})
+            assert pre.status_code == 204
+            assert pre.headers["access-control-allow-origin"] == "http://ui.test"
+            assert "POST" in pre.headers["access-control-allow-methods"]
+            assert pre.headers["access-control-allow-headers"] == "content-type, authorization"
+            r = http.post("/v1/completions", headers={"Origin": "http://ui.test"},
+                          json={"prompt": "Hi", "max_tokens": 2, "stream": True})
+            assert r.headers["access-control-allow-origin"] == "http://ui.test"
+            other = http.get("/health", headers={"Origin": "http://evil.test"})
+            assert "access-control-allow-origin" not in other.headers
