@@ -34,6 +34,7 @@ import time
 
 from hublabio import jsonsafe, protocol
 from hublabio.daemon.http_tools import ToolPlan, ToolsError, parse_tools, template_messages
+from hublabio.daemon.metrics import prometheus
 from hublabio.daemon.sockwrite import WRITE_STALL_S, ClientGone, SocketWriter
 from hublabio.errors import HublabError, ProtocolError
 
@@ -386,51 +387,10 @@ class HttpApi:
 
     async def _metrics(self, req, reader, writer, keep) -> int:
         data = await self._call("stats", {})
-        body = self.prometheus(data).encode()
+        body = prometheus(data, self.counts, self.dispatcher.running,
+                          self.dispatcher.waiting).encode()
         await self._send(writer, 200, body, "text/plain; version=0.0.4; charset=utf-8", keep)
         return 200
-
-    def prometheus(self, s: dict) -> str:
-        out: list[str] = []
-
-        def metric(name, kind, help_, samples):
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-                out.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
-
-        metric("hublab_requests_total", "counter", "Requests handled by the daemon, by op.",
-               [({"op": op}, n) for op, n in sorted(s["by_op"].items())] or [({}, 0)])
-        metric("hublab_request_errors_total", "counter", "Requests that ended in an error.",
-               [({}, s["errors"])])
-        metric("hublab_generations_total", "counter", "Completed generations.",
-               [({}, s["generations"])])
-        metric("hublab_prompt_tokens_total", "counter", "Prompt tokens processed.",
-               [({}, s["prompt_tokens"])])
-        metric("hublab_tokens_generated_total", "counter", "Tokens generated.",
-               [({}, s["completion_tokens"])])
-        metric("hublab_last_tokens_per_second", "gauge", "Generation speed of the last answer.",
-               [({}, s["last_tps"] or 0.0)])
-        metric("hublab_last_ttft_seconds", "gauge", "Time to first token of the last answer.",
-               [({}, s["last_ttft_s"] or 0.0)])
-        metric("hublab_memory_used_bytes", "gauge", "Estimated memory of the loaded models.",
-               [({}, s["used_mb"] * 1048576)])
-        metric("hublab_memory_budget_bytes", "gauge", "Memory budget for models.",
-               [({}, s["budget_mb"] * 1048576)])
-        metric("hublab_models_loaded", "gauge", "Models resident in memory.",
-               [({}, len(s["resident"]))])
-        metric("hublab_model_loaded", "gauge", "1 for each resident model (by config name).",
-               [({"model": n, "n_ctx": r["n_ctx"]}, 1) for r in s["resident"] for n in r["names"]])
-        metric("hublab_queue_running", "gauge", "Queued-op requests running now.",
-               [({}, self.dispatcher.running)])
-        metric("hublab_queue_waiting", "gauge", "Requests waiting in the queue.",
-               [({}, self.dispatcher.waiting)])
-        metric("hublab_http_requests_total", "counter", "HTTP requests by path and status.",
-               [({"path": p, "code": c}, n) for (p, c), n in sorted(self.counts.items())])
-        metric("hublab_uptime_seconds", "gauge", "Seconds since the daemon started.",
-               [({}, s["uptime_s"])])
-        return "\n".join(out) + "\n"
 
     async def _chat(self, req, reader, writer, keep) -> int:
         body = req.json()
@@ -932,18 +892,6 @@ def _timings(data: dict) -> dict:
 
 def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
-
-
-def _esc(value) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _num(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
 
 
 _ROUTES = {

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hublabio import paths, protocol
+from hublabio.daemon.metrics import GenerationMetrics
 from hublabio.config import (
     DaemonSettings,
     ModelConfig,
@@ -151,6 +152,7 @@ class Stats:
     last_tps: float | None = None
     last_ttft_s: float | None = None
     last_model: str | None = None
+    metrics: GenerationMetrics = field(default_factory=GenerationMetrics)  # /metrics
 
 
 def _mb(n_bytes: int | float) -> float:
@@ -427,6 +429,7 @@ class Service:
             if stats.completion_tokens:
                 s.last_ttft_s = stats.ttft_s
             s.last_model = model
+            s.metrics.record(model, stats)
 
     def stream_generation(self, req: Req, cfg: ModelConfig, prompt, options: dict | None = None,
                           *, system_prompt: bool = False) -> Iterator[dict]:

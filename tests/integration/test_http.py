@@ -157,6 +157,31 @@ def test_metrics(api):
     assert float(lines["hublab_last_tokens_per_second"]) > 0
 
 
+def test_metrics_parse_with_prometheus_and_carry_llama_servers_names(api):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, http = api
+    before = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+    fams = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+
+    def value(fams, name, suffix="", **labels):
+        return next(s.value for s in fams[name].samples
+                    if s.name == name + suffix and all(s.labels.get(k) == v
+                                                       for k, v in labels.items()))
+
+    # llama-server's names (the parser drops the _total of counters from the family name)
+    got = value(fams, "llamacpp:tokens_predicted", "_total")
+    assert got - value(before, "llamacpp:tokens_predicted", "_total") == 3
+    assert value(fams, "llamacpp:prompt_tokens", "_total") > 0
+    assert value(fams, "llamacpp:predicted_tokens_seconds") > 0
+    assert fams["hublab_time_to_first_token_seconds"].type == "histogram"
+    assert value(fams, "hublab_time_to_first_token_seconds", "_count") == \
+        value(before, "hublab_time_to_first_token_seconds", "_count") + 1
+    assert value(fams, "hublab_generation_tokens_per_second", "_bucket", le="+Inf") >= 1
+    assert value(fams, "hublab_model_completion_tokens", "_total", model=MODEL) >= 3
+
+
 def test_http_client_hangup_cancels(api):
     handle, http = api
     with Client(handle.socket_path) as c:
