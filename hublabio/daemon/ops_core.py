@@ -1,7 +1,7 @@
-"""The daemon's core ops: models, info, config, stats, benchmark, generate, ask.
+"""The daemon's core ops: models, info, config, stats, benchmark, generate.
 
-Registered with `@op` when the service starts (service._load_extensions); hublabio/daemon/
-ops_moe.py is imported after this module and replaces `ask` with the MoE-R pipeline.
+Declared on `ops` and registered by the Service at start (hublabio/daemon/registry.py);
+`ask` is MoE-R's (hublabio/daemon/ops_moe.py), with the plain model as its fallback.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from hublabio.config import (
     update_settings,
     validate_inference_override,
 )
-from hublabio.daemon.service import Req, Service, _mb, op
+from hublabio.daemon.registry import OpTable, Req
+from hublabio.daemon.service import Service, _mb
 from hublabio.errors import GGUFError, HublabError, ModelNotFound, ProtocolError
 from hublabio.gguf_check import problems as header_problems
 
 log = logging.getLogger("hublabd")
+
+ops = OpTable()  # registered by the Service at start (hublabio.daemon.registry)
 
 
 def _messages(messages, prompt) -> list[dict] | str:
@@ -50,7 +53,7 @@ def _messages(messages, prompt) -> list[dict] | str:
 
 # ---- core ops ----------------------------------------------------------------------------
 
-@op("hello")
+@ops.op("hello")
 def _hello(svc: Service, req: Req) -> dict:
     board = svc.board
     return {
@@ -61,7 +64,7 @@ def _hello(svc: Service, req: Req) -> dict:
     }
 
 
-@op("models.list")
+@ops.op("models.list")
 def _models_list(svc: Service, req: Req) -> dict:
     configs, errors = svc.configs()
     current = svc.default_config().name if configs or svc._current else None
@@ -109,7 +112,7 @@ def _resident_rows(svc: Service) -> list[dict]:
     return rows
 
 
-@op("models.load", queued=True)
+@ops.op("models.load", queued=True)
 def _models_load(svc: Service, req: Req, name: str | None = None, path: str | None = None,
                  n_ctx: int | None = None) -> dict:
     if (name is None) == (path is None):
@@ -137,7 +140,7 @@ def _models_load(svc: Service, req: Req, name: str | None = None, path: str | No
             "budget_mb": svc.pool.budget_mb}
 
 
-@op("models.unload", queued=True)
+@ops.op("models.unload", queued=True)
 def _models_unload(svc: Service, req: Req, name: str | None = None) -> dict:
     if name is not None and not svc.is_loaded(name):
         loaded = ", ".join(n for r in svc.pool.resident() for n in r.names) or "none"
@@ -145,7 +148,7 @@ def _models_unload(svc: Service, req: Req, name: str | None = None) -> dict:
     return {"unloaded": svc.pool.unload(name), "used_mb": round(svc.pool.used_mb(), 1)}
 
 
-@op("info")
+@ops.op("info")
 def _info(svc: Service, req: Req) -> dict:
     cfg = svc.default_config()
     out = {"model": cfg.name, "path": str(cfg.path) if cfg.path else cfg.url,
@@ -163,7 +166,7 @@ def _info(svc: Service, req: Req) -> dict:
     return out
 
 
-@op("config.get")
+@ops.op("config.get")
 def _config_get(svc: Service, req: Req) -> dict:
     cfg = svc.default_config()
     inf = svc.inference(cfg)
@@ -171,7 +174,7 @@ def _config_get(svc: Service, req: Req) -> dict:
             "overrides": read_settings().get("inference", {})}
 
 
-@op("config.set")
+@ops.op("config.set")
 def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
     typed = validate_inference_override(key, value)
     update_settings("inference", key, typed)
@@ -184,14 +187,14 @@ def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
     return {"key": key, "value": typed, "note": note}
 
 
-@op("config.reset")
+@ops.op("config.reset")
 def _config_reset(svc: Service, req: Req) -> dict:
     """Move the user settings file aside (e.g. after it was damaged) and start from defaults."""
     aside = reset_settings()
     return {"reset": aside is not None, "kept_as": str(aside) if aside else None}
 
 
-@op("stats")
+@ops.op("stats")
 def _stats(svc: Service, req: Req) -> dict:
     with svc._lock:
         s = dataclasses.asdict(svc.stats)
@@ -202,7 +205,7 @@ def _stats(svc: Service, req: Req) -> dict:
     return s
 
 
-@op("benchmark", queued=True)
+@ops.op("benchmark", queued=True)
 def _benchmark(svc: Service, req: Req, name: str | None = None, pp: int = 128,
                tg: int = 32) -> dict:
     for key, val, hi in (("pp", pp, 8192), ("tg", tg, 4096)):
@@ -219,7 +222,7 @@ def _benchmark(svc: Service, req: Req, name: str | None = None, pp: int = 128,
             "quantization": info.quantization, **out}
 
 
-@op("generate", queued=True)
+@ops.op("generate", queued=True)
 def _generate(svc: Service, req: Req, messages: list | None = None, prompt: str | None = None,
               model: str | None = None, options: dict | None = None):
     """Chat messages (the model's system_prompt is added when they have no system message)
@@ -227,13 +230,3 @@ def _generate(svc: Service, req: Req, messages: list | None = None, prompt: str 
     text = _messages(messages, prompt)
     cfg = svc.config_for(model)
     return (yield from svc.stream_generation(req, cfg, text, options, system_prompt=True))
-
-
-@op("ask", queued=True)
-def _ask(svc: Service, req: Req, question: str, model: str | None = None,
-         options: dict | None = None):
-    if not isinstance(question, str) or not question.strip():
-        raise ProtocolError("ask needs a non-empty 'question'")
-    cfg = svc.config_for(model)
-    return (yield from svc.stream_generation(req, cfg, [{"role": "user", "content": question}],
-                                             options, system_prompt=True))

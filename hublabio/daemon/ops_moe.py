@@ -1,4 +1,4 @@
-"""MoE-R ops for hublabd (imported by service.py at start; registrations replace core ops).
+"""MoE-R ops for hublabd (declared on `ops`, registered by the Service at start).
 
 - `moe.route {query}`            -> {query, scores, selected, strategy, router, fallback}
 - `moe.query {query | messages, options?, routing?, synthesis?, experts?}`
@@ -31,11 +31,14 @@ from pathlib import Path
 
 from hublabio import protocol
 from hublabio.config import read_settings
-from hublabio.daemon.service import Req, Service, _check_options, op
+from hublabio.daemon.registry import OpTable, Req
+from hublabio.daemon.service import Service, _check_options
 from hublabio.errors import HublabError, ProtocolError
 from hublabio.moe import MoE, MoESettings, set_moe_setting
 
 log = logging.getLogger("hublabd")
+
+ops = OpTable()  # registered by the Service at start (hublabio.daemon.registry)
 
 _cache: "weakref.WeakKeyDictionary[Service, tuple[tuple, MoE, list[str]]]" = \
     weakref.WeakKeyDictionary()
@@ -84,7 +87,7 @@ def _query_text(query) -> str:
     return query.strip()
 
 
-@op("moe.route")
+@ops.op("moe.route")
 def _moe_route(svc: Service, req: Req, query: str) -> dict:
     moe, _ = moe_for(svc)
     out = moe.route(_query_text(query)).as_dict()
@@ -120,7 +123,7 @@ def _conversation(messages) -> tuple[str, list[dict]]:
     return _query_text(messages[last]["content"]), messages[:last]
 
 
-@op("moe.query", queued=True)
+@ops.op("moe.query", queued=True)
 def _moe_query(svc: Service, req: Req, query: str | None = None, options: dict | None = None,
                messages: list | None = None, routing: str | None = None,
                synthesis: str | None = None, experts: list | None = None):
@@ -138,7 +141,7 @@ def _moe_query(svc: Service, req: Req, query: str | None = None, options: dict |
     return (yield from _run_moe(svc, req, moe, text, options, route=route, history=history))
 
 
-@op("moe.experts")
+@ops.op("moe.experts")
 def _moe_experts(svc: Service, req: Req) -> dict:
     moe, warnings = moe_for(svc)
     return {"experts": moe.experts_status(), "router": moe.router_kind,
@@ -158,13 +161,13 @@ def _settings_view(moe: MoE, warnings: list[str]) -> dict:
             "warnings": warnings}
 
 
-@op("settings.moe.get")
+@ops.op("settings.moe.get")
 def _settings_moe_get(svc: Service, req: Req) -> dict:
     moe, warnings = moe_for(svc)
     return _settings_view(moe, warnings)
 
 
-@op("settings.moe.set")
+@ops.op("settings.moe.set")
 def _settings_moe_set(svc: Service, req: Req, key: str, value) -> dict:
     if not isinstance(key, str):
         raise ProtocolError("settings.moe.set: 'key' must be a string")
@@ -173,7 +176,7 @@ def _settings_moe_set(svc: Service, req: Req, key: str, value) -> dict:
     return {"key": key, "value": value, **_settings_view(moe, warnings)}
 
 
-@op("ask", queued=True)
+@ops.op("ask", queued=True)
 def _ask(svc: Service, req: Req, question: str, model: str | None = None,
          options: dict | None = None):
     if not isinstance(question, str) or not question.strip():

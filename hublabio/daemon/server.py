@@ -126,8 +126,8 @@ class Dispatcher:
 
         try:
             try:
-                spec = self.service.spec(job.op)
-                self.service.check_params(spec, params)
+                spec = self.service.ops.spec(job.op)
+                self.service.ops.check_params(spec, params)
             except HublabError as exc:
                 await safe_send(protocol.error_event(exc, job.id))
                 return

@@ -1,36 +1,24 @@
 """The daemon's operations, free of any transport (the socket server and the HTTP API both call
 `Service.run`).
 
-An op is a function registered with `@op("name")`, called in a worker thread (llama.cpp calls
-block) as `fn(service, req, **params)`, where `req.id` is the request id and `req.cancel` a
-threading.Event set when the client cancels or disconnects. A plain function returns the result
-dict; a generator yields events (`protocol.token(text, logprob)`, `protocol.info(text)`) and
-returns the result dict. Raising a HublabError sends an error event with its code.
-
-`queued=True` ops (generation, loading, benchmarks) go through the daemon's bounded queue and run
-one at a time; the others (hello, models.list, info, stats, config.*) are answered at once.
-The core ops live in hublabio/daemon/ops_core.py. A later registration of a name replaces the
-earlier one (hublabio/daemon/ops_moe.py, imported after the core ops, re-registers "ask" to route
-through the experts).
+What an op is, and how it is declared and registered: hublabio/daemon/registry.py. A Service
+registers the ops of every module in OP_MODULES when it is made (`module.ops.register`): the
+core ops (hublabio/daemon/ops_core.py) and MoE-R's (hublabio/daemon/ops_moe.py, which also
+serves `ask`); a name registered twice stops the daemon with both functions named.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import inspect
 import logging
 import os
 import threading
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from hublabio import paths, protocol
-from hublabio.daemon.metrics import GenerationMetrics
 from hublabio.config import (
     DaemonSettings,
     ModelConfig,
@@ -39,6 +27,8 @@ from hublabio.config import (
     read_settings,
     validate_inference_override,
 )
+from hublabio.daemon.metrics import GenerationMetrics
+from hublabio.daemon.registry import Registry, Req
 from hublabio.errors import (
     ConfigError,
     HublabError,
@@ -49,93 +39,7 @@ from hublabio.errors import (
 log = logging.getLogger("hublabd")
 
 SETTLE_WAIT_S = 5.0  # how long a request waits for a `pkg install` moving files into place
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    name: str
-    fn: Callable
-    queued: bool
-    params: frozenset[str] | None  # None: the function takes **kwargs
-    required: frozenset[str]
-    streaming: bool
-    types: dict = field(default_factory=dict)  # parameter -> accepted runtime types
-
-
-_RUNTIME = {str: (str,), int: (int,), float: (int, float), bool: (bool,), dict: (dict,),
-            list: (list,), type(None): (type(None),)}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-               dict: "an object", list: "a list", type(None): "null"}
-
-
-def _param_types(fn) -> dict[str, tuple[type, ...]]:
-    """Each annotated parameter's accepted JSON types (str, int, float, bool, dict, list, None
-    and unions of them); Any or an unannotated parameter accepts anything."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved: no check
-        return {}
-    out = {}
-    for name, hint in hints.items():
-        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
-                                                                       types.UnionType) else (hint,)
-        members = tuple(typing.get_origin(m) or m for m in members)
-        if all(m in _RUNTIME for m in members):
-            out[name] = tuple(t for m in members for t in _RUNTIME[m])
-    return out
-
-
-def _check_type(op_name: str, key: str, value, allowed: tuple[type, ...]) -> None:
-    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-    if not ok:
-        want = " or ".join(_TYPE_NAMES[t] for t in dict.fromkeys(
-            t for t in allowed if not (t is int and float in allowed)))
-        raise ProtocolError(f"op {op_name!r}: parameter {key!r} must be {want}, got "
-                            f"{type(value).__name__}")
-
-
-def _check_text(op_name: str, where: str, value, depth: int = 0) -> None:
-    """Refuse strings that cannot be UTF-8 (lone surrogates such as \\ud800), anywhere."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ProtocolError(f"op {op_name!r}: {where} contains a lone surrogate "
-                                f"({value[exc.start]!r} at character {exc.start})") from None
-    elif isinstance(value, dict) and depth < 64:
-        for k, v in value.items():
-            _check_text(op_name, f"{where}.{k}", v, depth + 1)
-    elif isinstance(value, list) and depth < 64:
-        for i, v in enumerate(value):
-            _check_text(op_name, f"{where}[{i}]", v, depth + 1)
-
-
-OPS: dict[str, OpSpec] = {}
-
-
-def op(name: str, *, queued: bool = False):
-    """Register `fn(service, req, **params)` as the handler of op `name` (replacing any earlier)."""
-
-    def register(fn):
-        sig = inspect.signature(fn)
-        ps = list(sig.parameters.values())[2:]
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in ps)
-        names = frozenset(p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        required = frozenset(p.name for p in ps if p.default is p.empty
-                             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        OPS[name] = OpSpec(name, fn, queued, None if takes_any else names, required,
-                           inspect.isgeneratorfunction(fn),
-                           {k: v for k, v in _param_types(fn).items() if k in names})
-        return fn
-
-    return register
-
-
-@dataclass
-class Req:
-    id: str
-    op: str
-    cancel: threading.Event = field(default_factory=threading.Event)
+OP_MODULES = ("hublabio.daemon.ops_core", "hublabio.daemon.ops_moe")
 
 
 @dataclass
@@ -163,7 +67,8 @@ class Service:
     """Settings, the model pool, the model configs (re-read when a *.toml in the models dir
     changes) and counters. Thread-safe: ops run in worker threads."""
 
-    def __init__(self, settings: DaemonSettings | None = None, *, board=None, pool=None):
+    def __init__(self, settings: DaemonSettings | None = None, *, board=None, pool=None,
+                 op_modules: tuple[str, ...] = OP_MODULES):
         self.settings = settings or DaemonSettings()
         self.models_dir = Path(self.settings.models_dir or paths.models_dir()).expanduser().absolute()
         if board is None:
@@ -188,8 +93,9 @@ class Service:
         self._current: str | None = None
         self._info_cache: dict[tuple, Any] = {}
         self._recovery_refused = ""  # the last refusal logged (logged once, not per request)
-        self.ops = OPS
-        _load_extensions()
+        self.ops = Registry()
+        for module in op_modules:
+            importlib.import_module(module).ops.register(self.ops)
 
     # ---- configs -------------------------------------------------------------------------
     def _signature(self) -> tuple:
@@ -348,27 +254,6 @@ class Service:
         return any(name in r.names for r in self.pool.resident())
 
     # ---- running ops ---------------------------------------------------------------------
-    def spec(self, name: str) -> OpSpec:
-        spec = self.ops.get(name)
-        if spec is None:
-            raise ProtocolError(f"unknown op {name!r}; known ops: {', '.join(sorted(self.ops))}")
-        return spec
-
-    def check_params(self, spec: OpSpec, params: dict) -> None:
-        if spec.params is not None:
-            unknown = sorted(set(params) - spec.params)
-            if unknown:
-                known = ", ".join(sorted(spec.params)) or "none"
-                raise ProtocolError(f"op {spec.name!r}: unknown parameter {unknown[0]!r} "
-                                    f"(parameters: {known})")
-        missing = sorted(spec.required - set(params))
-        if missing:
-            raise ProtocolError(f"op {spec.name!r}: missing parameter {missing[0]!r}")
-        for key, value in params.items():
-            if key in spec.types:
-                _check_type(spec.name, key, value, spec.types[key])
-            _check_text(spec.name, key, value)
-
     def run(self, name: str, params: dict | None = None, *, request_id: str | None = None,
             cancel: threading.Event | None = None) -> Iterator[dict]:
         """Run one op in the calling thread: yields its events, each stamped with the request
@@ -381,8 +266,8 @@ class Service:
             if name in self.ops:  # unknown names are not counted per op (unbounded labels)
                 self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
         try:
-            spec = self.spec(name)
-            self.check_params(spec, params)
+            spec = self.ops.spec(name)
+            self.ops.check_params(spec, params)
             if spec.streaming:
                 gen = spec.fn(self, req, **params)
                 while True:
@@ -585,15 +470,3 @@ def _check_logit_bias(value) -> dict[int, float]:
             raise ProtocolError(f"options.logit_bias[{k!r}] must be a number in [-100, 100]")
         out[tok] = float(v)
     return out
-
-
-def _load_extensions() -> None:
-    """Import optional op modules (they register with @op and may replace core ops)."""
-    importlib.import_module("hublabio.daemon.ops_core")
-    for mod in ("hublabio.daemon.ops_moe",):
-        try:
-            if importlib.util.find_spec(mod) is None:
-                continue
-            importlib.import_module(mod)
-        except Exception:  # noqa: BLE001 - a broken extension must not stop the core ops
-            log.exception("could not load %s; the core ops still work", mod)

@@ -458,15 +458,13 @@ def test_daemon_cli_reports_bad_config(tmp_path):
 def test_slow_reader_gets_every_event_in_order(models):
     """Events written from the worker thread wait for a full socket buffer instead of failing,
     and the loop's own replies (here a hello) still get through without mixing lines."""
-    from hublabio.daemon.service import op
-
-    @op("test.flood")
     def _flood(svc, req, n: int):
         for i in range(n):
             yield protocol.info(f"{i:06d}" + "x" * 8000)
         return {"n": n}
 
     with make_daemon(models) as d, Client(d.socket_path, timeout=60) as c:
+        d.service.ops.add("test.flood", _flood)
         flood = c.stream("test.flood", n=300)  # 2.4 MB: far more than a socket buffer
         hello = c.stream("hello")
         time.sleep(1.0)  # read nothing meanwhile
@@ -521,11 +519,8 @@ def test_systemd_unit():
 def test_client_that_leaves_too_much_unread_is_cut_off(models):
     """A client that never reads cannot hold the queue: once it leaves more than MAX_PENDING
     bytes unread its connection is cut and its request cancelled; the next request runs."""
-    from hublabio.daemon.service import op
-
     seen = {}
 
-    @op("test.endless", queued=True)
     def _endless(svc, req):
         n = 0
         while not req.cancel.is_set():
@@ -535,6 +530,7 @@ def test_client_that_leaves_too_much_unread_is_cut_off(models):
         return {"n": n}
 
     with make_daemon(models) as d, Client(d.socket_path, timeout=120) as reader:
+        d.service.ops.add("test.endless", _endless, queued=True)
         stuck = Client(d.socket_path)
         pending = stuck.stream("test.endless")  # and never read it
         wait_for(lambda: "stopped_after" in seen)
@@ -547,11 +543,8 @@ def test_client_that_leaves_too_much_unread_is_cut_off(models):
 
 def test_client_that_reads_nothing_for_the_stall_limit_is_cut_off(models, monkeypatch):
     monkeypatch.setattr(sockwrite, "WRITE_STALL_S", 1.0)
-    from hublabio.daemon.service import op
-
     seen = {}
 
-    @op("test.trickle", queued=True)
     def _trickle(svc, req):
         yield protocol.info("z" * 600_000)  # more than the socket buffer holds
         t0 = time.monotonic()
@@ -561,6 +554,7 @@ def test_client_that_reads_nothing_for_the_stall_limit_is_cut_off(models, monkey
         return {}
 
     with make_daemon(models) as d:
+        d.service.ops.add("test.trickle", _trickle, queued=True)
         stuck = Client(d.socket_path)
         pending = stuck.stream("test.trickle")  # and never read it
         wait_for(lambda: "cancelled" in seen, timeout=20)
@@ -571,13 +565,11 @@ def test_client_that_reads_nothing_for_the_stall_limit_is_cut_off(models, monkey
 def test_a_client_that_does_not_read_stalls_no_other_client(models):
     """Issue 11: 40 big light answers left unread by one client used to hold every light-op
     worker for WRITE_STALL_S (30 s): hello, stats and /health stalled for everybody."""
-    from hublabio.daemon.service import op
-
-    @op("test.big")
     def _big(svc, req):
         return {"blob": "b" * 400_000}
 
     with make_daemon(models) as d, Client(d.socket_path, timeout=60) as other:
+        d.service.ops.add("test.big", _big)
         stuck = Client(d.socket_path)
         unread = [stuck.stream("test.big") for _ in range(40)]  # 16 MB it never reads
         time.sleep(0.5)
