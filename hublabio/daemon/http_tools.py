@@ -55,14 +55,17 @@ class ToolPlan:
             raise ToolsError(str(exc), "tools") from None
 
     def system_text(self) -> str:
-        lines = ["You can call tools. Reply with JSON only:",
-                 '{"tool_call": {"name": "<tool name>", "arguments": {<arguments>}}} to call '
-                 "a tool" + (', or {"response": "<your answer>"} to answer without one.'
-                             if self.choice == "auto" else "."),
-                 "Tools:"]
+        first = self.tools[0].name if self.choice in ("auto", "required") else self.choice
+        lines = ["You have these tools:"]
         for t in self.tools:
-            lines.append(f"- {t.name}: {t.description or '(no description)'} Arguments (JSON "
-                         f"Schema): {json.dumps(t.parameters, ensure_ascii=False)}")
+            lines.append(f"- {t.name}: {t.description or '(no description)'} Its arguments "
+                         f"follow this JSON Schema: {json.dumps(t.parameters, ensure_ascii=False)}")
+        lines.append("To use a tool, reply with only a JSON object naming it and giving its "
+                     f'arguments, for example {{"tool_call": {{"name": "{first}", "arguments": '
+                     "{...}}}.")
+        if self.choice == "auto":
+            lines.append("When the user's question needs a tool, call it. When it does not, "
+                         'reply with {"response": ...} holding your answer to the user.')
         return "\n".join(lines)
 
     def messages(self, messages: list[dict]) -> list[dict]:
