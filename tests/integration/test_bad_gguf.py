@@ -20,13 +20,14 @@ from hublabio.llama.probe import Prober, probe
 from .test_daemon import short_dir
 
 
-def patched(src: Path, dst: Path, key: str, value: int) -> Path:
-    """A copy of `src` with one uint32 metadata value changed in place."""
+def patched(src: Path, dst: Path, key: str, value, *, fmt: str = "<I", gguf_type: int = 4):
+    """A copy of `src` with one scalar metadata value changed in place (uint32 by default;
+    fmt "<f", gguf_type 6 for a float32)."""
     data = bytearray(src.read_bytes())
     k = key.encode()
     at = data.index(struct.pack("<Q", len(k)) + k) + 8 + len(k)
-    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF type uint32
-    struct.pack_into("<I", data, at + 4, value)
+    assert struct.unpack_from("<I", data, at)[0] == gguf_type
+    struct.pack_into(fmt, data, at + 4, value)
     dst.write_bytes(data)
     return dst
 
@@ -68,23 +69,12 @@ def test_the_probe_survives_llama_cpps_abort(tiny, tmp_path, value):
     assert len(prober._good) == 1
 
 
-def patched_float(src: Path, dst: Path, key: str, value: float) -> Path:
-    """A copy of `src` with one float32 metadata value changed in place."""
-    data = bytearray(src.read_bytes())
-    k = key.encode()
-    at = data.index(struct.pack("<Q", len(k)) + k) + 8 + len(k)
-    assert struct.unpack_from("<I", data, at)[0] == 6  # GGUF type float32
-    struct.pack_into("<f", data, at + 4, value)
-    dst.write_bytes(data)
-    return dst
-
-
 @pytest.mark.parametrize("value", [float("nan"), -1e-5])
 def test_a_bad_norm_epsilon_is_refused_and_its_abort_at_compute_caught(tiny, tmp_path, value):
     """Found by the fault suite: a NaN or negative rms epsilon loads fine and then aborts the
     process in ggml's rms_norm at the first batch (GGML_ASSERT(eps >= 0.0f))."""
-    bad = patched_float(tiny, tmp_path / "bad.gguf", "llama.attention.layer_norm_rms_epsilon",
-                        value)
+    bad = patched(tiny, tmp_path / "bad.gguf", "llama.attention.layer_norm_rms_epsilon", value,
+                  fmt="<f", gguf_type=6)
     assert "llama.attention.layer_norm_rms_epsilon must be" in "; ".join(
         problems(read_gguf_info(bad)))
     # and were the check missing, the probe's first batch would catch the abort in its child

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -79,6 +80,23 @@ def make_daemon(models: Path, **settings):
     opts = {"models_dir": models, "idle_ttl_s": 0, "threads": THREADS, "budget_mb": 2048}
     opts.update(settings)
     return start_in_thread(DaemonSettings(**opts), sock)
+
+
+@contextlib.contextmanager
+def api_daemon(models: Path):
+    """A daemon over `models` with the HTTP API on loopback; yields its /v1 base URL."""
+    handle = make_daemon(models, http="127.0.0.1:0")
+    try:
+        host, port = handle.http_address
+        yield f"http://{host}:{port}/v1"
+    finally:
+        handle.stop()
+
+
+def openai_client(base_url: str):
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")

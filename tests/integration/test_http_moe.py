@@ -4,13 +4,12 @@ the routing comes back in the answer, and a request may choose its routing and s
 
 from __future__ import annotations
 
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-
-from .test_daemon import _remove_short_dirs  # noqa: F401,E402 - removes the socket folders
-from .test_daemon import MODEL, make_daemon, write_model_config  # noqa: E402
-from .test_moe import write_experts  # noqa: E402
+from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
+from .test_daemon import MODEL, api_daemon, openai_client, write_model_config
+from .test_moe import write_experts
 
 PANDAS = "How do I read a CSV file with pandas in python?"
 
@@ -20,12 +19,8 @@ def api(tmp_path_factory, smollm2_path):
     models = tmp_path_factory.mktemp("models")
     write_model_config(models, smollm2_path)
     write_experts(models, smollm2_path, max_tokens=6)  # five prompt-only experts, one base
-    handle = make_daemon(models, http="127.0.0.1:0")
-    host, port = handle.http_address
-    client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused",
-                           max_retries=0, timeout=300)
-    yield client
-    handle.stop()
+    with api_daemon(models) as base_url:
+        yield openai_client(base_url)
 
 
 def ask(client, content=PANDAS, **kw):

@@ -11,22 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import langchain_openai
 import pytest
 
-langchain_openai = pytest.importorskip("langchain_openai")
-
-from .test_daemon import _remove_short_dirs  # noqa: F401,E402 - removes the socket folders
-from .test_daemon import MODEL, make_daemon, write_model_config  # noqa: E402
+from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
+from .test_daemon import MODEL, api_daemon, write_model_config
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, smollm2_path):
     models = tmp_path_factory.mktemp("models")
     write_model_config(models, smollm2_path, max_tokens=80)
-    handle = make_daemon(models, http="127.0.0.1:0")
-    host, port = handle.http_address
-    yield f"http://{host}:{port}/v1"
-    handle.stop()
+    with api_daemon(models) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import openai
 import pytest
 
 from hublabio.engine import Engine, SamplingOptions, collect
 from hublabio.grammar import json_grammar
 
-openai = pytest.importorskip("openai")
-
-from .test_daemon import _remove_short_dirs  # noqa: F401,E402 - removes the socket folders
-from .test_daemon import MODEL, make_daemon, write_model_config  # noqa: E402
+from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
+from .test_daemon import MODEL, api_daemon, openai_client, write_model_config
 
 DEV = {"type": "object", "additionalProperties": False, "required": ["name", "age", "languages"],
        "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"},
@@ -75,11 +74,8 @@ def test_a_sampled_answer_under_the_grammar_validates_too(engine):
 def api(tmp_path_factory, smollm2_path):
     models = tmp_path_factory.mktemp("models")
     write_model_config(models, smollm2_path, max_tokens=200)
-    handle = make_daemon(models, http="127.0.0.1:0")
-    host, port = handle.http_address
-    yield openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0,
-                        timeout=300)
-    handle.stop()
+    with api_daemon(models) as base_url:
+        yield openai_client(base_url)
 
 
 def chat(api, **kw):

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-
-from .test_daemon import _remove_short_dirs  # noqa: F401,E402 - removes the socket folders
-from .test_daemon import MODEL, make_daemon, write_model_config  # noqa: E402
+from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
+from .test_daemon import MODEL, api_daemon, openai_client, write_model_config
 
 WEATHER = {"type": "object", "required": ["city", "unit"], "additionalProperties": False,
            "properties": {"city": {"type": "string", "maxLength": 40},
@@ -30,11 +29,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def api(tmp_path_factory, smollm2_path):
     models = tmp_path_factory.mktemp("models")
     write_model_config(models, smollm2_path, max_tokens=120)
-    handle = make_daemon(models, http="127.0.0.1:0")
-    host, port = handle.http_address
-    yield openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0,
-                        timeout=300)
-    handle.stop()
+    with api_daemon(models) as base_url:
+        yield openai_client(base_url)
 
 
 def chat(api, messages=ASK, **kw):
