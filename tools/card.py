@@ -232,7 +232,7 @@ def make_card(inputs, *, eval_text: Path | None = None, ctx: int = 512, chunks: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hublab-tools card", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools card", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="GGUF files or folders holding them")
     ap.add_argument("--eval-text", type=Path, help="text file to measure perplexity on")

@@ -267,7 +267,7 @@ def convert(hf_dir: str | Path, out: str | Path | None = None, outtype: str = "f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hublab-tools convert", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", type=Path, help="Hugging Face checkpoint directory")
     ap.add_argument("--outtype", default="f16", choices=sorted(OUTTYPES), help="tensor type (default f16)")

@@ -183,7 +183,7 @@ def convert_lora(peft_dir: str | Path, base: str | Path, out_path: str | Path | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hublab-tools convert-lora", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools convert-lora", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("peft_dir", type=Path, help="peft adapter directory")
     ap.add_argument("--base", type=Path, required=True, help="base model: HF directory or GGUF file")

@@ -427,7 +427,7 @@ def summary_table(counts: Counter) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hublab-tools prepare-data", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools prepare-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="input jsonl file(s)")
     parser.add_argument("--out", required=True, help="output directory")

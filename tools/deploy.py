@@ -217,7 +217,7 @@ def deploy(target, *, models=(), experts=(), router=None, name=None, version="1.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hublab-tools deploy", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools deploy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("target", type=Path, help="folder to create (must be empty or absent)")
     ap.add_argument("--models", nargs="+", default=[], type=Path, help=".gguf or model .toml")

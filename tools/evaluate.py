@@ -83,7 +83,7 @@ def perplexity(model: str | os.PathLike, text: str, *, n_ctx: int = 512, n_chunk
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hublab-tools eval", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="GGUF model")
     ap.add_argument("text", type=Path, help="plain-text file to score")

@@ -4,7 +4,7 @@ usage: hublab-tools train-expert DOMAIN [DOMAIN ...] --out MODELS_DIR [options]
        hublab-tools train-expert --all --out MODELS_DIR [options]
 
 Domains (keywords, description, threshold, system prompt) are data: tools/data/domains.toml, or
---domains FILE. For each domain: the training set (--data FILE, else the shipped
+--domains-file FILE. For each domain: the training set (--data FILE, else the shipped
 tools/data/expert_<domain>.jsonl; any prepare-data input format) is rendered with the base's
 chat template and the domain's system prompt, a LoRA adapter is fine-tuned on the base
 (--base, default: the embedded SmolLM2-135M-Instruct GGUF), and these are written:
@@ -46,7 +46,8 @@ EXPERT_OUTTYPE = "f16"
 
 
 def load_domains(path: str | Path = DOMAINS_FILE) -> dict[str, dict]:
-    """{domain: {description, threshold, keywords, system_prompt}}; errors name file and key."""
+    """{domain: {description, threshold, temperature, keywords, system_prompt}}; errors name
+    file and key."""
     data = load_toml(path)
     if not data:
         raise ToolError(f"{path}: no domains")
@@ -62,7 +63,13 @@ def load_domains(path: str | Path = DOMAINS_FILE) -> dict[str, dict]:
         keywords = spec.get("keywords", [])
         if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
             raise ToolError(f"{path}: [{name}] keywords: expected a list of strings")
+        temperature = spec.get("temperature", 0.7)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 <= temperature <= 2:
+            raise ToolError(f"{path}: [{name}] temperature: expected a number in [0, 2], got "
+                            f"{temperature!r}")
         spec["threshold"] = float(threshold)
+        spec["temperature"] = float(temperature)
         spec["keywords"] = keywords
     return data
 
@@ -82,7 +89,8 @@ def expert_toml(domain: str, spec: dict, base_path: str, adapter_name: str) -> d
     return {
         "model": {"name": f"{domain}-expert", "type": "gguf", "path": base_path,
                   "adapter": adapter_name, "adapter_scale": 1.0},
-        "inference": {"system_prompt": spec["system_prompt"]},
+        "inference": {"temperature": spec.get("temperature", 0.7),
+                      "system_prompt": spec["system_prompt"]},
         "expert": {"domain": domain, "keywords": spec["keywords"], "threshold": spec["threshold"],
                    "description": spec["description"]},
     }
@@ -118,7 +126,7 @@ def convert_adapter(peft_dir: Path, base: Path, out_path: Path, outtype: str = E
 def build_parser() -> argparse.ArgumentParser:
     from hublabio_tools.finetune import build_parser as finetune_parser
 
-    p = argparse.ArgumentParser(prog="hublab-tools train-expert", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools train-expert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("domains", nargs="*", help="domain name(s) from the domains file")
     p.add_argument("--all", action="store_true", help="every domain in the domains file")

@@ -126,7 +126,7 @@ def load_finetune_rows(data: str, base: str) -> tuple[list[dict], list[dict]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hublab-tools finetune", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="local HF checkpoint dir or .gguf file")
     p.add_argument("--data", required=True, help="prepare-data directory or raw jsonl")
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- merge
 def build_merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hublab-tools merge", description=MERGE_DOC,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools merge", description=MERGE_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="peft adapter directory (from finetune)")
     p.add_argument("--base", help="base HF dir or .gguf (default: the one the adapter was trained on)")

@@ -326,7 +326,7 @@ def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hublab-tools imatrix", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools imatrix", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="GGUF model (F16/F32 or quantized)")
     ap.add_argument("calibration", type=Path, help="plain-text calibration file")

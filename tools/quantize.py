@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return _child(json.loads(argv[1]))
-    ap = argparse.ArgumentParser(prog="hublab-tools quantize", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools quantize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", type=Path, help="source GGUF (F32/F16/BF16 gives the best result)")
     ap.add_argument("type", help="llama.cpp file type, e.g. Q4_K_M")

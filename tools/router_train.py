@@ -228,7 +228,7 @@ def format_report(rep: dict, domains: list[str], title: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hublab-tools train-router", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools train-router", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO_ROOT / "data" / "router_queries.jsonl"),
                    help="labelled jsonl {text, domain} (default: the shipped query set)")

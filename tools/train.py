@@ -480,7 +480,7 @@ def make_accelerator(precision: str, grad_accum: int = 1):
 
 # ----------------------------------------------------------------------------- verb
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hublab-tools train", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepare-data directory or raw jsonl file")
     p.add_argument("--recipe", default="hublabio-tiny", help="recipe name or TOML path")

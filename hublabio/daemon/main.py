@@ -32,7 +32,7 @@ log = logging.getLogger("hublabd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hublabd", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublabd", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", type=Path, help="folder with model-config.toml and *.gguf")
     p.add_argument("--budget-mb", type=int, help="MiB all loaded models may use (0 = board RAM "

@@ -40,7 +40,7 @@ from hublabio.shell.commands import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hublab", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="hublab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", dest="command", metavar="CMD",
                         help="run one shell command and exit (non-zero status on error)")

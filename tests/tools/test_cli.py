@@ -52,3 +52,46 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
     assert rc == 2
     assert "missing.jsonl: cannot read" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_commands_in_the_shipped_expert_tomls_parse_as_written():
+    """Issue 14: the comments said `train-expert --domain python`; argparse took --domain for
+    --domains-file and the command failed with "cannot read". Every `hublab-tools ...` quoted in
+    a shipped expert TOML must parse, naming its domain; abbreviations are refused."""
+    import importlib
+    import re
+    import shlex
+
+    from hublabio import paths
+    from hublabio_tools.cli import VERBS
+
+    found = 0
+    for toml in sorted((paths.REPO_ROOT / "models" / "experts").glob("*.toml")):
+        for cmd in re.findall(r"`(hublab-tools [^`]+)`", toml.read_text()):
+            words = shlex.split(cmd)[1:]
+            module = importlib.import_module(f"hublabio_tools.{VERBS[words[0]][0]}")
+            args = module.build_parser().parse_args(words[1:])
+            assert args.domains == [toml.stem], (toml.name, cmd)
+            found += 1
+    assert found == 5
+    from hublabio_tools.experts import build_parser
+
+    with pytest.raises(SystemExit):  # --domain is not an abbreviation of --domains-file
+        build_parser().parse_args(["--domain", "python", "--out", "models"])
+
+
+def test_train_expert_writes_what_the_shipped_experts_say():
+    """Issue 14: train-expert's TOML dropped the shipped `temperature = 0.4`. The domains file
+    and the shipped device TOMLs agree, and the TOML train-expert writes keeps it all."""
+    import tomllib
+
+    from hublabio import paths
+    from hublabio_tools.experts import expert_toml, load_domains
+
+    for domain, spec in load_domains().items():
+        shipped = tomllib.loads((paths.REPO_ROOT / "models" / "experts" / f"{domain}.toml")
+                                .read_text())
+        written = expert_toml(domain, spec, "base.gguf", f"{domain}.lora.gguf")
+        assert written["inference"]["temperature"] == shipped["inference"]["temperature"]
+        assert written["inference"]["system_prompt"] == shipped["inference"]["system_prompt"]
+        assert written["expert"] == {k: shipped["expert"][k] for k in written["expert"]}
