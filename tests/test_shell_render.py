@@ -83,7 +83,7 @@ def test_info_shows_memory_used_over_budget_and_speed():
                         "last_tps": 48.25})
     assert "Model:" in text and "smollm2-135m" in text
     assert "120.0 MiB used / 3.42 GiB budget" in text
-    assert "48.2 tokens/s" in text or "48.3 tokens/s" in text
+    assert "Tokens/sec:   48.2 (the last answer)" in text or "Tokens/sec:   48.3" in text
     assert "Q4_1" in text and "135M" in text
 
 
@@ -107,7 +107,7 @@ def test_stats_lists_resident_models_one_per_line():
 def test_info_without_a_model():
     text = render.info({"model": None, "memory_used_mb": 0, "budget_mb": 400, "last_tps": None})
     assert "(none loaded)" in text
-    assert "Last speed:" in text and text.rstrip().endswith("-")
+    assert "Tokens/sec:" in text and text.rstrip().endswith("-")
 
 
 def test_config_lists_sorted_keys_and_marks_overrides():
@@ -293,3 +293,28 @@ def test_info_shows_the_buffer_types_threads_and_repack_policy():
     assert "CPU_REPACK" in text and "CPU_Mapped" in text
     assert "2 generation, 4 prompt" in text
     assert "AMX buffer type excluded" in text
+
+
+def test_settings_moe_in_the_seeds_words():
+    from hublabio.shell.commands_moe import render_settings
+
+    text = render_settings({
+        "enabled": True, "routing": "topk 2", "synthesis": "best", "router": "onnx",
+        "active_experts": ["python", "rust", "web"],
+        "expert_sizes": {"python": {"model": "python-expert", "kind": "adapter", "mb": 1.8},
+                         "rust": {"model": "rust-expert", "kind": "model", "mb": 101.2},
+                         "web": {"model": "web-expert", "kind": "remote", "mb": None}},
+        "unavailable_experts": {"ai": "ai.lora.gguf not found"}})
+    assert text.splitlines() == [
+        "MoE-R: enabled", "Routing Strategy: TopK (2)", "Synthesis Strategy: Best",
+        "Router: onnx", "Active Experts:", "  - python (python-expert, 1.8 MiB adapter)",
+        "  - rust (rust-expert, 101.2 MiB model)", "  - web (web-expert, remote)",
+        "  unavailable: ai: ai.lora.gguf not found"]
+
+
+def test_ai_info_says_tokens_per_second():
+    from hublabio.shell import render
+
+    line = next(ln for ln in render.info({"model": "m", "last_tps": 12.34}).splitlines()
+                if ln.startswith("Tokens/sec:"))
+    assert line.split(None, 1)[1] == "12.3 (the last answer)"

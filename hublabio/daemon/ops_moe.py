@@ -150,9 +150,23 @@ def _moe_experts(svc: Service, req: Req) -> dict:
             "used_mb": round(svc.pool.used_mb(), 1), "budget_mb": svc.pool.budget_mb}
 
 
+def _expert_size(cfg) -> dict:
+    """What an expert adds on disk (and in memory): its adapter over a shared base, else its
+    own GGUF; a remote expert takes none here."""
+    if cfg.type == "remote":
+        return {"model": cfg.name, "kind": "remote", "mb": None}
+    path, kind = (cfg.adapter, "adapter") if cfg.adapter else (cfg.path, "model")
+    try:
+        mb = round(path.stat().st_size / 1048576, 1)
+    except (OSError, AttributeError):
+        mb = None
+    return {"model": cfg.name, "kind": kind, "mb": mb}
+
+
 def _settings_view(moe: MoE, warnings: list[str]) -> dict:
     available = moe.available()
     return {"settings": dataclasses.asdict(moe.settings), "routing": moe.settings.describe(),
+            "expert_sizes": {d: _expert_size(c) for d, c in sorted(available.items())},
             "synthesis": moe.settings.synthesis, "enabled": moe.settings.enabled,
             "active_experts": sorted(available),
             "unavailable_experts": {d: c.missing for d, c in moe.experts.items()

@@ -64,16 +64,30 @@ def render_experts(data: Mapping[str, Any]) -> str:
 
 
 def render_settings(data: Mapping[str, Any]) -> str:
-    """`settings moe`: enabled, routing, synthesis, router, active experts."""
+    """`settings moe`, in the seed's words: routing and synthesis strategy, the router, and the
+    active experts with their size (the adapter's, for experts that share a base)."""
     lines = [f"MoE-R: {'enabled' if data.get('enabled') else 'disabled'}",
-             f"Routing: {data.get('routing')}",
-             f"Synthesis: {data.get('synthesis')}",
+             f"Routing Strategy: {strategy_title(data.get('routing') or '')}",
+             f"Synthesis Strategy: {str(data.get('synthesis') or '').capitalize()}",
              f"Router: {data.get('router')}"
              + (f" ({data['router_warning']})" if data.get("router_warning") else ""),
-             f"Active experts: {', '.join(data.get('active_experts') or []) or 'none'}"]
+             "Active Experts:" + ("" if data.get("active_experts") else " none")]
+    sizes = data.get("expert_sizes") or {}
+    for domain in data.get("active_experts") or []:
+        size = sizes.get(domain) or {}
+        what = (f"{render.human_mb(size['mb'])} {size['kind']}" if size.get("mb") is not None
+                else size.get("kind", ""))
+        lines.append(f"  - {domain}" + (f" ({size.get('model')}, {what})" if size else ""))
     for domain, why in (data.get("unavailable_experts") or {}).items():
         lines.append(f"  unavailable: {domain}: {why}")
     return "\n".join(lines)
+
+
+def strategy_title(routing: str) -> str:
+    """"topk 2" -> "TopK (2)", "threshold 0.4" -> "Threshold (0.4)", "single" -> "Single"."""
+    name, _, param = routing.partition(" ")
+    title = {"topk": "TopK"}.get(name, name.capitalize())
+    return f"{title} ({param})" if param else title
 
 
 def render_settings_set(data: Mapping[str, Any]) -> str:

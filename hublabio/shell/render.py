@@ -134,7 +134,8 @@ def _kv_lines(pairs: Sequence[tuple[str, Any]]) -> str:
 
 
 def info(data: Mapping[str, Any]) -> str:
-    """`ai info`: model, parameters, quantization, memory used / budget, last tokens/s."""
+    """`ai info`: model, parameters, quantization, memory used / budget, Tokens/sec (of the last
+    answer), and what is resident (weights' buffers, threads, repack)."""
     model = data.get("model")
     tps = data.get("last_tps")
     pairs: list[tuple[str, Any]] = [("Model", model or "(none loaded)")]
@@ -165,7 +166,7 @@ def info(data: Mapping[str, Any]) -> str:
             pairs.append(("Repack", r["repack"]))
     if data.get("board"):
         pairs.append(("Board", data["board"]))
-    pairs.append(("Last speed", f"{float(tps):.1f} tokens/s" if tps else "-"))
+    pairs.append(("Tokens/sec", f"{float(tps):.1f} (the last answer)" if tps else "-"))
     return _kv_lines(pairs)
 
 

@@ -417,8 +417,12 @@ def test_shell_moe_commands_and_settings_survive_a_restart(shell_models):
     assert hublab("-c", "settings moe synthesis voting").returncode == 0
     run = hublab("-c", "settings moe")  # a new process: a fresh daemon reads the saved file
     assert run.returncode == 0, run.stderr
-    assert "Routing: threshold 0.4" in run.stdout and "Synthesis: voting" in run.stdout
-    assert "Active experts: general, python, rust" in run.stdout
+    assert "Routing Strategy: Threshold (0.4)" in run.stdout
+    assert "Synthesis Strategy: Voting" in run.stdout
+    active = run.stdout.split("Active Experts:\n", 1)[1].splitlines()
+    assert [ln.split()[1] for ln in active if ln.startswith("  - ")] == ["general", "python",
+                                                                         "rust"]
+    assert "(python-expert, " in run.stdout and " MiB model)" in run.stdout
     run = hublab("-c", "settings moe routing fastest")
     assert run.returncode != 0 and "unknown routing 'fastest'" in (run.stderr + run.stdout)
     run = hublab("-c", "moe experts")

@@ -90,7 +90,7 @@ def test_piped_stdin_runs_each_line_and_reports_any_failure(models_dir):
     run = hublab(stdin="ai list\nai unload nosuch\nai info\n")
     assert run.returncode == 1
     assert "Error: " in run.stderr and "nosuch" in run.stderr
-    assert "(* = loaded)" in run.stdout and "Last speed:" in run.stdout
+    assert "(* = loaded)" in run.stdout and "Tokens/sec:" in run.stdout
 
 
 def test_ai_config_persists_across_a_restart(models_dir, isolated_state):
