@@ -58,11 +58,18 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[JsonlLine]:
     not valid JSON comes back with `.error` set instead of raising."""
     path = str(path)
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as err:
         raise ToolError(f"{path}: cannot read ({err.strerror})") from None
     with handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, data in enumerate(handle, start=1):
+            try:
+                raw = data.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:  # the column counts characters, as an editor does
+                column = len(data[:err.start].decode("utf-8", "replace")) + 1
+                yield JsonlLine(path, number, error=f"not UTF-8 (byte 0x{data[err.start]:02x} "
+                                                    f"at column {column})")
+                continue
             if not raw.strip():
                 continue
             try:

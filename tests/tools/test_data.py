@@ -136,3 +136,19 @@ def test_length_filter_and_seeded_split(tmp_path):
 def test_unknown_model_path_is_an_error(tmp_path):
     with pytest.raises(ToolError, match="no such file"):
         load_chat_format(str(tmp_path / "nope.gguf"))
+
+
+def test_bad_bytes_and_bad_json_are_reported_at_their_column(tmp_path, capsys):
+    """Issue 14: invalid UTF-8 crashed prepare-data with a traceback; the column an error is
+    reported at is the one an editor shows (characters, a BOM on line 1 skipped)."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes("\ufeff".encode() + b'{"prompt": "ok?", "response": "ok"}\n'
+                    + b'{"prompt": "caf\xc3\xa9 \xff", "response": "x"}\n'
+                    + b'{"prompt": "a", "response": "b"  "c": 1}\n'
+                    + b'{"prompt": "fine", "response": "yes"}\n')
+    out = tmp_path / "out"
+    assert cli.main(["prepare-data", str(src), "--out", str(out), "--val-fraction", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{src}:2: not UTF-8 (byte 0xff at column 18)" in err
+    assert f"{src}:3: invalid JSON (Expecting ',' delimiter at column 34)" in err
+    assert json.loads((out / "meta.json").read_text())["counts"]["train"] == 2
