@@ -315,14 +315,21 @@ def ask(ctx: ShellContext, question: str) -> None:
     ctx.stream("ask", question=question)
 
 
-@command("ai list")
+@command("ai list", usage="ai list [--paths]")
 def ai_list(ctx: ShellContext, args: list[str]) -> None:
-    """List the models in the models directory: size, parameters, quantization; * = loaded."""
-    _require(args, 0, 0, "ai list")
+    """List the models in the models directory: size, parameters, quantization; * = loaded.
+
+    `--paths` adds each model's file (the embedded SmolLM2 lives inside its Python package) and
+    the models directory."""
+    paths = args == ["--paths"]
+    if args and not paths:
+        raise UsageError("usage: ai list [--paths]")
     data = ctx.client.call("models.list")
     models = data.get("models", [])
     ctx._names = (time.monotonic(), [m["name"] for m in models if "name" in m])
-    ctx.out.line(render.model_list(models, data.get("errors") or ()))
+    ctx.out.line(render.model_list(models, data.get("errors") or (), paths=paths))
+    if paths:
+        ctx.out.line(f"Models directory: {data.get('models_dir')}")
 
 
 @command("ai load", usage="ai load <name|path> [--ctx N]",

@@ -74,9 +74,10 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
 
 
 def model_list(models: Sequence[Mapping[str, Any]],
-               errors: Sequence[Mapping[str, Any]] = ()) -> str:
-    """`ai list`: one row per model on disk, `*` marks the loaded ones; then the problems
-    (config files that were skipped, model files that cannot be read or are missing)."""
+               errors: Sequence[Mapping[str, Any]] = (), *, paths: bool = False) -> str:
+    """`ai list`: one row per model on disk, `*` marks the loaded ones (with `paths`, each
+    one's file); then the problems (config files that were skipped, model files that cannot be
+    read or are missing)."""
     problems = [f"skipped: {e.get('message') or e.get('path')}" for e in errors]
     problems += [f"{m.get('name')}: {m['missing'] if isinstance(m.get('missing'), str) else m['error']}"
                  for m in models if isinstance(m.get("missing"), str) or m.get("error")]
@@ -89,8 +90,10 @@ def model_list(models: Sequence[Mapping[str, Any]],
         mark = "*" if m.get("loaded") else " "
         size = "missing" if m.get("missing") else human_mb(m.get("size_mb"))
         rows.append([mark, m.get("name", "?"), m.get("type", ""), size,
-                     _params_text(m), m.get("quantization") or "-"])
-    body = table([" ", "NAME", "TYPE", "SIZE", "PARAMS", "QUANT"], rows, "lllrrl")
+                     _params_text(m), m.get("quantization") or "-"]
+                    + ([m.get("path") or "-"] if paths else []))
+    headers = [" ", "NAME", "TYPE", "SIZE", "PARAMS", "QUANT"] + (["PATH"] if paths else [])
+    body = table(headers, rows, "lllrrl" + ("l" if paths else ""))
     return body + "\n(* = loaded)" + notes
 
 

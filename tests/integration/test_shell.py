@@ -120,6 +120,17 @@ def test_ai_list_reports_a_bad_config_and_lists_the_good_ones(models_dir):
     assert skipped and "broken.toml" in skipped[0] and "colour" in skipped[0], run.stdout
 
 
+def test_ai_list_paths_shows_where_each_model_file_is(models_dir, smollm2_path):
+    """Issue 14: the docs named ~/models/SmolLM2-...gguf, which does not exist, and no command
+    said where the embedded model is."""
+    run = hublab("-c", "ai list --paths")
+    assert run.returncode == 0, run.stderr
+    row = next(ln for ln in run.stdout.splitlines() if "smollm2-135m" in ln)
+    assert str(smollm2_path) in row
+    assert f"Models directory: {models_dir}" in run.stdout
+    assert hublab("-c", "ai list --path").returncode != 0  # no abbreviation, a usage error
+
+
 def test_benchmark_and_stats(models_dir):
     run = hublab(stdin="ai benchmark -p 16 -n 4\nai stats\n")
     assert run.returncode == 0, run.stderr
