@@ -11,7 +11,8 @@ chat template and the domain's system prompt, a LoRA adapter is fine-tuned on th
   MODELS_DIR/adapters/<domain>/            the peft adapter (+ eval.json), workstation side
   MODELS_DIR/experts/<domain>.lora.gguf    the adapter as GGUF (via hublab-tools convert-lora)
   MODELS_DIR/experts/<domain>.toml         the device's expert config, validated by loading it
-and a short evaluation: validation loss of the base before and with the adapter after.
+and a short evaluation: validation loss of the base before and with the adapter after, on the
+share of the examples held out for it (--val-fraction, 0.2 by default; the counts are printed).
 LoRA options are finetune's, but the defaults are sized for the device: --rank 8 --alpha 16 on
 the attention projections only (--targets q_proj,k_proj,v_proj,o_proj), written as F16
 (--outtype f16). For SmolLM2-135M that is 1.8 MiB per adapter, so five resident experts over one
@@ -123,6 +124,16 @@ def convert_adapter(peft_dir: Path, base: Path, out_path: Path, outtype: str = E
     return True
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hublabio_tools.finetune import build_parser as finetune_parser
 
@@ -134,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base .gguf (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="training jsonl for the (single) domain")
     p.add_argument("--domains-file", default=str(DOMAINS_FILE), help="domains TOML")
+    p.add_argument("--val-fraction", type=_fraction, default=0.2,
+                   help="share of the examples held out to measure the validation loss before "
+                        "and after (default 0.2)")
     shared = {"rank", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
               "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
               "gradient_checkpointing", "seed", "quiet"}
@@ -169,9 +183,11 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
 
     fmt = load_chat_format(str(base))
     prepared = prepare([str(data)], fmt, default_system=spec["system_prompt"], seed=args.seed,
-                       val_fraction=0.2, quiet=True)
+                       val_fraction=args.val_fraction, quiet=True)
     for problem in prepared.problems:
         print(f"skipped {problem}", file=sys.stderr)
+    print(f"{domain}: {len(prepared.train)} training and {len(prepared.valid)} validation "
+          f"examples from {data} (--val-fraction {args.val_fraction:g})")
     write_prepared(prepared, prepared_dir, fmt, [str(data)])
 
     ft_argv = ["--base", str(base), "--data", str(prepared_dir), "--out", str(adapter_dir)]

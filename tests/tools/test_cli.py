@@ -95,3 +95,14 @@ def test_train_expert_writes_what_the_shipped_experts_say():
         assert written["inference"]["temperature"] == shipped["inference"]["temperature"]
         assert written["inference"]["system_prompt"] == shipped["inference"]["system_prompt"]
         assert written["expert"] == {k: shipped["expert"][k] for k in written["expert"]}
+
+
+def test_train_expert_says_what_it_holds_out_for_validation():
+    from hublabio_tools.experts import build_parser
+
+    assert build_parser().parse_args(["python", "--out", "m"]).val_fraction == 0.2
+    assert build_parser().parse_args(["python", "--out", "m", "--val-fraction", "0"]) \
+        .val_fraction == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["python", "--out", "m", "--val-fraction", "1.5"])
+    assert "--val-fraction" in build_parser().format_help()
