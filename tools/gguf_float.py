@@ -1,5 +1,5 @@
 """Float GGUFs for the quantizer: dequantize any GGUF to F32/F16 (all metadata copied), and write a
-tiny random Llama GGUF (dimensions multiples of 256, a real tokenizer copied in) for fast tests.
+tiny random Llama GGUF (dimensions multiples of 32; of 256 by default, so that every quantization applies; a real tokenizer copied in) for fast tests.
 
 llama.cpp's quantizer wants a float source; the only real model shipped offline is a Q4_1 GGUF, so
 `requantize_to_float` turns it back into F16/F32 with `gguf.quants.dequantize`. Tensors are
@@ -84,11 +84,13 @@ def requantize_to_float(src: str | os.PathLike, dst: str | os.PathLike, out_type
 def write_tiny_llama(dst: str | os.PathLike, vocab_from: str | os.PathLike, *, n_layer: int = 2,
                      n_embd: int = 256, n_ff: int = 512, n_head: int = 4, n_head_kv: int = 2,
                      out_type: str = "F16", seed: int = 0) -> Path:
-    """A random Llama GGUF that llama.cpp loads and every quantization type applies to (every
-    matrix's input width is a multiple of 256). The tokenizer (tokens, merges, pre-tokenizer,
-    special tokens, chat template) is copied from `vocab_from`, so it tokenizes real text."""
-    if n_embd % 256 or n_ff % 256 or n_embd % n_head or n_head % n_head_kv:
-        raise ValueError("n_embd and n_ff must be multiples of 256; heads must divide evenly")
+    """A random Llama GGUF that llama.cpp loads. With widths that are multiples of 256 (the
+    defaults) every quantization type applies as asked; other multiples of 32 make K- and IQ
+    quants fall back to 32-block types, as SmolLM2's 576 does. The tokenizer (tokens, merges,
+    pre-tokenizer, special tokens, chat template) is copied from `vocab_from`, so it tokenizes
+    real text."""
+    if n_embd % 32 or n_ff % 32 or n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd and n_ff must be multiples of 32; heads must divide evenly")
     ggml_type, dtype, ftype = FLOAT_TYPES[out_type.upper()]
     vocab = _open(vocab_from)
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)

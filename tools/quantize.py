@@ -14,7 +14,9 @@ message, never a dead CLI. The result is written to a temporary file and renamed
 Quantize from an F32/F16/BF16 GGUF; an already-quantized input is refused unless
 --allow-requantize (its rounding errors add up with the new ones).
 Mixed layouts are llama.cpp's: e.g. Q4_K_M keeps some attn_v/ffn_down tensors at Q6_K, and a
-tensor whose row length is not a multiple of 256 falls back to a 32-block type.
+tensor whose row length is not a multiple of 256 falls back to a 32-block type. When most of the
+matrices came out in another type than asked (SmolLM2's 576-wide rows under any K-quant), it says
+so and names the 32-block types that would be used as written.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ SEED_TYPES = ["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", 
 # Q2_K inside a Q2_K_S file). IQ3_XXS files also put attn_q/attn_k in IQ2_S.
 REQUIRES_IMATRIX = {"IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q2_K_S"}
 
+# The ggml type most of a file type's matrices should have (llama_ftype_get_default_type in
+# src/llama-quant.cpp); llama.cpp mixes in others per tensor (Q4_K_M: some Q6_K).
+MAIN_TENSOR_TYPE = {
+    "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q5_1": "Q5_1", "Q5_0": "Q5_0", "Q4_K_M": "Q4_K",
+    "Q4_K_S": "Q4_K", "Q4_1": "Q4_1", "Q4_0": "Q4_0", "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K",
+    "Q3_K_S": "Q3_K", "Q2_K": "Q2_K", "Q2_K_S": "Q2_K", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL",
+    "IQ3_M": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_XXS", "IQ2_M": "IQ2_S",
+    "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS", "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S",
+}
+BLOCK_32_TYPES = "Q4_0, Q4_1, IQ4_NL, Q5_0, Q5_1, Q8_0"
+
 NOT_FILE_TYPES = {
     "Q8_K": ("Q8_K is not a file type: llama.cpp uses Q8_K only internally, as the 8-bit format "
              "activations are converted to for K-quant dot products; there is no LLAMA_FTYPE for "
@@ -73,6 +87,40 @@ class QuantizeResult:
     out_bytes: int
     seconds: float
     imatrix_entries: int
+    main_type_share: float | None = None  # of the matrices' weights, in MAIN_TENSOR_TYPE
+    fallback: str | None = None           # a warning when most of them are another type
+
+
+def fallback_note(out: Path, ftype: str) -> tuple[float | None, str | None]:
+    """(the share of the layers' matrix weights that came out in the file type's main ggml
+    type, a warning
+    when that is under half: llama.cpp fell back, usually because rows are not a multiple of
+    the type's 256-wide block)."""
+    from collections import Counter
+
+    from hublabio.gguf_info import read_gguf_info
+
+    main = MAIN_TENSOR_TYPE.get(ftype)
+    # the layers' matrices: llama.cpp gives token_embd and output types of their own
+    matrices = [t for t in read_gguf_info(out).tensors
+                if len(t.shape) >= 2 and t.name.startswith("blk.")]
+    total = sum(t.n_elements for t in matrices)
+    if main is None or not total:
+        return None, None
+    by_type = Counter()
+    for t in matrices:
+        by_type[t.type_name] += t.n_elements
+    share = by_type[main] / total
+    if share >= 0.5:
+        return share, None
+    top, n = by_type.most_common(1)[0]
+    odd = sorted({t.shape[0] for t in matrices if t.shape[0] % 256})
+    why = (f"rows of {', '.join(map(str, odd[:4]))} are not a multiple of the 256-wide "
+           f"{main} block" if odd and main.startswith(("Q", "IQ")) and main not in
+           ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL") else "llama.cpp chose so")
+    return share, (f"only {share:.0%} of the layers' weights are {main}; llama.cpp wrote "
+                   f"{n / total:.0%} as {top} ({why}). A type with 32-wide blocks is used as "
+                   f"asked on this model: {BLOCK_32_TYPES}")
 
 
 def normalize_type(name: str) -> str:
@@ -133,9 +181,10 @@ def quantize(src: str | os.PathLike, ftype: str, out: str | os.PathLike | None =
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    share, note = fallback_note(out, ftype)
     return QuantizeResult(out=out, file_type=ftype, in_bytes=src.stat().st_size,
                           out_bytes=out.stat().st_size, seconds=seconds,
-                          imatrix_entries=n_entries)
+                          imatrix_entries=n_entries, main_type_share=share, fallback=note)
 
 
 def _failure_message(src: Path, ftype: str, proc: subprocess.CompletedProcess) -> str:
@@ -213,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = f", imatrix {res.imatrix_entries} entries" if res.imatrix_entries else ""
     print(f"{args.input} ({_mb(res.in_bytes)}) -> {res.out} ({_mb(res.out_bytes)}, "
           f"{ratio:.1%}) as {res.file_type} in {res.seconds:.1f} s{extra}")
+    if res.fallback:
+        print(f"hublab-tools quantize: warning: {res.fallback}", file=sys.stderr)
     return 0
 
 

@@ -16,20 +16,12 @@ from hublabio_tools import quantize as q
 from hublabio_tools.llama_context import LlamaModel
 from quant_fixtures import tiny_imatrix, tiny_model
 
-# the ggml tensor type that must appear in a file of each type (llama.cpp mixes types per tensor)
-MAIN_TENSOR_TYPE = {
-    "F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
-    "Q5_1": "Q5_1", "Q5_0": "Q5_0", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_1": "Q4_1",
-    "Q4_0": "Q4_0", "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K",
-    # llama.cpp's IQ2_S file type is built mostly from IQ2_XS tensors (llama_ftype_get_default_type)
-    "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS", "IQ2_S": "IQ2_XS",
-    "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS", "IQ1_S": "IQ1_S",
-}
+MAIN_TENSOR_TYPE = q.MAIN_TENSOR_TYPE  # the ggml type that must appear in each file type
 SLOW = {"IQ1_S", "IQ2_XS", "IQ2_S", "IQ3_XXS"}  # llama.cpp's lattice search is slow on 2 cores
 
 
 def test_seed_list_is_complete():
-    assert set(q.SEED_TYPES) == set(MAIN_TENSOR_TYPE)
+    assert set(q.SEED_TYPES) <= set(MAIN_TENSOR_TYPE) == set(q.FILE_TYPES)
     assert all(t in q.FILE_TYPES for t in q.SEED_TYPES)
 
 
@@ -144,3 +136,18 @@ def test_quantized_input_needs_allow_requantize(smollm2_path, tmp_path):
     assert list(tmp_path.iterdir()) == []
     res = q.quantize(smollm2_path, "Q8_0", out, threads=2, allow_requantize=True)
     assert GGUFReader(res.out).fields["general.file_type"].contents() == q.FILE_TYPES["Q8_0"]
+
+
+def test_a_quantization_that_fell_back_says_so(tmp_path, smollm2_path):
+    """Issue 14: SmolLM2's 576-wide rows are not a multiple of K-quants' 256-wide block, so a
+    Q4_K_M file is mostly Q5_0/Q8_0, and quantize said nothing."""
+    from hublabio_tools.gguf_float import write_tiny_llama
+
+    src = write_tiny_llama(tmp_path / "narrow-f16.gguf", smollm2_path, n_layer=2, n_embd=96,
+                           n_ff=160, n_head=2, n_head_kv=1)
+    res = q.quantize(src, "Q4_K_M", tmp_path / "narrow-q4km.gguf")
+    assert res.main_type_share < 0.5 and "only" in res.fallback
+    assert "rows of 96, 160 are not a multiple of the 256-wide Q4_K block" in res.fallback
+    assert "Q4_0" in res.fallback
+    ok = q.quantize(src, "Q4_0", tmp_path / "narrow-q40.gguf")
+    assert ok.fallback is None and ok.main_type_share > 0.5
