@@ -511,7 +511,10 @@ def _roll_forward(models_dir: Path, journal: dict) -> None:
         if rec.exists():
             o = _read_record(rec)
             o.files = [f for f in o.files if f.path not in set(paths)]
-            _write_durable(rec, render_record(o))
+            if o.files:
+                _write_durable(rec, render_record(o))
+            else:  # every file taken over: that package is gone, and `pkg list` says so
+                rec.unlink()
     _write_durable(rec_dir / f"{journal['name']}.toml", journal["record"])
     for rel in journal["remove_old"]:
         _remove_file(models_dir, rel)

@@ -215,8 +215,17 @@ def test_files_of_other_packages_and_unowned_files_need_force(tmp_path, models):
     pkg.install(two, models, force=True)
     assert (models / "shared.gguf").read_bytes() == b"two!"
     assert pkg.owners(models)["shared.gguf"] == "two"
-    pkg.remove("one", models)  # no longer owns shared.gguf: must not delete it
+    # "one" lost its only file: it is no longer installed (pkg list showed it with 0 files)
+    assert [p.name for p in pkg.list_packages(models)] == ["two"]
+    with pytest.raises(PackageError, match="no installed package named 'one'"):
+        pkg.remove("one", models)
     assert (models / "shared.gguf").read_bytes() == b"two!"
+    three = make_dir(tmp_path / "three", name="three", files={"a.gguf": b"a", "b.gguf": b"b"})
+    pkg.install(three, models)
+    four = make_dir(tmp_path / "four", name="four", files={"a.gguf": b"A"})
+    pkg.install(four, models, force=True)  # takes one of three's two files
+    assert pkg.remove("three", models).files[0].path == "b.gguf"  # keeps the one it still owns
+    assert (models / "a.gguf").read_bytes() == b"A" and not (models / "b.gguf").exists()
     cfg = make_dir(tmp_path / "cfg", name="cfg", files={"model-config.toml": b"[model]\n"})
     with pytest.raises(PackageError, match="belongs to no package"):
         pkg.install(cfg, models)
