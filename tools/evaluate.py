@@ -1,6 +1,7 @@
 """hublab-tools eval: perplexity of a GGUF on a text file, through llama.cpp.
 
 Usage: hublab-tools eval MODEL.gguf TEXT.txt [--ctx N] [--chunks N] [--threads N]
+                        [--adapter LORA.gguf]
 
 Scored like llama.cpp's llama-perplexity: the text is tokenized once and cut into chunks of --ctx
 tokens; each chunk is evaluated from an empty context (its first token replaced by BOS when the
@@ -44,13 +45,15 @@ class Perplexity:
 
 
 def perplexity(model: str | os.PathLike, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
-               threads: int = 2, progress=None) -> Perplexity:
+               threads: int = 2, progress=None,
+               adapter: str | os.PathLike | None = None) -> Perplexity:
+    """`adapter`: a LoRA adapter GGUF applied over `model` (an expert's perplexity)."""
     from hublabio_tools.llama_context import LlamaModel
 
     if n_ctx < 8:
         raise EvalError(f"--ctx {n_ctx} is too small (at least 8)")
     t0 = time.perf_counter()
-    with LlamaModel(model, n_ctx=n_ctx, threads=threads) as m:
+    with LlamaModel(model, n_ctx=n_ctx, threads=threads, lora=adapter) as m:
         tokens = m.tokenize(text, add_special=True)
         available = len(tokens) // n_ctx
         if available < 1:
@@ -90,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     ap.add_argument("--chunks", type=int, default=0, help="at most this many chunks (default all)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--adapter", type=Path, help="a LoRA adapter GGUF to apply over MODEL (score "
+                                                 "an expert: base + adapter)")
     args = ap.parse_args(argv)
-    if not args.model.is_file():
-        print(f"hublab-tools eval: {args.model}: no such file", file=sys.stderr)
-        return 1
+    for path in (args.model, args.adapter):
+        if path is not None and not path.is_file():
+            print(f"hublab-tools eval: {path}: no such file", file=sys.stderr)
+            return 1
     try:
         text = args.text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -105,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         res = perplexity(args.model, text, n_ctx=args.ctx, n_chunks=args.chunks or None,
-                         threads=args.threads, progress=progress)
+                         threads=args.threads, progress=progress, adapter=args.adapter)
     except (HublabError, RuntimeError) as err:
         print(f"\nhublab-tools eval: {err}", file=sys.stderr)
         return 1
     print(file=sys.stderr)
-    print(f"{args.model.name}: {res}")
+    print(f"{args.model.name}" + (f" + {args.adapter.name}" if args.adapter else "") + f": {res}")
     return 0
 
 

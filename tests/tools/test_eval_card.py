@@ -94,3 +94,19 @@ def test_recommendation_logic(tmp_path, smollm2_path, tmp_path_factory):
     assert a.needs_mb <= 160 and a.max_context < 2048
     [a] = card.recommend([small], 2048, boards=[("huge", "", 65536)])
     assert a.entry is small and a.max_context == small.info.context_length
+
+
+def test_eval_scores_a_base_with_an_adapter(smollm2_path, tmp_path, tmp_path_factory, capsys):
+    """Issue 14: eval could not score a base together with an adapter (an expert)."""
+    from integration.lora_fixture import make_lora_adapter
+
+    adapter = make_lora_adapter(smollm2_path, tmp_path / "x.lora.gguf", seed=3, std_b=0.5)
+    text = text_file(tmp_path_factory, "evaluation")
+    plain = ev.perplexity(smollm2_path, text.read_text(), n_ctx=128, n_chunks=2)
+    assert ev.main([str(smollm2_path), str(text), "--ctx", "128", "--chunks", "2",
+                    "--adapter", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert f"{smollm2_path.name} + x.lora.gguf: PPL = " in out
+    with_adapter = float(out.split("PPL = ")[1].split()[0])
+    assert with_adapter != pytest.approx(plain.ppl, rel=1e-3)  # the adapter was applied
+    assert ev.main([str(smollm2_path), str(text), "--adapter", str(tmp_path / "none")]) == 1
