@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from hublabio import jsonsafe, tomlsafe
-from hublabio.fsutil import dir_lock, fsync_dir
+from hublabio.fsutil import atomic_write_text, dir_lock, fsync_dir
 from hublabio.errors import PackageError
 
 MANIFEST = "package.toml"
@@ -185,19 +185,6 @@ def _read_record(path: Path) -> InstalledPackage:
         check_path(d, f"{path}: dirs[{i}]")
     return pkg
 
-
-# ---------------------------------------------------------------------------------------------
-# durable file operations
-# ---------------------------------------------------------------------------------------------
-
-def _write_durable(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _copy_verified(src_file, dest: Path, entry: PackageFile, where: str) -> None:
@@ -400,7 +387,7 @@ def _install_staged(models_dir: Path, staging: Path, pkg: InstalledPackage,
     }
     rec_dir = models_dir / RECORDS
     rec_dir.mkdir(exist_ok=True)
-    _write_durable(rec_dir / f".journal-{pkg.name}.json", json.dumps(journal))
+    atomic_write_text(rec_dir / f".journal-{pkg.name}.json", json.dumps(journal))
     _roll_forward(models_dir, journal)
     return pkg
 
@@ -512,10 +499,10 @@ def _roll_forward(models_dir: Path, journal: dict) -> None:
             o = _read_record(rec)
             o.files = [f for f in o.files if f.path not in set(paths)]
             if o.files:
-                _write_durable(rec, render_record(o))
+                atomic_write_text(rec, render_record(o))
             else:  # every file taken over: that package is gone, and `pkg list` says so
                 rec.unlink()
-    _write_durable(rec_dir / f"{journal['name']}.toml", journal["record"])
+    atomic_write_text(rec_dir / f"{journal['name']}.toml", journal["record"])
     for rel in journal["remove_old"]:
         _remove_file(models_dir, rel)
     (rec_dir / f".journal-{journal['name']}.json").unlink(missing_ok=True)

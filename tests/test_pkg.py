@@ -399,6 +399,9 @@ def test_the_daemon_finishes_an_interrupted_install_before_serving(tmp_path, mod
     with pytest.raises(KeyboardInterrupt):
         pkg.install(make_dir(tmp_path / "p"), models)
     monkeypatch.setattr(pkg.os, "replace", real_replace)
+    torn = models / ".packages" / ".demo.toml.x1y2.tmp"  # a record write killed mid-way
+    torn.write_text("half")
+    os.utime(torn, (1, 1))
     sock = Path(tempfile.mkdtemp(prefix="hl", dir="/tmp"))
     handle = start_in_thread(DaemonSettings(models_dir=models), sock / "d.sock")
     try:  # by the time it answers, the install is complete
@@ -407,6 +410,7 @@ def test_the_daemon_finishes_an_interrupted_install_before_serving(tmp_path, mod
         for path, data in FILES.items():
             assert (models / path).read_bytes() == data
         assert not list((models / ".packages").glob(".journal-*"))
+        assert not torn.exists()  # and what killed writers left there is cleaned up
     finally:
         handle.stop()
         shutil.rmtree(sock, ignore_errors=True)

@@ -28,7 +28,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import re
 import time
 
@@ -585,12 +584,8 @@ class HttpApi:
                                         "finish_reason": answer["finish_reason"]}]}]
         if usage_in_stream:
             chunks.append({**base, "choices": [], "usage": _usage(data), **_extension(data)})
-        payloads = [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
-                    for c in chunks] + [b"data: [DONE]\n\n"]
-        head = self._sse_head(writer, chunked)
-        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads) + b"0\r\n\r\n" \
-            if chunked else b"".join(payloads)
-        writer.write(head + body)
+        body = b"".join(_sse(c, chunked) for c in [*chunks, b"[DONE]"])
+        writer.write(self._sse_head(writer, chunked) + body + (b"0\r\n\r\n" if chunked else b""))
         await asyncio.wait_for(writer.drain(), WRITE_STALL_S)
         return 200
 
@@ -605,9 +600,7 @@ class HttpApi:
                     "choices": [choice] if choice is not None else [], **extra}
 
         def sse(obj) -> bytes:
-            payload = b"data: " + (obj if isinstance(obj, bytes) else
-                                   json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
-            return b"%x\r\n%s\r\n" % (len(payload), payload) if chunked else payload
+            return _sse(obj, chunked)
 
         def head() -> bytes:
             state["started"] = True
@@ -680,6 +673,13 @@ class HttpApi:
             await writer.drain()
         return state["status"]  # HTTP/1.0: the stream ends when the connection closes
 
+
+
+def _sse(obj, chunked: bool) -> bytes:
+    """One server-sent event (`data: <json or bytes>`), framed as a chunk on a chunked stream."""
+    payload = b"data: " + (obj if isinstance(obj, bytes) else
+                           json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(payload), payload) if chunked else payload
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

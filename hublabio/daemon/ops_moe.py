@@ -32,7 +32,7 @@ from pathlib import Path
 from hublabio import protocol
 from hublabio.config import read_settings
 from hublabio.daemon.registry import OpTable, Req
-from hublabio.daemon.service import Service, _check_options
+from hublabio.daemon.service import Service, _check_options, _mb
 from hublabio.errors import HublabError, ProtocolError
 from hublabio.moe import MoE, MoESettings, set_moe_setting
 
@@ -157,7 +157,7 @@ def _expert_size(cfg) -> dict:
         return {"model": cfg.name, "kind": "remote", "mb": None}
     path, kind = (cfg.adapter, "adapter") if cfg.adapter else (cfg.path, "model")
     try:
-        mb = round(path.stat().st_size / 1048576, 1)
+        mb = _mb(path.stat().st_size)
     except (OSError, AttributeError):
         mb = None
     return {"model": cfg.name, "kind": kind, "mb": mb}

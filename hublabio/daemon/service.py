@@ -194,7 +194,8 @@ class Service:
         from hublabio import pkg
         from hublabio.fsutil import remove_stale_temps
 
-        for folder in (paths.state_dir(), self.models_dir, self.models_dir / "experts"):
+        for folder in (paths.state_dir(), self.models_dir, self.models_dir / "experts",
+                       self.models_dir / pkg.RECORDS):
             for p in remove_stale_temps(folder):
                 log.info("removed a temp file a killed writer left: %s", p)
         if not self.models_dir.is_dir():
