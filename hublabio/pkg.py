@@ -34,6 +34,7 @@ import re
 import shutil
 import stat
 import tarfile
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ from hublabio.errors import PackageError
 MANIFEST = "package.toml"
 RECORDS = ".packages"
 STAGING_PREFIX = ".pkg-staging-"
+# Staging folders this process's installs are filling now (threads: the daemon, the tests), so
+# that one install's recovery never discards another thread's staging as debris.
+_LIVE_STAGING: set[str] = set()
+_LIVE_LOCK = threading.Lock()
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
@@ -357,13 +362,19 @@ def install(src, models_dir, *, force: bool = False) -> InstalledPackage:
         raise PackageError(f"{src}: no such package folder or archive")
     staging = Path(os.path.join(models_dir, f"{STAGING_PREFIX}{os.getpid()}-{time.time_ns()}"))
     staging.mkdir()
+    with _LIVE_LOCK:
+        _LIVE_STAGING.add(staging.name)
     try:
-        pkg = _stage_dir(src, staging) if src.is_dir() else _stage_tar(src, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    with dir_lock(models_dir):  # from here on, one install/remove/recovery at a time
-        return _install_staged(models_dir, staging, pkg, force)
+        try:
+            pkg = _stage_dir(src, staging) if src.is_dir() else _stage_tar(src, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with dir_lock(models_dir):  # from here on, one install/remove/recovery at a time
+            return _install_staged(models_dir, staging, pkg, force)
+    finally:
+        with _LIVE_LOCK:
+            _LIVE_STAGING.discard(staging.name)
 
 
 def _install_staged(models_dir: Path, staging: Path, pkg: InstalledPackage,
@@ -514,8 +525,11 @@ def _owner_alive(staging_name: str) -> bool:
     """Is the process that made this staging folder (pid in its name) still running? Then the
     folder is a concurrent install in progress, not debris."""
     m = re.match(re.escape(STAGING_PREFIX) + r"(\d+)-", staging_name)
-    if not m or int(m.group(1)) == os.getpid():
+    if not m:
         return False
+    if int(m.group(1)) == os.getpid():  # ours: another thread's install is still staging it
+        with _LIVE_LOCK:
+            return staging_name in _LIVE_STAGING
     try:
         os.kill(int(m.group(1)), 0)
     except ProcessLookupError:

@@ -465,6 +465,43 @@ def test_installs_from_several_threads_all_land(tmp_path, models):
     assert not pkg.has_journal(models)
 
 
+def test_recovery_in_one_thread_keeps_another_threads_staging(tmp_path, models, monkeypatch):
+    """Recovery discards staging folders of dead processes only: the daemon's own threads
+    stage concurrently under one pid (the race CI hit: another install's recover() removed
+    a folder still being filled)."""
+    import threading
+
+    copying, go_on = threading.Event(), threading.Event()
+    real_copy = pkg._copy_verified
+
+    def slow_copy(*args, **kwargs):
+        copying.set()
+        assert go_on.wait(30)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(pkg, "_copy_verified", slow_copy)
+    errors = []
+    src = make_dir(tmp_path / "p", name="slow", files={"slow.toml": b'[model]\nname = "slow"\n'})
+
+    def install():
+        try:
+            pkg.install(src, models)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=install)
+    t.start()
+    assert copying.wait(30)
+    debris = models / f"{pkg.STAGING_PREFIX}{os.getpid()}-1"  # ours, but no install fills it
+    debris.mkdir()
+    done = pkg.recover(models)
+    go_on.set()
+    t.join(30)
+    assert errors == []
+    assert [p.name for p in pkg.list_packages(models)] == ["slow"]
+    assert done == [f"discarded an incomplete install ({debris.name})"]
+
+
 def test_recovery_waits_for_an_install_in_progress(models):
     from hublabio.fsutil import LockTimeout, dir_lock
 
