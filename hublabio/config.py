@@ -19,98 +19,46 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
-import math
 import os
-import re
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from hublabio import tomlsafe
+from hublabio import params, tomlsafe
 from hublabio.errors import ConfigError
 from hublabio.fsutil import atomic_write_text, dir_lock
+from hublabio.params import param, schema_dataclass
 from hublabio.tomlsafe import TomlLimitError, read_capped
 
 # ---------------------------------------------------------------------------------------------
-# Field specs: (kind, check). kind is one of int, float, bool, str, strlist, path.
-# check(value) returns an error message or None.
+# What each section may hold: hublabio.params declares [inference] and the daemon's sections;
+# the model file's own tables are declared here the same way.
 
-Check = Callable[[Any], "str | None"]
+_INFERENCE_SPEC = {p.name: p for p in params.INFERENCE if params.MODEL in p.where}
 
+_MODEL_SPEC = params.by_name((
+    param("name", "name", None, "the name clients use"),
+    param("type", "choice", "gguf", "a local GGUF or a remote OpenAI-compatible server",
+          choices=("gguf", "remote")),
+    param("path", "name", None, "the GGUF (relative to this file, or pkg:<module>/<file>)"),
+    param("adapter", "name", None, "a LoRA adapter GGUF over the base"),
+    param("adapter_scale", "float", 1.0, "the adapter's weight", lo=0.0, hi=4.0, lo_open=True),
+    param("url", "name", None, "remote: the server's /v1 URL"),
+    param("remote_model", "name", None, "remote: the model name there"),
+    param("pinned", "bool", False, "never unloaded to make room"),
+))
 
-def _between(lo, hi, *, lo_open=False) -> Check:
-    def check(v):
-        ok_lo = v > lo if lo_open else v >= lo
-        if not (ok_lo and v <= hi):
-            left = "(" if lo_open else "["
-            return f"must be in {left}{lo}, {hi}], got {v}"
-        return None
-
-    return check
-
-
-def _at_least(lo) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}, got {v}"
-
-
-def _one_of(*choices) -> Check:
-    def check(v):
-        if v not in choices:
-            return f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
-        return None
-
-    return check
-
-
-def _non_empty(v) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-_INFERENCE_SPEC: dict[str, tuple[str, Check | None]] = {
-    "max_tokens": ("int", _between(1, 131072)),
-    "temperature": ("float", _between(0.0, 2.0)),
-    "top_p": ("float", _between(0.0, 1.0, lo_open=True)),
-    "top_k": ("int", _at_least(0)),
-    "repeat_penalty": ("float", _between(0.0, 2.0, lo_open=True)),
-    "context_size": ("int", _between(64, 131072)),
-    "threads": ("int", _between(0, 256)),
-    "threads_batch": ("int", _between(0, 256)),
-    "repack": ("repack", None),
-    "mmap": ("bool", None),
-    "mlock": ("bool", None),
-    "system_prompt": ("str", None),
-}
-
-_MODEL_SPEC: dict[str, tuple[str, Check | None]] = {
-    "name": ("str", _non_empty),
-    "type": ("str", _one_of("gguf", "remote")),
-    "path": ("str", _non_empty),
-    "adapter": ("str", _non_empty),
-    "adapter_scale": ("float", _between(0.0, 4.0, lo_open=True)),
-    "url": ("str", _non_empty),
-    "remote_model": ("str", _non_empty),
-    "pinned": ("bool", None),
-}
-
-_EXPERT_SPEC: dict[str, tuple[str, Check | None]] = {
-    "domain": ("str", _non_empty),
-    "keywords": ("strlist", None),
-    "threshold": ("float", _between(0.0, 1.0)),
-    "description": ("str", None),
-}
+_EXPERT_SPEC = params.by_name((
+    param("domain", "name", None, "the router's label for this expert"),
+    param("keywords", "strlist", [], "words the keyword router matches"),
+    param("threshold", "float", 0.5, "lowest router probability (routing threshold)",
+          lo=0.0, hi=1.0),
+    param("description", "str", "", "shown by moe experts"),
+))
 
 _MODEL_FILE_SECTIONS = {"model": _MODEL_SPEC, "inference": _INFERENCE_SPEC, "expert": _EXPERT_SPEC}
-
-_KIND_NAMES = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "a string",
-    "strlist": "a list of strings",
-    "repack": "\"auto\", true or false",
-}
 
 
 def _suggest(key: str, known) -> str:
@@ -118,48 +66,19 @@ def _suggest(key: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
-    """(ok, value) for a TOML value against a kind; ints are accepted where floats are."""
-    if kind == "int":
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value
-        if isinstance(value, float) and not math.isfinite(value):
-            return False, value
-        return True, float(value)
-    if kind == "bool":
-        return isinstance(value, bool), value
-    if kind == "str":
-        return isinstance(value, str), value
-    if kind == "strlist":
-        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
-        return ok, list(value) if ok else value
-    if kind == "repack":
-        return (isinstance(value, bool) or value == "auto"), value
-    raise AssertionError(kind)
-
-
 def _where(section: str | None, key: str) -> str:
     return f"[{section}] {key}" if section else key
 
 
-def _check_value(path, section: str | None, key: str, value: Any,
-                 spec: tuple[str, Check | None]) -> Any:
-    kind, check = spec
-    ok, coerced = _coerce(kind, value)
-    if not ok:
-        raise ConfigError(path, _where(section, key),
-                          f"expected {_KIND_NAMES[kind]}, got {value!r}")
-    if check is not None:
-        problem = check(coerced)
-        if problem:
-            raise ConfigError(path, _where(section, key), problem)
-    return coerced
+def _check_value(path, section: str | None, key: str, value: Any, p: params.Param, *,
+                 text: bool = False) -> Any:
+    try:
+        return params.check(p, value, text=text)
+    except params.ParamError as exc:
+        raise ConfigError(path, _where(section, key), str(exc)) from None
 
 
-def _check_section(path, section: str, table: Any,
-                   spec: dict[str, tuple[str, Check | None]]) -> dict[str, Any]:
+def _check_section(path, section: str, table: Any, spec: dict[str, params.Param]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(path, f"[{section}]", f"expected a table, got {table!r}")
     out = {}
@@ -206,20 +125,9 @@ def _read_toml(path: Path) -> dict:
 # Model configs
 
 
-@dataclass(frozen=True)
+@schema_dataclass(params.INFERENCE, where=params.MODEL, frozen=True)
 class InferenceConfig:
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    context_size: int = 2048
-    threads: int = 0        # generation threads; 0 = the daemon's / the board's default
-    threads_batch: int = 0  # prompt-processing threads; 0 = the daemon's / the board's default
-    repack: str | bool = "auto"  # weight repacking (hublabio.llama.cpu): "auto", true, false
-    mmap: bool | None = None     # None = the daemon's [memory] mmap
-    mlock: bool | None = None    # None = the daemon's [memory] mlock
-    system_prompt: str | None = None
+    """A model's [inference] (hublabio.params.INFERENCE, where "model")."""
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "InferenceConfig":
         """A copy with user settings applied (unknown keys ignored; values validated with
@@ -432,78 +340,16 @@ def load_experts(models_dir) -> tuple[list[ModelConfig], list[ConfigError]]:
 # Daemon settings (etc/hublab.toml)
 
 
-@dataclass(frozen=True)
+@schema_dataclass(params.DAEMON, frozen=True)
 class DaemonSettings:
-    socket: Path | None = None          # None = hublabio.paths.socket_path()
-    queue_size: int = 8
-    idle_ttl_s: float = 600.0           # unload a model idle this long (0 = never)
-    threads: int = 0                    # generation threads; 0 = the board's default
-    threads_batch: int = 0              # prompt threads; 0 = the board's default
-    repack: str | bool = "auto"         # hublabio.llama.cpu: "auto", true, false
-    budget_mb: int = 0                  # 0 = auto (board RAM - OS reserve)
-    os_reserve_mb: int | None = None    # None = board profile
-    mmap: bool = True
-    mlock: bool = False
-    model_paths: str = "models_dir"     # clients may name a GGUF by path: "models_dir" (inside
-                                        # it only), "off", or "any" (the shell's own daemon)
-    http: str | None = None             # "HOST:PORT" to serve the OpenAI-compatible API
-    cors_origins: tuple[str, ...] = ()  # browser origins the API answers ("*" = any); () = off
-    models_dir: Path | None = None      # None = hublabio.paths.models_dir()
+    """etc/hublab.toml and hublabd's flags (hublabio.params.DAEMON). socket and models_dir
+    None = hublabio.paths' defaults; http None = no HTTP API; cors_origins () = CORS off."""
     source: Path | None = None
 
 
-def _check_listen(v: str) -> str | None:
-    if v == "":
-        return None
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8080\") or \"\", got {v!r}"
-    return None
-
-
-def check_origin(v) -> str | None:
-    """None when `v` is "*" or a browser origin (scheme://host[:port], nothing after)."""
-    if v == "*" or (isinstance(v, str) and re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", v)):
-        return None
-    return f"expected \"*\" or an origin like \"http://localhost:3000\", got {v!r}"
-
-
-def _check_origins(v) -> str | None:
-    if not isinstance(v, list):
-        return f"expected a list of origins, got {v!r}"
-    return next((p for p in map(check_origin, v) if p), None)
-
-
-def _check_reserve(v) -> str | None:
-    if v == "auto":
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        return f"expected an integer (MiB) or \"auto\", got {v!r}"
-    return None if v >= 0 else f"must be >= 0 or \"auto\", got {v}"
-
-
-_DAEMON_SECTIONS: dict[str, dict[str, tuple[str, Check | None]]] = {
-    "daemon": {
-        "socket": ("str", None),
-        "models_dir": ("str", None),
-        "queue_size": ("int", _between(1, 1024)),
-        "idle_ttl_s": ("float", _at_least(0.0)),
-        "threads": ("int", _between(0, 256)),
-        "threads_batch": ("int", _between(0, 256)),
-        "repack": ("repack", None),
-        "model_paths": ("str", _one_of("models_dir", "off", "any")),
-    },
-    "memory": {
-        "budget_mb": ("int", _at_least(0)),
-        "os_reserve_mb": ("any", _check_reserve),
-        "mmap": ("bool", None),
-        "mlock": ("bool", None),
-    },
-    "http": {
-        "listen": ("str", _check_listen),
-        "cors_origins": ("any", _check_origins),
-    },
-}
+_DAEMON_SECTIONS: dict[str, dict[str, params.Param]] = {}
+for _p in params.DAEMON:
+    _DAEMON_SECTIONS.setdefault(_p.section, {})[_p.key] = _p
 
 
 def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings:
@@ -516,49 +362,22 @@ def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings
         return DaemonSettings()
     data = _read_toml(path)
     _check_sections(path, data, _DAEMON_SECTIONS)
-    values: dict[str, Any] = {}
+    changes: dict[str, Any] = {"source": path}
     for section, spec in _DAEMON_SECTIONS.items():
-        table = data.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(path, f"[{section}]", f"expected a table, got {table!r}")
-        for key, value in table.items():
-            if key not in spec:
-                raise ConfigError(path, _where(section, key),
-                                  f"unknown key{_suggest(key, spec)}; known keys: {', '.join(spec)}")
-            kind, check = spec[key]
-            if kind == "any":
-                problem = check(value)
-                if problem:
-                    raise ConfigError(path, _where(section, key), problem)
-            else:
-                value = _check_value(path, section, key, value, spec[key])
-            values[key] = value
-    base = path.parent
-    out = DaemonSettings(source=path)
-    changes: dict[str, Any] = {}
-    for key in ("queue_size", "idle_ttl_s", "threads", "threads_batch", "repack", "budget_mb",
-                "mmap", "mlock", "model_paths"):
-        if key in values:
-            changes[key] = values[key]
-    if values.get("os_reserve_mb", "auto") != "auto":
-        changes["os_reserve_mb"] = values["os_reserve_mb"]
-    for key in ("socket", "models_dir"):
-        if values.get(key):
-            p = Path(values[key]).expanduser()
-            changes[key] = p if p.is_absolute() else base / p
-    if values.get("listen"):
-        changes["http"] = values["listen"]
-    if "cors_origins" in values:
-        changes["cors_origins"] = tuple(values["cors_origins"])
-    return replace(out, **changes)
+        for key, value in _check_section(path, section, data.get(section, {}), spec).items():
+            p = spec[key]
+            if p.type == "path":  # relative to the settings file's folder; "" = the default
+                value = (path.parent / Path(value).expanduser()) if value else None
+            changes[p.name] = value
+    return DaemonSettings(**changes)
 
 
 # ---------------------------------------------------------------------------------------------
 # User settings (<state>/settings.toml): `ai config KEY VALUE`, `settings moe ...`
 
 USER_SECTIONS = ("inference", "moe")
-INFERENCE_OVERRIDE_KEYS = ("context_size", "max_tokens", "temperature", "top_p", "top_k",
-                           "threads", "threads_batch", "repeat_penalty")
+INFERENCE_OVERRIDE_KEYS = params.names(params.INFERENCE, params.USER)
+_USER_SPEC = params.by_name(p for p in params.INFERENCE if params.USER in p.where)
 
 
 def _settings_path() -> Path:
@@ -571,23 +390,10 @@ def validate_inference_override(key: str, value: Any) -> Any:
     """Check one `ai config KEY VALUE` pair; strings such as "0.5" or "512" are converted to
     the key's type. Returns the typed value or raises ConfigError naming the key."""
     where = _settings_path()
-    if key not in INFERENCE_OVERRIDE_KEYS:
-        raise ConfigError(where, key, f"unknown setting{_suggest(key, INFERENCE_OVERRIDE_KEYS)}; "
-                          f"known: {', '.join(INFERENCE_OVERRIDE_KEYS)}")
-    kind, check = _INFERENCE_SPEC[key]
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if kind == "int":
-                value = int(text)
-            else:
-                value = float(text)
-        except ValueError:
-            raise ConfigError(where, key,
-                              f"expected {_KIND_NAMES[kind]}, got {value!r}") from None
-    elif kind == "int" and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return _check_value(where, None, key, value, (kind, check))
+    if key not in _USER_SPEC:
+        raise ConfigError(where, key, f"unknown setting{_suggest(key, _USER_SPEC)}; "
+                          f"known: {', '.join(_USER_SPEC)}")
+    return _check_value(where, None, key, value, _USER_SPEC[key], text=True)
 
 
 RESET_HINT = "`ai config reset` starts a fresh settings file and keeps this one beside it"

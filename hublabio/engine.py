@@ -26,9 +26,11 @@ from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
+from hublabio import params
 from hublabio.errors import Cancelled, ContextOverflow, HublabError, ProtocolError
 from hublabio.llama import Context, Model, SamplerChain, owned
 from hublabio.llama.chat import ChatTemplate
+from hublabio.params import schema_dataclass
 from hublabio.textstream import Piece, TextStream, TokenInfo
 
 
@@ -42,22 +44,11 @@ def physical_cores() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-@dataclass
+@schema_dataclass(params.INFERENCE, where=params.REQUEST)
 class SamplingOptions:
-    """Every option a generation takes; remote models forward each one or refuse it."""
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    top_logprobs: int = 0   # alternatives per token to report (0 = none)
+    """Every option a generation takes (hublabio.params.INFERENCE, where "request"); remote
+    models forward each one or refuse it."""
     logprobs: bool = True   # each token's log-probability (False skips the log-softmax)
-    grammar: str | None = None  # GBNF (rule root) the answer must be a sentence of
 
     @property
     def plain_greedy(self) -> bool:

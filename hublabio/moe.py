@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping, Sequence
 
-from hublabio import protocol, synth
+from hublabio import params, protocol, synth
 from hublabio.config import (
     ExpertConfig,
     ModelConfig,
@@ -40,6 +40,7 @@ from hublabio.errors import (
     ModelNotFound,
     RouterError,
 )
+from hublabio.params import schema_dataclass
 from hublabio.remote import RemoteExpert
 from hublabio.router import (
     KeywordRouter,
@@ -51,11 +52,9 @@ from hublabio.router import (
 )
 
 FALLBACK_DOMAIN = "general"
-MOE_DEFAULTS: dict[str, Any] = {"enabled": True, "routing": "topk", "k": 2, "threshold": 0.5,
-                                "synthesis": "best"}
-ROUTINGS = ("topk", "threshold", "single", "all")
-_TRUE = {"on", "true", "yes", "1", "enable", "enabled"}
-_FALSE = {"off", "false", "no", "0", "disable", "disabled"}
+MOE_DEFAULTS: dict[str, Any] = params.defaults(params.MOE)
+ROUTINGS = params.ROUTINGS
+_MOE_SPEC = params.by_name(params.MOE)
 
 
 # ---------------------------------------------------------------- settings
@@ -67,58 +66,20 @@ def _settings_file() -> Path:
 
 
 def validate_moe_setting(key: str, value: Any) -> Any:
-    """One [moe] setting, typed (strings from the shell are converted) and checked; raises
-    ConfigError naming the settings file and the key."""
+    """One [moe] setting (hublabio.params.MOE), typed (strings from the shell are converted)
+    and checked; raises ConfigError naming the settings file and the key."""
     where, k = _settings_file(), f"[moe] {key}"
-    if key not in MOE_DEFAULTS:
-        raise ConfigError(where, k, f"unknown MoE setting; known: {', '.join(MOE_DEFAULTS)}")
-    if key == "enabled":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ConfigError(where, k, f"expected on or off, got {value!r}")
-    if key == "routing":
-        text = str(value).strip().lower()
-        text = {"top_k": "topk", "top-k": "topk"}.get(text, text)
-        if text not in ROUTINGS:
-            raise ConfigError(where, k, f"unknown routing {value!r}; choose one of "
-                                        f"{', '.join(ROUTINGS)}")
-        return text
-    if key == "synthesis":
-        text = str(value).strip().lower()
-        if text not in synth.STRATEGIES:
-            raise ConfigError(where, k, f"unknown synthesis {value!r}; choose one of "
-                                        f"{', '.join(synth.STRATEGIES)}")
-        return text
-    if key == "k":
-        try:
-            n = int(str(value).strip()) if not isinstance(value, bool) else None
-        except ValueError:
-            n = None
-        if n is None or n < 1 or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(where, k, f"expected an integer >= 1, got {value!r}")
-        return n
-    # threshold
+    if key not in _MOE_SPEC:
+        raise ConfigError(where, k, f"unknown MoE setting; known: {', '.join(_MOE_SPEC)}")
     try:
-        t = float(str(value).strip()) if not isinstance(value, bool) else None
-    except ValueError:
-        t = None
-    if t is None or not 0.0 <= t <= 1.0:
-        raise ConfigError(where, k, f"expected a number between 0 and 1, got {value!r}")
-    return t
+        return params.check(_MOE_SPEC[key], value, text=True)
+    except params.ParamError as exc:
+        raise ConfigError(where, k, str(exc)) from None
 
 
-@dataclass(frozen=True)
+@schema_dataclass(params.MOE, frozen=True)
 class MoESettings:
-    enabled: bool = True
-    routing: str = "topk"
-    k: int = 2
-    threshold: float = 0.5
-    synthesis: str = "best"
+    """The user settings' [moe] (hublabio.params.MOE)."""
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any] | None) -> "MoESettings":

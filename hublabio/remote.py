@@ -26,15 +26,13 @@ from typing import Any, Iterator
 
 from . import jsonsafe, protocol
 from .errors import Cancelled, DaemonUnavailable, HublabError
+from .params import forwarded
 from .textstream import Piece, TokenInfo
 
-# SamplingOptions field -> request body key, and the value that means "not set".
 MAX_ANSWER_BYTES = 8 << 20  # a whole (non-streamed) answer from a remote expert
 
-_FORWARD = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-            "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
-            "presence_penalty": "presence_penalty", "seed": "seed", "stop": "stop",
-            "logit_bias": "logit_bias", "grammar": "grammar"}  # grammar: llama-server's key
+# SamplingOptions field -> request body key (hublabio.params; max_tokens is always sent)
+_FORWARD = {k: v for k, v in forwarded().items() if k != "max_tokens"}
 
 
 def is_cancelled(cancel: Any) -> bool:

@@ -37,7 +37,9 @@ from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 
-STRATEGIES = ("best", "weighted", "voting", "concatenate", "summarize")
+from hublabio.params import SYNTHESES
+
+STRATEGIES = SYNTHESES  # declared with the [moe] settings in hublabio.params
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ from hublabio import jsonsafe, protocol
 from hublabio.daemon.http_tools import ToolPlan, ToolsError, parse_tools, template_messages
 from hublabio.daemon.metrics import prometheus
 from hublabio.daemon.sockwrite import WRITE_STALL_S, ClientGone, SocketWriter
-from hublabio.errors import HublabError, ProtocolError
+from hublabio.errors import HublabError
+from hublabio.params import INFERENCE, ParamError, by_name, openai_options
+from hublabio.params import check as check_param
+from hublabio.params import parse_listen as params_parse_listen
 
 log = logging.getLogger("hublabd.http")
 
@@ -68,13 +71,10 @@ ERROR_STATUS = {
 
 def parse_listen(text: str) -> tuple[str, int]:
     """'HOST:PORT' (or '[v6]:PORT', or ':PORT' for loopback) → (host, port). Port 0 = any."""
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise HublabError(f"--http: expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    if not _is_ip(host) and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
-        raise HublabError(f"--http: {host!r} is not an IP address or host name")
-    return host, int(port)
+    try:
+        return params_parse_listen(text)
+    except ParamError as exc:
+        raise HublabError(f"--http: {exc}") from None
 
 
 async def start_http(dispatcher, service, listen: str):
@@ -435,10 +435,12 @@ class HttpApi:
         want_lp = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
         top_n = body.get("top_logprobs") if chat else body.get("logprobs")
         if want_lp:
-            if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
-                                      or not 0 <= top_n <= 20):
-                param = "top_logprobs" if chat else "logprobs"
-                raise HttpError(400, f"'{param}' must be an integer in [0, 20]", param=param)
+            if top_n is not None:
+                field = "top_logprobs" if chat else "logprobs"
+                try:
+                    top_n = check_param(_SCHEMA["top_logprobs"], top_n)
+                except ParamError as exc:
+                    raise HttpError(400, f"'{field}' {exc}", param=field) from None
             options["logprobs"] = True
             if top_n:
                 options["top_logprobs"] = top_n
@@ -716,13 +718,10 @@ async def _watch_disconnect(writer, out: SocketWriter, job, every: float = 0.1) 
         await asyncio.sleep(every)
 
 
-_OPENAI_OPTIONS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
-                   "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                   "repeat_penalty": "repeat_penalty", "frequency_penalty": "frequency_penalty",
-                   "presence_penalty": "presence_penalty", "logit_bias": "logit_bias",
-                   "seed": "seed", "stop": "stop", "grammar": "grammar"}
 # Fields of OpenAI's API this server does not implement: a 400 naming them, never silence.
-# (tools and tool_choice: chat only, hublabio.daemon.http_tools)
+# (tools and tool_choice: chat only, hublabio.daemon.http_tools; the sampling fields it does
+# implement: hublabio.params.INFERENCE's `openai` names)
+_SCHEMA = by_name(INFERENCE)
 _UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "modalities", "prediction",
                 "web_search_options")
 
@@ -731,24 +730,21 @@ def _options(body: dict) -> dict:
     for key in _UNSUPPORTED:
         if body.get(key) is not None:
             raise HttpError(400, f"'{key}' is not supported by this server", param=key)
-    out = {}
-    for key, target in _OPENAI_OPTIONS.items():
-        if body.get(key) is not None:
-            out[target] = body[key]
+    raw, came_from = openai_options(body)
     if body.get("response_format") is not None:
-        if "grammar" in out:
+        if "grammar" in raw:
             raise HttpError(400, "give either 'response_format' or 'grammar', not both",
                             param="response_format")
         grammar = _response_grammar(body["response_format"])
         if grammar is not None:
-            out["grammar"] = grammar
-    try:
-        from hublabio.daemon.service import _check_options
-
-        _check_options(out)
-    except ProtocolError as exc:
-        param = str(exc).split(" ", 1)[0].removeprefix("options.")
-        raise HttpError(400, str(exc).replace("options.", ""), param=param) from None
+            raw["grammar"] = grammar
+            came_from["grammar"] = "response_format"
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = check_param(_SCHEMA[key], value)
+        except ParamError as exc:
+            raise HttpError(400, f"'{came_from[key]}' {exc}", param=came_from[key]) from None
     return out
 
 

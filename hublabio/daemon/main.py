@@ -27,6 +27,7 @@ from hublabio import paths
 from hublabio.config import load_daemon_settings
 from hublabio.daemon import notify
 from hublabio.errors import HublabError
+from hublabio.params import DAEMON, add_flags, flag_values
 
 log = logging.getLogger("hublabd")
 
@@ -34,57 +35,23 @@ log = logging.getLogger("hublabd")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="hublabd", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models-dir", type=Path, help="folder with model-config.toml and *.gguf")
-    p.add_argument("--budget-mb", type=int, help="MiB all loaded models may use (0 = board RAM "
-                   "minus the OS reserve)")
-    p.add_argument("--socket", type=Path, help="Unix socket path (default: $HUBLAB_SOCKET or "
-                   "<state dir>/hublabd.sock)")
-    p.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible API, "
-                   "e.g. 127.0.0.1:8080 (give another host explicitly to listen beyond loopback)")
-    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call "
-                        "the HTTP API; repeat for more (default: none)")
     p.add_argument("--config", type=Path, help="daemon settings TOML (default: $HUBLAB_CONFIG, "
                    "/etc/hublab/hublab.toml, or etc/hublab.toml)")
-    p.add_argument("--threads", type=int, help="llama.cpp threads for generation (0 = the "
-                   "board's default)")
-    p.add_argument("--threads-batch", type=int, help="llama.cpp threads for prompt processing "
-                   "(0 = the board's default)")
-    p.add_argument("--repack", choices=["auto", "on", "off"], help="weight repacking for faster "
-                   "kernels: auto = every repack except Intel AMX (llama.cpp #20824), on = AMX "
-                   "too, off = none (default: [daemon] repack, else auto)")
-    p.add_argument("--queue-size", type=int, help="requests that may wait behind the running "
-                   "one before new ones get a busy error")
+    add_flags(p, DAEMON)  # --models-dir, --budget-mb, --http, ... (hublabio.params.DAEMON)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
 def settings_from_args(args: argparse.Namespace):
+    """The settings file, then the flags given (each checked by the schema as it was parsed)."""
     config = args.config or paths.daemon_config_file()
-    settings = load_daemon_settings(config, required=args.config is not None)
-    changes = {}
-    for key in ("models_dir", "budget_mb", "socket", "http", "threads", "threads_batch",
-                "queue_size"):
-        value = getattr(args, key)
-        if value is not None:
-            changes[key] = value
-    if args.repack is not None:
-        changes["repack"] = {"auto": "auto", "on": True, "off": False}[args.repack]
-    for key, lo in (("budget_mb", 0), ("threads", 0), ("threads_batch", 0), ("queue_size", 1)):
-        if key in changes and changes[key] < lo:
-            raise HublabError(f"--{key.replace('_', '-')} must be >= {lo}, got {changes[key]}")
-    if args.cors_origin:
-        from hublabio.config import check_origin
-
-        for origin in args.cors_origin:
-            if check_origin(origin):
-                raise HublabError(f"--cors-origin: {check_origin(origin)}")
-        changes["cors_origins"] = tuple(args.cors_origin)
-    if "http" in changes:
+    settings = replace(load_daemon_settings(config, required=args.config is not None),
+                       **flag_values(args, DAEMON))
+    if settings.http:
         from hublabio.daemon.http import parse_listen
 
-        parse_listen(changes["http"])  # fail before loading anything
-    return replace(settings, **changes)
+        parse_listen(settings.http)  # the host too: fail before loading anything
+    return settings
 
 
 async def run(settings) -> int:

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from hublabio import paths, protocol
+from hublabio import params, paths, protocol
 from hublabio.config import (
     DaemonSettings,
     ModelConfig,
     effective_inference,
     load_model_dir,
     read_settings,
-    validate_inference_override,
 )
 from hublabio.daemon.metrics import GenerationMetrics
 from hublabio.daemon.registry import Registry, Req
@@ -401,73 +400,25 @@ def _user_inference() -> dict:
         return {}
 
 
-_OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
-                 "repeat_penalty": float, "frequency_penalty": float, "presence_penalty": float,
-                 "seed": int, "stop": list, "logit_bias": dict, "top_logprobs": int,
-                 "grammar": str}
-MAX_GRAMMAR_CHARS = 256 * 1024
-_RANGES = {"frequency_penalty": (-2.0, 2.0), "presence_penalty": (-2.0, 2.0),
-           "top_logprobs": (0, 20)}
+_REQUEST_SPEC = params.by_name(p for p in params.INFERENCE if params.REQUEST in p.where)
 
 
 def _check_options(options: dict | None) -> dict:
-    """Per-request sampling overrides, typed and range-checked; an unknown key or a bad value is
-    an error naming the key."""
+    """Per-request sampling overrides (hublabio.params.INFERENCE, where "request"), typed and
+    range-checked; an unknown key or a bad value is an error naming the key."""
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise ProtocolError(f"options must be an object, got {type(options).__name__}")
     out = {}
     for key, value in options.items():
-        want = _OPTION_TYPES.get(key)
-        if want is None:
-            raise ProtocolError(f"options: unknown key {key!r} (known: {', '.join(_OPTION_TYPES)})")
+        p = _REQUEST_SPEC.get(key)
+        if p is None:
+            raise ProtocolError(f"options: unknown key {key!r} (known: {', '.join(_REQUEST_SPEC)})")
         if value is None:
             continue
-        if key == "logit_bias":
-            out[key] = _check_logit_bias(value)
-            continue
-        if key == "grammar":
-            if not isinstance(value, str) or not value.strip() or len(value) > MAX_GRAMMAR_CHARS:
-                raise ProtocolError("options.grammar must be a GBNF grammar (rule root) of at "
-                                    f"most {MAX_GRAMMAR_CHARS} characters")
-            out[key] = value
-            continue
-        if key == "stop":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-                raise ProtocolError("options.stop must be a string or a list of non-empty strings")
-            out[key] = tuple(value)
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (want is int and not float(value).is_integer()):
-            kind = "an integer" if want is int else "a number"
-            raise ProtocolError(f"options.{key} must be {kind}, got {value!r}")
-        value = want(value)
-        if key in _RANGES:
-            lo, hi = _RANGES[key]
-            if not lo <= value <= hi:
-                raise ProtocolError(f"options.{key} must be in [{lo}, {hi}], got {value}")
-        elif key != "seed":
-            try:
-                value = validate_inference_override(key, value)
-            except ConfigError as exc:
-                raise ProtocolError(f"options.{key} {exc.message}") from None
-        out[key] = value
-    return out
-
-
-def _check_logit_bias(value) -> dict[int, float]:
-    if not isinstance(value, dict):
-        raise ProtocolError("options.logit_bias must be an object {token id: bias}")
-    out = {}
-    for k, v in value.items():
         try:
-            tok = int(k)
-        except (TypeError, ValueError):
-            raise ProtocolError(f"options.logit_bias: key {k!r} is not a token id") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise ProtocolError(f"options.logit_bias[{k!r}] must be a number in [-100, 100]")
-        out[tok] = float(v)
+            out[key] = params.check(p, value)
+        except params.ParamError as exc:
+            raise ProtocolError(f"options.{key}: {exc}") from None
     return out

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from hublabio import paths
+from hublabio import params, paths
 from hublabio.errors import Cancelled, DaemonUnavailable, HublabError
 from hublabio.shell import render
 
@@ -300,8 +300,7 @@ def _require(args: list[str], low: int, high: int, usage: str) -> None:
 
 # ---------------------------------------------------------------- the built-in commands
 
-CONFIG_KEYS = ("context_size", "max_tokens", "temperature", "top_p", "top_k", "threads", "threads_batch",
-               "repeat_penalty", "reset")
+CONFIG_KEYS = (*params.names(params.INFERENCE, params.USER), "reset")
 
 
 @command("?", usage="?<question>", raw=True)

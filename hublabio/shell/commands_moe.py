@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from hublabio.params import MOE
 from hublabio.shell import render
 from hublabio.shell.commands import ShellContext, UsageError, command
+
+MOE_KEYS = tuple(p.name for p in MOE)  # routing takes the strategy's parameter too
 
 ROUTINGS = ("topk", "threshold", "single", "all")
 SYNTHESES = ("best", "weighted", "voting", "concatenate", "summarize")
@@ -130,7 +133,7 @@ def moe_experts(ctx: ShellContext, args: list[str]) -> None:
 
 
 @command("settings moe", usage=SETTINGS_USAGE,
-         complete=["routing", "synthesis", "enabled"])
+         complete=list(MOE_KEYS))
 def settings_moe(ctx: ShellContext, args: list[str]) -> None:
     """Show or change MoE-R settings; changes are saved (crash-safe) and survive a restart.
 
@@ -148,7 +151,7 @@ def settings_moe(ctx: ShellContext, args: list[str]) -> None:
         if not rest or len(rest) > 2:
             raise UsageError(f"usage: {SETTINGS_USAGE}")
         value = " ".join(rest)
-    elif key in ("synthesis", "enabled", "k", "threshold"):
+    elif key in MOE_KEYS:
         if len(rest) != 1:
             raise UsageError(f"usage: {SETTINGS_USAGE}")
         value = rest[0]
