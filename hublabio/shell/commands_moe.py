@@ -14,7 +14,6 @@ from hublabio.shell.commands import ShellContext, UsageError, command
 
 MOE_KEYS = tuple(p.name for p in MOE)  # routing takes the strategy's parameter too
 
-ROUTINGS = ("topk", "threshold", "single", "all")
 SYNTHESES = ("best", "weighted", "voting", "concatenate", "summarize")
 SETTINGS_USAGE = ("settings moe [routing topk <k> | routing threshold <t> | routing single | "
                   "routing all | synthesis <best|weighted|voting|concatenate|summarize> | "
