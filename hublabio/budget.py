@@ -20,7 +20,9 @@ llama.cpp has loaded the GGUF (mmap on) and answered a prompt of up to one micro
 The constants were fitted on SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M at n_ctx 256..8192
 (tests/integration/test_estimate_rss.py keeps them within ±15% of measured RSS growth).
 Not covered: a full micro-batch processed late in a long context makes the attention scores
-grow to n_head × n_ubatch × n_ctx × 4 bytes for the duration of that batch.
+grow to n_head × n_ubatch × n_ctx × 4 bytes for the duration of that batch; an embeddings
+request (Engine.embed) leaves 16 output rows of logits resident (16 × vocab × 4 bytes: 3 MiB
+for SmolLM2, 10 MiB for a 152k vocabulary).
 
 `plan_admission(needed_mb, budget_mb, resident)` returns which resident models to evict (least
 recently used unpinned first, no more than needed) or raises BudgetError with the numbers and,

@@ -352,6 +352,48 @@ class Engine:
         return {"pp": pp, "tg": tg, "pp_tps": pp / (t1 - t0), "tg_tps": tg / (t2 - t1),
                 "threads": self.threads, "threads_batch": self.threads_batch}
 
+    # ---- embeddings ------------------------------------------------------------------------
+    EMBED_CHUNK = 16  # tokens per decode: llama.cpp computes logits for every output too, and
+                      # keeps its output buffer at the largest size asked (vocab x chunk floats)
+
+    def embed_tokens(self, text: str) -> list[int]:
+        """An input to embed as tokens: BOS as the model wants it, special tokens as text."""
+        return self.tokenize(text, add_bos=self.model.add_bos, special=False)
+
+    def embed(self, tokens: Sequence[int], *, adapter: str | os.PathLike | None = None,
+              adapter_scale: float = 1.0, cancel: threading.Event | None = None) -> np.ndarray:
+        """The input's embedding: the mean of the final hidden states (after the output norm)
+        of its tokens, L2-normalized, float32 [n_embd]. Decoder models only (llama.cpp pooling
+        NONE). The KV cache is used and cleared: the next generation evaluates its whole
+        prompt again."""
+        if self.ctx.pooling != 0:  # LLAMA_POOLING_TYPE_NONE
+            raise ProtocolError(f"{self.path.name}: an encoder with its own pooling (type "
+                                f"{self.ctx.pooling}); only decoder models embed here")
+        if not tokens:
+            raise ProtocolError("an empty input has no embedding")
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflow(f"input of {len(tokens)} tokens does not fit the context of "
+                                  f"{self.n_ctx} tokens (ai config context_size)")
+        self.ctx._live()
+        self._use_adapter(adapter, adapter_scale)
+        total = np.zeros(self.model.n_embd, dtype=np.float64)
+        self.ctx.clear()
+        self._cached = []
+        self.ctx.set_embeddings(True)
+        try:
+            for start in range(0, len(tokens), self.EMBED_CHUNK):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled")
+                chunk = [int(t) for t in tokens[start:start + self.EMBED_CHUNK]]
+                n_out = self.ctx.decode(chunk, start, outputs_from=start)
+                total += self.ctx.embeddings(n_out).sum(axis=0, dtype=np.float64)
+        finally:
+            self.ctx.set_embeddings(False)
+            self.ctx.clear()
+        mean = total / len(tokens)
+        norm = float(np.linalg.norm(mean))
+        return (mean / norm if norm > 0 else mean).astype(np.float32)
+
     # ---- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Free the context, then the adapters and the model. Idempotent."""

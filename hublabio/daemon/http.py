@@ -10,6 +10,8 @@
                                 for the request, and the answer carries `hublab` (experts
                                 chosen, probabilities, the answer that won)
   POST /v1/completions          raw prompt → text; same streaming
+  POST /v1/embeddings           texts or token lists → vectors (local decoder models: the mean
+                                of the final hidden states, L2-normalized), float or base64
 
 HTTP/1.1 with keep-alive, Content-Length or chunked bodies, `Expect: 100-continue`; responses
 use Content-Length, streams use chunked transfer encoding. Errors use OpenAI's shape
@@ -24,11 +26,13 @@ given explicitly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
 import logging
 import re
+import struct
 import time
 
 from hublabio import jsonsafe, protocol
@@ -279,7 +283,8 @@ class HttpApi:
                 route = ("GET", HttpApi._model)
             if route is None:
                 raise HttpError(404, f"no route {req.method} {req.path}; try /v1/models, "
-                                     "/v1/chat/completions, /v1/completions, /health, /metrics",
+                                     "/v1/chat/completions, /v1/completions, /v1/embeddings, "
+                                     "/health, /metrics",
                                 code="unknown_url")
             method, fn = route
             if req.method != method:
@@ -418,6 +423,45 @@ class HttpApi:
                 raise HttpError(400, f"'{key}' needs /v1/chat/completions", param=key)
         return await self._generate(req, reader, writer, keep, body, {"prompt": prompt},
                                     chat=False)
+
+    async def _embeddings(self, req, reader, writer, keep) -> int:
+        """OpenAI's embeddings: `input` a string, a list of strings, a token list or a list of
+        token lists; `encoding_format` float (default) or base64 (little-endian float32, what
+        the openai SDK asks for). `dimensions` is refused: these vectors cannot be shortened."""
+        body = req.json()
+        for key in ("dimensions",):
+            if body.get(key) is not None:
+                raise HttpError(400, f"'{key}' is not supported: the vectors have the model's "
+                                     "width", param=key)
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise HttpError(400, f"'encoding_format' must be float or base64, got {fmt!r}",
+                            param="encoding_format")
+        items = body.get("input")
+        if isinstance(items, str) or (isinstance(items, list) and items and
+                                      all(isinstance(t, int) for t in items)):
+            items = [items]
+        if not isinstance(items, list) or not items:
+            raise HttpError(400, "'input' must be a string, a list of strings, a list of token "
+                                 "ids or a list of token-id lists", param="input")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise HttpError(400, "'model' must be a string", param="model")
+        if model == MOE_MODEL:
+            raise HttpError(400, "'moe' routes chat questions; ask a model or an expert by name "
+                                 "for embeddings", param="model")
+        params = {"input": items, **({"model": model} if model else {})}
+        job = self.dispatcher.new_job(f"http-{protocol.new_id()}", "embed")
+        _, data = await self._run_whole(job, params)
+        data_out = [{"object": "embedding", "index": i,
+                     "embedding": (base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                                   if fmt == "base64" else v)}
+                    for i, v in enumerate(data["embeddings"])]
+        n = data["prompt_tokens"]
+        await self._send_json(writer, 200, {
+            "object": "list", "data": data_out, "model": data["model"],
+            "usage": {"prompt_tokens": n, "total_tokens": n}}, keep)
+        return 200
 
     async def _generate(self, req, reader, writer, keep, body: dict, params: dict, *,
                         chat: bool, tools: ToolPlan | None = None) -> int:
@@ -896,4 +940,5 @@ _ROUTES = {
     "/v1/models": ("GET", HttpApi._models),
     "/v1/chat/completions": ("POST", HttpApi._chat),
     "/v1/completions": ("POST", HttpApi._completions),
+    "/v1/embeddings": ("POST", HttpApi._embeddings),
 }

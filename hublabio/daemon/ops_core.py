@@ -1,4 +1,4 @@
-"""The daemon's core ops: models, info, config, stats, benchmark, generate.
+"""The daemon's core ops: models, info, config, stats, benchmark, generate, embed.
 
 Declared on `ops` and registered by the Service at start (hublabio/daemon/registry.py);
 `ask` is MoE-R's (hublabio/daemon/ops_moe.py), with the plain model as its fallback.
@@ -230,3 +230,46 @@ def _generate(svc: Service, req: Req, messages: list | None = None, prompt: str 
     text = _messages(messages, prompt)
     cfg = svc.config_for(model)
     return (yield from svc.stream_generation(req, cfg, text, options, system_prompt=True))
+
+
+MAX_EMBED_INPUTS = 256
+
+
+@ops.op("embed", queued=True)
+def _embed(svc: Service, req: Req, input: list, model: str | None = None) -> dict:
+    """Embeddings of `input` (texts, or token-id lists) from a local decoder model: each the
+    mean of its tokens' final hidden states, L2-normalized (engine.Engine.embed)."""
+    if not input or len(input) > MAX_EMBED_INPUTS:
+        raise ProtocolError(f"input must hold 1 to {MAX_EMBED_INPUTS} texts or token lists, "
+                            f"got {len(input)}")
+    cfg = svc.config_for(model)
+    if cfg.type == "remote":
+        raise ProtocolError(f"model {cfg.name!r} is remote: embeddings come from local GGUF "
+                            "models only")
+    if cfg.missing:
+        raise ModelNotFound(f"model {cfg.name!r} cannot be loaded: {cfg.missing}")
+    inf = svc.inference(cfg)
+    vectors, n_tokens = [], 0
+    with svc.pool.acquire(cfg, n_ctx=inf.context_size) as engine:
+        for i, item in enumerate(input):
+            tokens = _embed_input(engine, item, i)
+            n_tokens += len(tokens)
+            vec = engine.embed(tokens, adapter=cfg.adapter, adapter_scale=cfg.adapter_scale,
+                               cancel=req.cancel)
+            vectors.append([float(x) for x in vec])
+    return {"model": cfg.name, "embeddings": vectors, "prompt_tokens": n_tokens}
+
+
+def _embed_input(engine, item, i: int) -> list[int]:
+    if isinstance(item, str):
+        if not item:
+            raise ProtocolError(f"input[{i}] is empty")
+        return engine.embed_tokens(item)
+    if isinstance(item, list) and item and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in item):
+        bad = next((t for t in item if not 0 <= t < engine.n_vocab), None)
+        if bad is not None:
+            raise ProtocolError(f"input[{i}]: token id {bad} is not in this model's vocabulary "
+                                f"(0..{engine.n_vocab - 1})")
+        return list(item)
+    raise ProtocolError(f"input[{i}] must be a non-empty string or a non-empty list of token ids")

@@ -53,7 +53,8 @@ FUNCTIONS: tuple[str, ...] = (
     "llama_sampler_init_temp", "llama_sampler_init_dist", "llama_sampler_init_greedy",
     "llama_sampler_init_grammar",
     "llama_sampler_init_logit_bias", "llama_model_quantize",
-    "llama_model_quantize_default_params",
+    "llama_model_quantize_default_params", "llama_model_n_embd", "llama_pooling_type",
+    "llama_set_embeddings", "llama_get_embeddings",
 )
 
 

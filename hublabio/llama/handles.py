@@ -87,6 +87,7 @@ class Model(_Handle):
         self.vocab = C.llama_model_get_vocab(self._ptr)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self._ptr)
+        self.n_embd = C.llama_model_n_embd(self._ptr)
         self.n_params = C.llama_model_n_params(self._ptr)
         self.size = C.llama_model_size(self._ptr)
         self.bos = C.llama_vocab_bos(self.vocab)
@@ -284,6 +285,26 @@ class Context(_Handle):
         ptr = C.llama_get_logits(self._live())
         return np.ctypeslib.as_array(ptr, shape=(n_out * self.model.n_vocab,)).reshape(
             n_out, self.model.n_vocab).copy()
+
+    @property
+    def pooling(self) -> int:
+        """llama.cpp's pooling type for this context (C.LLAMA_POOLING_TYPE_NONE for a
+        generative model: one embedding per output token, pooled by the caller)."""
+        return int(C.llama_pooling_type(self._live()))
+
+    def set_embeddings(self, on: bool) -> None:
+        """Also produce the final hidden states (after the output norm) of each output token;
+        llama.cpp keeps computing the logits too."""
+        C.llama_set_embeddings(self._live(), bool(on))
+
+    def embeddings(self, n_out: int) -> np.ndarray:
+        """The hidden states of the last decode's outputs, a float32 copy [n_out, n_embd]
+        (set_embeddings(True) first)."""
+        ptr = C.llama_get_embeddings(self._live())
+        if not ctypes.cast(ptr, ctypes.c_void_p).value:
+            raise LlamaError("llama.cpp returned no embeddings (set_embeddings was not on)")
+        n = self.model.n_embd
+        return np.ctypeslib.as_array(ptr, shape=(n_out * n,)).reshape(n_out, n).copy()
 
     def keep_prefix(self, n: int, seq: int = 0) -> bool:
         """Drop the KV cache of `seq` from position n on (False if llama.cpp cannot)."""
