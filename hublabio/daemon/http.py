@@ -398,6 +398,7 @@ class HttpApi:
 
     async def _chat(self, req, reader, writer, keep) -> int:
         body = req.json()
+        _check_fields(body, "chat")
         try:
             plan = parse_tools(body)
         except ToolsError as exc:
@@ -410,6 +411,7 @@ class HttpApi:
 
     async def _completions(self, req, reader, writer, keep) -> int:
         body = req.json()
+        _check_fields(body, "completions")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -429,6 +431,7 @@ class HttpApi:
         token lists; `encoding_format` float (default) or base64 (little-endian float32, what
         the openai SDK asks for). `dimensions` is refused: these vectors cannot be shortened."""
         body = req.json()
+        _check_fields(body, "embeddings")
         for key in ("dimensions",):
             if body.get(key) is not None:
                 raise HttpError(400, f"'{key}' is not supported: the vectors have the model's "
@@ -768,6 +771,27 @@ async def _watch_disconnect(writer, out: SocketWriter, job, every: float = 0.1) 
 _SCHEMA = by_name(INFERENCE)
 _UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "modalities", "prediction",
                 "web_search_options")
+
+
+# Every body field each endpoint reads. `user` (the caller's own end-user id) changes nothing in
+# an answer; `parallel_tool_calls` permits several calls per turn and one is always within it.
+# Any other field is a 400, as OpenAI answers "Unrecognized request argument supplied".
+_GENERATE_FIELDS = {"model", "stream", "stream_options", "n", "logprobs", "response_format",
+                    "hublab", "user", *(f for p in INFERENCE for f in p.openai), *_UNSUPPORTED}
+_FIELDS = {
+    "chat": _GENERATE_FIELDS | {"messages", "top_logprobs", "tools", "tool_choice",
+                                "parallel_tool_calls"},
+    "completions": _GENERATE_FIELDS | {"prompt", "echo"},
+    "embeddings": {"model", "input", "encoding_format", "dimensions", "user"},
+}
+
+
+def _check_fields(body: dict, endpoint: str) -> None:
+    unknown = sorted(set(body) - _FIELDS[endpoint])
+    if unknown:
+        raise HttpError(400, f"Unrecognized request argument supplied: {unknown[0]} (this "
+                             f"server implements: {', '.join(sorted(_FIELDS[endpoint]))})",
+                        param=unknown[0])
 
 
 def _options(body: dict) -> dict:

@@ -126,8 +126,16 @@ def test_a_streamed_structured_answer_is_the_same_json(api):
      "properties.n: the keyword 'minimum' is not supported"),
     ({"response_format": {"type": "yaml"}}, "response_format.type must be"),
     ({"extra_body": {"functions": [{"name": "f"}]}}, "'functions' is not supported"),
-    ({"extra_body": {"suffix": "x"}}, "'suffix' is not supported")])
+    ({"extra_body": {"suffix": "x"}}, "'suffix' is not supported"),
+    ({"extra_body": {"mirostat": 2}}, "Unrecognized request argument supplied: mirostat"),
+    ({"extra_body": {"temprature": 0.1}}, "Unrecognized request argument supplied: temprature")])
 def test_what_cannot_be_honoured_is_a_400(api, kwargs, fragment):
     with pytest.raises(openai.BadRequestError) as err:
         chat(api, **kwargs)
     assert fragment in str(err.value)
+
+
+def test_a_field_that_changes_nothing_is_accepted(api):
+    """`user` is the caller's own id for its records (OpenAI's too): no effect, no error."""
+    plain = chat(api).choices[0].message.content
+    assert chat(api, user="ana").choices[0].message.content == plain
