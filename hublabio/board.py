@@ -65,6 +65,13 @@ class Board:
         """Default llama.cpp threads for prompt processing (compute-bound): every core."""
         return self.cores
 
+    @property
+    def parallel(self) -> int:
+        """Default slots per model (continuous batching): each holds its own KV cache, which
+        the memory estimate counts, so small boards get fewer: 1 under 1 GB of RAM, 2 under
+        4 GB, else 4."""
+        return 1 if self.ram_mb < 1024 else 2 if self.ram_mb < 4096 else 4
+
 
 def nominal_ram_mb(ram_mb: int) -> int:
     """The advertised size a board with this MemTotal was sold as (smallest tier >= it)."""

@@ -9,7 +9,8 @@ llama.cpp has loaded the GGUF (mmap on) and answered a prompt of up to one micro
   engine loads with (hublabio.llama.cpu: never AMX under "auto", nothing when repack = false);
 - KV cache: layers × KV heads × (key + value head size) × n_ctx × bytes per element, with n_ctx
   rounded up to 256 as llama.cpp does (it clears the buffer, so all of it is resident;
-  sliding-window layers get a full-size cache in llama-cpp-python's defaults);
+  sliding-window layers get a full-size cache in llama-cpp-python's defaults), once per slot
+  (`parallel`: continuous batching gives every sequence its own cache);
 - compute: what one micro-batch of prompt touches in llama.cpp's compute buffer (attention
   scores n_head × n_ubatch² and the FFN's three n_ff-wide activations, whichever stage is
   larger, plus the residual stream); llama.cpp *reserves* more virtual memory (the logits of
@@ -85,14 +86,17 @@ def _ffn_length(info: ModelInfo) -> int:
 
 
 def estimate_memory(info: ModelInfo, n_ctx: int, *, n_batch: int = 512, n_ubatch: int = 512,
-                    kv_bytes: int = 2, repack: RepackPolicy | None = None) -> Estimate:
-    """Predicted RSS growth of loading `info`'s model with a context of `n_ctx` tokens, with
-    weights repacked as `repack` decides (default: "auto" on this CPU)."""
+                    kv_bytes: int = 2, repack: RepackPolicy | None = None,
+                    parallel: int = 1) -> Estimate:
+    """Predicted RSS growth of loading `info`'s model with a context of `n_ctx` tokens per
+    slot and `parallel` slots (each its own KV cache; one row of logits each), with weights
+    repacked as `repack` decides (default: "auto" on this CPU)."""
     if n_ctx <= 0:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     ctx = padded_ctx(n_ctx)
     weights = info.tensor_bytes + repack_bytes(info, repack)
-    kv = info.kv_elements_per_token * ctx * kv_bytes
+    parallel = max(1, parallel)
+    kv = info.kv_elements_per_token * ctx * kv_bytes * parallel
 
     # One micro-batch of prompt at the start of the context, one row of logits out.
     ub = max(1, min(n_ubatch, n_batch, n_ctx))
@@ -105,6 +109,7 @@ def estimate_memory(info: ModelInfo, n_ctx: int, *, n_batch: int = 512, n_ubatch
     compute = max(attn_stage, ffn_stage) + residual
 
     overhead = OVERHEAD_FIXED_MB * MiB + OVERHEAD_PER_VOCAB_BYTES * info.vocab_size
+    overhead += (parallel - 1) * info.vocab_size * 4  # every slot's row of logits
     total = weights + kv + compute + overhead
     return Estimate(weights_mb=weights / MiB, kv_mb=kv / MiB, compute_mb=compute / MiB,
                     total_mb=total / MiB, overhead_mb=overhead / MiB, n_ctx=ctx)

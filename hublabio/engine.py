@@ -8,13 +8,17 @@
    `collect()` runs one to the end and returns (text, pieces, stats).
 
 LoRA adapters are loaded once per model and switched per request on the live context; a prefix
-computed under one adapter set is never reused under another. One engine serves one generation
-at a time (the pool's lease enforces that). Remote models (hublabio.remote) implement the same
-`generate()` interface.
+computed under one adapter set is never reused under another. An engine loaded with
+`parallel = N` serves N generations at once, one per slot (a sequence of the context with its
+own KV cache and cached prefix); their decodes are batched by hublabio.batching. With N = 1
+(the default) it decodes in the calling thread and serves one generation at a time (the pool's
+lease enforces both). Remote models (hublabio.remote) implement the same `generate()`
+interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -95,6 +99,35 @@ class Step:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One sequence of the context: the tokens whose KV it holds, under which adapters."""
+    seq: int
+    cached: list[int] = field(default_factory=list)
+    adapters: tuple = ()       # ((LoraAdapter, scale), ...) its KV was computed under
+    adapter_key: tuple = ()    # ((path, scale), ...) of those
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass
+class _DirectTicket:
+    """A decode run in the calling thread (one slot): nothing to release."""
+    index: int
+    first_out: int
+    n_out: int
+
+    def release(self) -> None:
+        pass
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
 Generation = Generator[Piece, None, GenerationStats]
 
 
@@ -132,29 +165,43 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, threads: int | None = None,
                  threads_batch: int | None = None, n_batch: int = 512, mmap: bool = True,
-                 mlock: bool = False, repack="auto"):
+                 mlock: bool = False, repack="auto", parallel: int = 1, decoder=None):
+        """`n_ctx` is each slot's context; `parallel` slots share the weights and batch their
+        decodes on `decoder` (default with parallel > 1: the process's one hublabio.batching
+        decoder; with one slot and no decoder, decodes run in the calling thread)."""
         self.path = Path(path)
+        self.parallel = max(1, int(parallel))
         self._stack = ExitStack()
         try:
             self.model = owned(self._stack, Model(self.path, mmap=mmap, mlock=mlock,
                                                   repack=repack))
             self.threads = threads or physical_cores()
             self.threads_batch = threads_batch or self.threads
-            self.ctx = owned(self._stack, Context(self.model, n_ctx=n_ctx, n_batch=n_batch,
+            self.ctx = owned(self._stack, Context(self.model, n_ctx=n_ctx * self.parallel,
+                                                  n_batch=n_batch, n_seq_max=self.parallel,
                                                   threads=self.threads,
                                                   threads_batch=self.threads_batch))
         except BaseException:
             self._stack.close()
             raise
-        self.n_ctx, self.n_batch = self.ctx.n_ctx, self.ctx.n_batch
+        self.n_ctx, self.n_batch = self.ctx.n_ctx // self.parallel, self.ctx.n_batch
         self.n_vocab, self.n_ctx_train = self.model.n_vocab, self.model.n_ctx_train
         self.architecture, self.chat_template = self.model.architecture, self.model.chat_template
         self.n_params, self.model_size = self.model.n_params, self.model.size
         self._bos_text = self.model.token_text(self.model.bos)
         self._eos_text = self.model.token_text(self.model.eos)
         self._formatter = None
-        self._adapter_key: tuple = ()
-        self._cached: list[int] = []  # tokens whose KV is in the context (sequence 0)
+        self._slots = [_Slot(i) for i in range(self.parallel)]
+        self._slot_cond = threading.Condition()
+        self._decoder = self._batch = None
+        if decoder is None and self.parallel > 1:
+            from hublabio.batching import shared_decoder
+
+            decoder = shared_decoder()
+        if decoder is not None:  # every decode on the decoder's thread, batched
+            self._decoder = decoder
+            self._batch = decoder.attach(self.ctx, self.n_batch)
+            self._stack.callback(decoder.detach, self._batch)  # before the context goes
 
     # ---- what the pool and `ai info` show --------------------------------------------------
     @property
@@ -200,50 +247,113 @@ class Engine:
         """Load a LoRA adapter GGUF over this model once; later requests only switch to it."""
         self.model.adapter(path)
 
-    def _use_adapter(self, path, scale: float) -> None:
-        adapters = [(self.model.adapter(path), scale)] if path else []
-        key = tuple((a.path, s) for a, s in adapters)
-        if key != self._adapter_key:
-            self.ctx.set_adapters(adapters)
-            self._adapter_key = key
-            self._cached = []  # KV computed under another adapter set is stale
+    def _adapters(self, path, scale: float) -> tuple:
+        return ((self.model.adapter(path), scale),) if path else ()
+
+    def _use_adapter(self, path, scale: float, slot: "_Slot | None" = None) -> None:
+        """Make `slot` (default: the first) generate under this adapter set: its cached prefix
+        is forgotten when the set changes (KV computed under another adapter is stale). With
+        one slot the context switches now; with several the decoder switches per batch."""
+        slot = slot or self._slots[0]
+        slot.adapters = self._adapters(path, scale)
+        key = tuple((a.path, s) for a, s in slot.adapters)
+        if key != slot.adapter_key:
+            slot.cached = []
+            slot.adapter_key = key
+        if self._decoder is None:
+            self.ctx.set_adapters(list(slot.adapters))
+
+    # ---- slots -----------------------------------------------------------------------------
+    def _take_slot(self, tokens: Sequence[int], adapter_key: tuple) -> "_Slot":
+        """A free slot, preferring the longest cached prefix of `tokens` under the same adapter
+        set (then the least recently used); waits while all are busy."""
+        def score(sl: _Slot):
+            same = sl.adapter_key == adapter_key
+            return (_common_prefix(sl.cached, tokens) if same else -1, -sl.last_used)
+
+        with self._slot_cond:
+            while True:
+                free = [sl for sl in self._slots if not sl.busy]
+                if free:
+                    slot = max(free, key=score)
+                    slot.busy = True
+                    return slot
+                self._slot_cond.wait()
+
+    def _give_slot(self, slot: "_Slot") -> None:
+        with self._slot_cond:
+            slot.busy = False
+            slot.last_used = time.monotonic()
+            if self._decoder is not None:
+                self._decoder.end(self._batch, slot.seq)
+            self._slot_cond.notify()
+
+    def _kv(self):
+        """Hold while changing the KV cache (a batched decode may be running)."""
+        return self._batch.lock if self._batch is not None else contextlib.nullcontext()
 
     # ---- layer 1: the token stepper -------------------------------------------------------
-    def _reuse_prefix(self, tokens: list[int]) -> int:
+    def _reuse_prefix(self, tokens: list[int], slot: "_Slot") -> int:
         """Keep the KV cache of the longest common prefix (the last prompt token is always
         evaluated again, to get its logits)."""
-        n = 0
-        limit = min(len(self._cached), len(tokens) - 1)
-        while n < limit and self._cached[n] == tokens[n]:
-            n += 1
-        if not self.ctx.keep_prefix(n):
-            n = 0
-            self.ctx.clear()
-        self._cached = self._cached[:n]
+        n = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        with self._kv():
+            if not self.ctx.keep_prefix(n, seq=slot.seq):
+                n = 0
+                self.ctx.keep_prefix(0, seq=slot.seq)
+        slot.cached = slot.cached[:n]
         return n
 
-    def _decode(self, tokens: Sequence[int], cancel: threading.Event | None) -> None:
-        for start in range(0, len(tokens), self.n_batch):
+    def _decode(self, tokens: Sequence[int], cancel: threading.Event | None,
+                slot: "_Slot | None" = None):
+        """Decode `tokens` after `slot`'s cached ones, in chunks; returns the last chunk's
+        ticket (`.index`: the batch row of its logits; `.release()` once they are read)."""
+        slot = slot or self._slots[0]
+        # with several slots, leave room in each batch for the others' next tokens
+        size = self.n_batch - (self.parallel - 1)
+        ticket = None
+        for start in range(0, len(tokens), size):
+            if ticket is not None:
+                ticket.release()
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled")
-            chunk = list(tokens[start:start + self.n_batch])
-            try:
-                self.ctx.decode(chunk, len(self._cached))
-            except HublabError:
-                self._cached = []
-                raise
-            self._cached.extend(chunk)
+            ticket = self._decode_chunk(list(tokens[start:start + size]), slot)
+        return ticket
+
+    def _decode_chunk(self, chunk: list[int], slot: "_Slot", *, all_outputs: bool = False):
+        pos = len(slot.cached)
+        outputs_from = pos if all_outputs else None
+        try:
+            if self._decoder is None:
+                ticket = _DirectTicket(-1, 0, self.ctx.decode(chunk, pos,
+                                                             outputs_from=outputs_from))
+            else:
+                ticket = self._decoder.submit(self._batch, slot.seq, chunk, pos,
+                                              outputs_from=outputs_from, adapters=slot.adapters,
+                                              embeddings=all_outputs)
+        except HublabError:
+            slot.cached = []
+            raise
+        except RuntimeError as exc:  # the decoder's: the model was unloaded meanwhile
+            slot.cached = []
+            raise HublabError(str(exc)) from None
+        slot.cached.extend(chunk)
+        return ticket
 
     def steps(self, tokens: list[int], opts: "SamplingOptions", stats: GenerationStats,
-              cancel: threading.Event | None = None) -> Iterator[Step]:
-        """Evaluate the prompt `tokens` (reusing the cached prefix), then yield sampled tokens
-        until end-of-generation, max_tokens or the context's end. Sets stats' prompt fields."""
+              cancel: threading.Event | None = None,
+              slot: "_Slot | None" = None) -> Iterator[Step]:
+        """Evaluate the prompt `tokens` (reusing the slot's cached prefix), then yield sampled
+        tokens until end-of-generation, max_tokens or the context's end. Sets stats' prompt
+        fields. The logits are read (sampled, log-probabilities) before a step is yielded."""
+        slot = slot or self._slots[0]
         max_new = min(opts.max_tokens, self.n_ctx - len(tokens))
         t0 = time.perf_counter()
-        stats.cached_tokens = self._reuse_prefix(tokens)
-        self._decode(tokens[stats.cached_tokens:], cancel)
+        stats.cached_tokens = self._reuse_prefix(tokens, slot)
+        ticket = self._decode(tokens[stats.cached_tokens:], cancel, slot)
         stats.prompt_tps = (len(tokens) - stats.cached_tokens) / max(time.perf_counter() - t0, 1e-9)
         with ExitStack() as stack:
+            stack.callback(lambda: ticket.release())
             sampler = None if opts.plain_greedy else stack.enter_context(SamplerChain(
                 self.model, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                 repeat_penalty=opts.repeat_penalty, frequency_penalty=opts.frequency_penalty,
@@ -251,10 +361,14 @@ class Engine:
                 logit_bias=opts.logit_bias, grammar=opts.grammar))
             scratch = np.empty(self.n_vocab, dtype=np.float32)
             for _ in range(max_new):
-                logits = self.ctx.logits(-1)
+                logits = self.ctx.logits(ticket.index)
                 # plain greedy: argmax, as llama.cpp's greedy sampler picks (first maximum),
                 # without copying the vocabulary into a candidates array
-                tok = int(np.argmax(logits)) if sampler is None else sampler.sample(self.ctx)
+                if sampler is None:
+                    tok = int(np.argmax(logits))
+                else:
+                    with self._kv():  # llama.cpp's sampler reads the context: one at a time
+                        tok = sampler.sample(self.ctx, ticket.index)
                 top: tuple = ()
                 logprob = math.nan
                 if opts.top_logprobs:
@@ -266,11 +380,12 @@ class Engine:
                     logprob = float(lps[-1])
                 elif opts.logprobs:
                     logprob = float(log_softmax_at(logits, tok, scratch))
+                ticket.release()  # the logits are read: the next batch may overwrite them
                 if self.model.is_eog(tok):
                     stats.finish_reason = "stop"
                     return
                 yield Step(tok, logprob, top)
-                self._decode([tok], cancel)
+                ticket = self._decode([tok], cancel, slot)
             stats.finish_reason = "length"
 
     # ---- layer 3: generate ----------------------------------------------------------------
@@ -281,7 +396,6 @@ class Engine:
         the generator's return value is the GenerationStats."""
         opts = opts or SamplingOptions()
         self.ctx._live()
-        self._use_adapter(adapter, adapter_scale)
         try:
             tokens = self.prompt_tokens(prompt, cancel)
         except Cancelled:  # while the chat template rendered
@@ -298,8 +412,11 @@ class Engine:
         text = TextStream(opts.stop)
         t0 = time.perf_counter()
         t_first = None
+        slot = self._take_slot(tokens, tuple((a.path, s) for a, s in
+                                             self._adapters(adapter, adapter_scale)))
         try:
-            for step in self.steps(tokens, opts, stats, cancel):
+            self._use_adapter(adapter, adapter_scale, slot)
+            for step in self.steps(tokens, opts, stats, cancel, slot):
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
@@ -319,6 +436,7 @@ class Engine:
         except Cancelled:
             stats.finish_reason = "cancelled"
         finally:
+            self._give_slot(slot)
             if stats.logprobs:
                 stats.mean_logprob = float(np.mean(stats.logprobs))
             if t_first is not None and stats.completion_tokens > 1:
@@ -332,25 +450,38 @@ class Engine:
 
     def bench(self, pp: int = 128, tg: int = 32, cancel: threading.Event | None = None) -> dict:
         """llama-bench style: prompt processing of `pp` tokens in one batch, then generation of
-        `tg` tokens one at a time; tokens per second for each (the KV cache is cleared).
+        `tg` tokens one at a time; tokens per second for each (the slot's KV cache is cleared).
         Raises Cancelled if `cancel` is set meanwhile."""
         pp = min(pp, self.n_ctx - tg - 1)
-        self.ctx.clear()
-        self._cached = []
         ids = [int(i) for i in np.random.default_rng(0).integers(0, self.n_vocab, size=pp)]
-        try:
+        with self._scratch_slot() as slot:
             t0 = time.perf_counter()
-            self._decode(ids, cancel)
+            self._decode(ids, cancel, slot).release()
             t1 = time.perf_counter()
             tok = ids[-1]
             for _ in range(tg):
-                self._decode([tok], cancel)
+                self._decode([tok], cancel, slot).release()
             t2 = time.perf_counter()
-        finally:
-            self.ctx.clear()
-            self._cached = []
         return {"pp": pp, "tg": tg, "pp_tps": pp / (t1 - t0), "tg_tps": tg / (t2 - t1),
                 "threads": self.threads, "threads_batch": self.threads_batch}
+
+    @contextlib.contextmanager
+    def _scratch_slot(self, adapter=None, adapter_scale: float = 1.0):
+        """A slot with an empty KV cache for work that is not a generation (bench, embed);
+        emptied again afterwards, its prefix cache forgotten."""
+        def empty():
+            with self._kv():
+                self.ctx.keep_prefix(0, seq=slot.seq)
+            slot.cached = []
+
+        slot = self._take_slot((), ())
+        try:
+            self._use_adapter(adapter, adapter_scale, slot)
+            empty()
+            yield slot
+        finally:
+            empty()
+            self._give_slot(slot)
 
     # ---- embeddings ------------------------------------------------------------------------
     EMBED_CHUNK = 16  # tokens per decode: llama.cpp computes logits for every output too, and
@@ -364,8 +495,8 @@ class Engine:
               adapter_scale: float = 1.0, cancel: threading.Event | None = None) -> np.ndarray:
         """The input's embedding: the mean of the final hidden states (after the output norm)
         of its tokens, L2-normalized, float32 [n_embd]. Decoder models only (llama.cpp pooling
-        NONE). The KV cache is used and cleared: the next generation evaluates its whole
-        prompt again."""
+        NONE). Runs in a slot whose KV cache is emptied before and after (its cached prefix is
+        forgotten)."""
         if self.ctx.pooling != 0:  # LLAMA_POOLING_TYPE_NONE
             raise ProtocolError(f"{self.path.name}: an encoder with its own pooling (type "
                                 f"{self.ctx.pooling}); only decoder models embed here")
@@ -375,21 +506,22 @@ class Engine:
             raise ContextOverflow(f"input of {len(tokens)} tokens does not fit the context of "
                                   f"{self.n_ctx} tokens (ai config context_size)")
         self.ctx._live()
-        self._use_adapter(adapter, adapter_scale)
         total = np.zeros(self.model.n_embd, dtype=np.float64)
-        self.ctx.clear()
-        self._cached = []
-        self.ctx.set_embeddings(True)
-        try:
-            for start in range(0, len(tokens), self.EMBED_CHUNK):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("cancelled")
-                chunk = [int(t) for t in tokens[start:start + self.EMBED_CHUNK]]
-                n_out = self.ctx.decode(chunk, start, outputs_from=start)
-                total += self.ctx.embeddings(n_out).sum(axis=0, dtype=np.float64)
-        finally:
-            self.ctx.set_embeddings(False)
-            self.ctx.clear()
+        with self._scratch_slot(adapter, adapter_scale) as slot:
+            if self._decoder is None:
+                self.ctx.set_embeddings(True)
+            try:
+                for start in range(0, len(tokens), self.EMBED_CHUNK):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("cancelled")
+                    chunk = [int(t) for t in tokens[start:start + self.EMBED_CHUNK]]
+                    ticket = self._decode_chunk(chunk, slot, all_outputs=True)
+                    rows = self.ctx.embeddings(ticket.first_out + ticket.n_out)[ticket.first_out:]
+                    ticket.release()
+                    total += rows.sum(axis=0, dtype=np.float64)
+            finally:
+                if self._decoder is None:
+                    self.ctx.set_embeddings(False)
         mean = total / len(tokens)
         norm = float(np.linalg.norm(mean))
         return (mean / norm if norm > 0 else mean).astype(np.float32)

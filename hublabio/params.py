@@ -95,6 +95,12 @@ INFERENCE: tuple[Param, ...] = (
        lo=0, hi=256, where=(MODEL, USER)),
     param("threads_batch", "int", 0, "prompt-processing threads; 0 = the daemon's / the board's",
        lo=0, hi=256, where=(MODEL, USER)),
+    param("parallel", "int", 0, "generations a model serves at once, batched (0 = the board's "
+          "default: 1 under 1 GB of RAM, 2 under 4 GB, else 4); each slot has its own KV cache",
+          lo=0, hi=16, where=(MODEL, USER)),
+    param("batch_mode", "choice", "continuous", "continuous: parallel generations share each "
+          "decode; off: one generation at a time per model", choices=("continuous", "off"),
+          where=(MODEL, USER)),
     param("repack", "repack", "auto", "weight repacking (hublabio.llama.cpu)", where=(MODEL,)),
     param("mmap", "bool", None, "None = the daemon's [memory] mmap", where=(MODEL,),
        annotation="bool | None"),

@@ -4,8 +4,9 @@ Every model load goes through `ModelPool`: it estimates what the model needs at 
 context (hublabio.budget), evicts least-recently-used unpinned models that are not in use if that
 makes room, or refuses with the numbers. Models are keyed by their GGUF file: experts that share
 a base GGUF share one resident engine, and their LoRA adapters are loaded on it once and switched
-per request. A lease (`acquire`) holds the engine's lock, so one engine serves one generation at a
-time; leases on different engines run concurrently.
+per request. A lease (`acquire`) takes one of the engine's slots: an engine loaded with `parallel = N`
+serves N generations at once (their decodes batched, hublabio.batching), one with N = 1 one
+at a time; leases on different engines run concurrently. Unloading waits for every lease.
 
 Engines are made by `engine_factory` (hublabio.engine.Engine by default) with the load settings
 of `LoadSettings`: threads for generation and for prompts, mmap/mlock and the repack policy,
@@ -17,12 +18,12 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from hublabio.budget import Estimate, Resident, estimate_memory, plan_admission
-from hublabio.errors import GGUFError, HublabError, ModelNotFound
+from hublabio.errors import BudgetError, GGUFError, HublabError, ModelNotFound
 from hublabio.gguf_check import problems as header_problems
 from hublabio.gguf_info import ModelInfo, read_gguf_info
 from hublabio.llama.cpu import decide as repack_policy
@@ -36,15 +37,21 @@ class LoadSettings:
     mmap: bool = True
     mlock: bool = False
     repack: str | bool = "auto"
+    parallel: int = 1               # slots per engine (`ai config parallel`, the board's)
+    batch_mode: str = "continuous"  # "off": one slot whatever `parallel` says
 
     def for_model(self, inf) -> "LoadSettings":
-        """These defaults overridden by a model's [inference] (threads, mmap, repack, ...)."""
+        """These defaults overridden by a model's [inference] (threads, mmap, repack, ...).
+        batch_mode off in either gives one slot."""
+        off = "off" in (self.batch_mode, getattr(inf, "batch_mode", "continuous"))
         return LoadSettings(
             threads=inf.threads or self.threads,
             threads_batch=inf.threads_batch or self.threads_batch,
             mmap=self.mmap if inf.mmap is None else inf.mmap,
             mlock=self.mlock if inf.mlock is None else inf.mlock,
-            repack=self.repack if inf.repack == "auto" else inf.repack)
+            repack=self.repack if inf.repack == "auto" else inf.repack,
+            parallel=1 if off else max(1, getattr(inf, "parallel", 0) or self.parallel),
+            batch_mode="off" if off else "continuous")
 
 
 def _default_factory(path, **kwargs):
@@ -67,7 +74,9 @@ class ResidentModel:
     last_used: float = field(default_factory=time.monotonic)
     load_s: float = 0.0
     users: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    parallel: int = 1
+    parallel_asked: int = 1  # what the settings asked (the budget may have allowed fewer)
+    slots: threading.Semaphore = field(default_factory=threading.Semaphore, repr=False)
 
     @property
     def mb(self) -> float:
@@ -130,10 +139,12 @@ class ModelPool:
         key = self._key(path)
         with self._lock:
             res = self._models.get(key)
-            if res is not None and res.n_ctx != n_ctx and res.users == 0:
-                res = None  # context size changed: reload at the new size, if it is admitted
+            load = self.load.for_model(cfg.inference)
+            if res is not None and (res.n_ctx, res.parallel_asked) != (n_ctx, load.parallel) \
+                    and res.users == 0:
+                res = None  # context size or slots changed: reload so, if it is admitted
             if res is None:
-                res = self._load(key, path, n_ctx, cfg.name, self.load.for_model(cfg.inference))
+                res = self._load(key, path, n_ctx, cfg.name, load)
             res.names.add(cfg.name)
             res.pinned = res.pinned or bool(cfg.pinned)
             if cfg.adapter is not None and Path(cfg.adapter).resolve() not in res.engine.adapters:
@@ -153,19 +164,38 @@ class ModelPool:
             raise GGUFError(path, "refused before loading: " + "; ".join(bad))
         if self.prober is not None:
             self.prober.check(path)  # llama.cpp, in a child process
-        est = estimate_memory(info, n_ctx, repack=repack_policy(load.repack))
         others = [Resident(k, r.mb, r.pinned or r.users > 0, r.last_used)
                   for k, r in self._models.items() if k != key]
-        victims = plan_admission(est.total_mb, self.budget_mb, others, info=info, n_ctx=n_ctx)
+        asked = load.parallel
+        while True:  # fewer slots (each has its own KV cache) before a refusal
+            est = estimate_memory(info, n_ctx, repack=repack_policy(load.repack),
+                                  parallel=load.parallel)
+            try:
+                victims = plan_admission(est.total_mb, self.budget_mb, others, info=info,
+                                         n_ctx=n_ctx)
+                break
+            except BudgetError:
+                if load.parallel == 1:
+                    raise
+                load = replace(load, parallel=max(1, load.parallel // 2))
         # admitted: only now does anything leave memory (a refusal above unloaded nothing)
         for victim in ([key] if key in self._models else []) + victims:
             self._unload_key(victim)
         t0 = time.perf_counter()
+        kwargs = {}
+        if load.batch_mode == "continuous" and self.engine_factory is _default_factory:
+            from hublabio.batching import shared_decoder  # every decode on its one thread
+
+            kwargs = {"parallel": load.parallel, "decoder": shared_decoder()}
+        elif load.parallel > 1:
+            kwargs = {"parallel": load.parallel}
         engine = self.engine_factory(path, n_ctx=n_ctx, threads=load.threads or None,
                                      threads_batch=load.threads_batch or None, mmap=load.mmap,
-                                     mlock=load.mlock, repack=load.repack)
+                                     mlock=load.mlock, repack=load.repack, **kwargs)
         res = ResidentModel(key=key, path=path, n_ctx=n_ctx, info=info, estimate=est,
-                            engine=engine, names={name}, load_s=time.perf_counter() - t0)
+                            engine=engine, names={name}, load_s=time.perf_counter() - t0,
+                            parallel=load.parallel, parallel_asked=asked,
+                            slots=threading.Semaphore(load.parallel))
         self._models[key] = res
         return res
 
@@ -176,7 +206,7 @@ class ModelPool:
             res = self.ensure_loaded(cfg, n_ctx=n_ctx)
             res.users += 1
         try:
-            with res.lock:
+            with res.slots:
                 res.last_used = time.monotonic()
                 yield res.engine
         finally:
@@ -187,8 +217,13 @@ class ModelPool:
     # ---- unloading -----------------------------------------------------------------------
     def _unload_key(self, key: str) -> None:
         res = self._models.pop(key)
-        with res.lock:  # waits for a generation in progress on it
+        for _ in range(res.parallel):  # waits for the generations in progress on it
+            res.slots.acquire()
+        try:
             res.engine.close()
+        finally:
+            for _ in range(res.parallel):
+                res.slots.release()
 
     def unload(self, name: str | None = None) -> list[str]:
         """Unload the model called `name` (config name, file name or key), or every model.

@@ -108,7 +108,8 @@ def _resident_rows(svc: Service) -> list[dict]:
             "threads": getattr(engine, "threads", None),
             "threads_batch": getattr(engine, "threads_batch", None),
             "buffers_mb": {k: round(v, 1) for k, v in getattr(engine, "buffers", {}).items()},
-            "repack": policy.reason if policy is not None else None})
+            "repack": policy.reason if policy is not None else None,
+            "parallel": getattr(r, "parallel", 1)})
     return rows
 
 
@@ -156,6 +157,9 @@ def _info(svc: Service, req: Req) -> dict:
            "quantization": None, "architecture": None, "context_size": svc.inference(cfg).context_size,
            "used_mb": round(svc.pool.used_mb(), 1), "budget_mb": svc.pool.budget_mb,
            "last_tps": svc.stats.last_tps, "resident": _resident_rows(svc)}
+    load = svc.pool.load.for_model(cfg.inference) if hasattr(svc.pool, "load") else None
+    if load is not None:  # what this model gets (the budget may allow fewer: see resident)
+        out.update(parallel=load.parallel, batch_mode=load.batch_mode)
     if cfg.type == "gguf" and not cfg.missing:
         try:
             info = svc.model_info(cfg.path)
@@ -181,9 +185,13 @@ def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
     note = "applies to the next request"
     if key == "context_size":
         note = "the model reloads with the new context on its next request"
-    elif key in ("threads", "threads_batch"):
+    elif key in ("threads", "threads_batch", "parallel", "batch_mode"):
         note = "applies to models loaded from now on (ai unload to reload)"
-        svc.pool.load = dataclasses.replace(svc.pool.load, **{key: typed})
+        if key == "parallel" and not typed:
+            typed_load = getattr(svc.board, "parallel", 1)  # 0 = the board's default
+        else:
+            typed_load = typed
+        svc.pool.load = dataclasses.replace(svc.pool.load, **{key: typed_load})
     return {"key": key, "value": typed, "note": note}
 
 

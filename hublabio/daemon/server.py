@@ -18,6 +18,7 @@ uses it when no daemon is listening).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -72,6 +73,47 @@ class Job:
                 self.loop.call_soon_threadsafe(self.cancelled.set)
 
 
+PARALLEL_MAX = 16  # queued ops running at once at most (params: parallel <= 16)
+
+
+class Turns:
+    """Run slots for queued ops: at most `capacity()` at once (it may change: `ai config
+    parallel`), granted in arrival order."""
+
+    def __init__(self, capacity):
+        self.capacity = lambda: max(1, min(PARALLEL_MAX, int(capacity())))
+        self.held = 0
+        self._queue: collections.deque[asyncio.Future] = collections.deque()
+
+    def try_take(self) -> bool:
+        if not self._queue and self.held < self.capacity():
+            self.held += 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(fut)
+        self._grant()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give()  # granted as we were cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        self.held -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._queue and self.held < self.capacity():
+            fut = self._queue.popleft()
+            if not fut.done():
+                self.held += 1
+                fut.set_result(True)
+
+
 class Dispatcher:
     """Runs ops for any transport: light ops at once in a worker thread, queued ops one at a
     time behind a bounded queue. Events are handed to an async `send` callback."""
@@ -79,7 +121,7 @@ class Dispatcher:
     def __init__(self, service: Service, queue_size: int):
         self.service = service
         self.queue_size = max(0, int(queue_size))
-        self._slot = asyncio.Semaphore(1)
+        self._turns = Turns(service.concurrency)
         self._light = asyncio.Semaphore(LIGHT_WORKERS)
         # Reused worker threads: handing a job to an idle one is one wake-up, where starting a
         # thread costs a start-up handshake (two context switches) before the op even begins.
@@ -91,6 +133,10 @@ class Dispatcher:
         # third (bench/bench_stream.py, docs/BENCHMARKS.md), while one calling thread keeps one
         # warm team.
         self._llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hublabd-llama")
+        # With continuous batching several queued ops run at once, each on a thread of its
+        # own; their decodes all go to the one decoder thread (hublabio.batching).
+        self._batched = ThreadPoolExecutor(max_workers=PARALLEL_MAX,
+                                           thread_name_prefix="hublabd-gen")
         self.running = 0
         self.waiting = 0
         self.jobs: set[Job] = set()  # every live job, for cancel by id from any connection
@@ -135,7 +181,7 @@ class Dispatcher:
                 async with self._light:  # bounds the worker threads of quick ops
                     await self._execute(job, params, safe_send, direct, self._workers)
                 return
-            if self.running and self.waiting >= self.queue_size:
+            if self.running >= self._turns.capacity() and self.waiting >= self.queue_size:
                 with self.service._lock:
                     self.service.stats.busy += 1
                 exc = BusyError(f"daemon busy: {self.running} request running and {self.waiting} "
@@ -148,36 +194,36 @@ class Dispatcher:
                 return
             try:
                 self.running += 1
-                await self._execute(job, params, safe_send, direct, self._llama_thread)
+                pool = self._batched if self._turns.capacity() > 1 else self._llama_thread
+                await self._execute(job, params, safe_send, direct, pool)
             finally:
                 self.running -= 1
-                self._slot.release()
+                self._turns.give()
         finally:
             self.jobs.discard(job)
 
     async def _wait_turn(self, job: Job) -> bool:
-        """Wait for the run slot unless cancelled first. True when the slot is now held."""
+        """Wait for a run slot unless cancelled first. True when a slot is now held."""
         if job.cancelled.is_set():
             return False
-        if not self._slot.locked():  # fast path: nobody running, no loop round trips
-            await self._slot.acquire()
+        if self._turns.try_take():  # fast path: room now, no loop round trips
             return True
         self.waiting += 1
-        acquire = asyncio.ensure_future(self._slot.acquire())
+        take = asyncio.ensure_future(self._turns.take())
         cancelled = asyncio.ensure_future(job.cancelled.wait())
         try:
-            await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({take, cancelled}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.waiting -= 1
             cancelled.cancel()
-            if not acquire.done():
-                acquire.cancel()
+            if not take.done():
+                take.cancel()
         try:
-            await acquire
+            await take
         except asyncio.CancelledError:
             return False
         if job.cancelled.is_set():
-            self._slot.release()
+            self._turns.give()
             return False
         return True
 
@@ -229,6 +275,7 @@ class Dispatcher:
         """Let the worker threads go once their current op ends."""
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._llama_thread.shutdown(wait=False, cancel_futures=True)
+        self._batched.shutdown(wait=False, cancel_futures=True)
 
     def track(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)

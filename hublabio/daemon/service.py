@@ -253,6 +253,16 @@ class Service:
     def is_loaded(self, name: str) -> bool:
         return any(name in r.names for r in self.pool.resident())
 
+    def concurrency(self) -> int:
+        """How many queued ops (generations) may run at once: the slots a model gets under
+        the current settings (`ai config parallel` / the board; 1 with batch_mode off), or
+        more where a resident model was given more by its own [inference]."""
+        load = getattr(self.pool, "load", None)
+        asked = 1
+        if load is not None and getattr(load, "batch_mode", "off") == "continuous":
+            asked = max(1, getattr(load, "parallel", 1))
+        return max([asked] + [getattr(r, "parallel", 1) for r in self.pool.resident()])
+
     # ---- running ops ---------------------------------------------------------------------
     def run(self, name: str, params: dict | None = None, *, request_id: str | None = None,
             cancel: threading.Event | None = None) -> Iterator[dict]:
@@ -380,7 +390,8 @@ def token_events(gen, parts: list[str], *, detail: bool = False) -> Iterator[dic
 
 
 def load_settings(settings: DaemonSettings, board):
-    """The pool's load defaults: daemon settings, then `ai config threads`, then the board."""
+    """The pool's load defaults: daemon settings, then `ai config` (threads, parallel,
+    batch_mode), then the board."""
     from hublabio.pool import LoadSettings
 
     user = _user_inference()
@@ -388,7 +399,9 @@ def load_settings(settings: DaemonSettings, board):
         threads=settings.threads or user.get("threads") or getattr(board, "threads", 0) or 0,
         threads_batch=(settings.threads_batch or user.get("threads_batch")
                        or getattr(board, "threads_batch", 0) or 0),
-        mmap=settings.mmap, mlock=settings.mlock, repack=settings.repack)
+        mmap=settings.mmap, mlock=settings.mlock, repack=settings.repack,
+        parallel=user.get("parallel") or getattr(board, "parallel", 1) or 1,
+        batch_mode=user.get("batch_mode", "continuous"))
 
 
 def _user_inference() -> dict:

@@ -193,23 +193,33 @@ class Batch(_Handle):
              outputs_from: int | None = None) -> int:
         """Put `tokens` at positions start_pos.. of sequence `seq`; logits are produced for
         positions >= outputs_from (default: the last token only). Returns the output count."""
+        return self.fill_many([(tokens, start_pos, seq, outputs_from)])[0][1]
+
+    def fill_many(self, parts) -> list[tuple[int, int]]:
+        """Several sequences' tokens in one batch: parts of (tokens, start_pos, seq,
+        outputs_from). Returns, per part, (batch row of its last token, its output count)."""
         self._live()
-        n = len(tokens)
-        if n > self.capacity:
-            raise LlamaError(f"{n} tokens do not fit a batch of {self.capacity}")
-        first = start_pos + n - 1 if outputs_from is None else outputs_from
+        total = sum(len(p[0]) for p in parts)
+        if total > self.capacity:
+            raise LlamaError(f"{total} tokens do not fit a batch of {self.capacity}")
         b = self._batch
-        n_out = 0
-        for i, tok in enumerate(tokens):
-            b.token[i] = int(tok)
-            b.pos[i] = start_pos + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            want = start_pos + i >= first
-            b.logits[i] = 1 if want else 0
-            n_out += want
-        b.n_tokens = n  # a declared field (abi.FIELDS), checked at import; this is the hot path
-        return n_out
+        i, out = 0, []
+        for tokens, start_pos, seq, outputs_from in parts:
+            n = len(tokens)
+            first = start_pos + n - 1 if outputs_from is None else outputs_from
+            n_out = 0
+            for j, tok in enumerate(tokens):
+                b.token[i] = int(tok)
+                b.pos[i] = start_pos + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                want = start_pos + j >= first
+                b.logits[i] = 1 if want else 0
+                n_out += want
+                i += 1
+            out.append((i - 1, n_out))
+        b.n_tokens = i  # a declared field (abi.FIELDS), checked at import; this is the hot path
+        return out
 
     def close(self) -> None:
         if self._ptr:
@@ -224,14 +234,16 @@ class Context(_Handle):
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512,
                  n_ubatch: int | None = None, threads: int = 1, threads_batch: int | None = None,
                  n_seq_max: int = 1, eval_callback: Callable[[int, bool], bool] | None = None,
-                 kv_type: int | None = None, flash_attn: bool | None = None):
+                 kv_type: int | None = None, flash_attn: bool | None = None,
+                 kv_unified: bool = False):
         """`kv_type`: the KV cache's ggml type (None = llama.cpp's F16; 0 = F32, for tests that
         compare logits with a reference); `flash_attn`: None = llama.cpp's auto."""
         self.model = model
         params = C.llama_context_default_params()
         set_fields(params, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch,
                    n_seq_max=n_seq_max, n_threads=threads,
-                   n_threads_batch=threads_batch or threads, no_perf=True)
+                   n_threads_batch=threads_batch or threads, no_perf=True,
+                   kv_unified=kv_unified)
         if kv_type is not None:
             set_fields(params, type_k=kv_type, type_v=kv_type)
         if flash_attn is not None:
@@ -254,18 +266,30 @@ class Context(_Handle):
         self._memory = C.llama_get_memory(self._ptr)
         self._batch = Batch(self.n_batch)
         self._adapters: tuple = ()
-        self._logits_addr, self._logits_view = None, None
+        self._logits_views: dict[int, np.ndarray] = {}
 
     def decode(self, tokens: Sequence[int], start_pos: int, *, seq: int = 0,
                outputs_from: int | None = None) -> int:
         """Evaluate `tokens` (at most n_batch) at start_pos.. of `seq`; returns the number of
         logits rows produced (the last token's only, unless outputs_from says otherwise)."""
-        n_out = self._batch.fill(tokens, start_pos, seq=seq, outputs_from=outputs_from)
+        return self.decode_many([(tokens, start_pos, seq, outputs_from)])[0][1]
+
+    def decode_many(self, parts) -> list[tuple[int, int]]:
+        """One llama_decode of several sequences' tokens (see Batch.fill_many): per part,
+        (batch row of its last token, its output count)."""
+        rows = self._batch.fill_many(parts)
         rc = C.llama_decode(self._live(), self._batch._batch)
         if rc != 0:
             raise LlamaError(f"llama_decode failed (code {rc}"
                              + (", the KV cache is full)" if rc == 1 else ")"))
-        return n_out
+        return rows
+
+    def settle_outputs(self) -> None:
+        """Put the last decode's output rows in batch order now. llama.cpp does it lazily, in
+        place, on the first read of any row (output_reorder): when several threads read
+        their rows of one batch, the decoding thread calls this first so that no read moves
+        a row another thread is reading."""
+        C.llama_get_logits(self._live())
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Row `i` of the last decode's logits: a view, valid until the next decode."""
@@ -273,12 +297,16 @@ class Context(_Handle):
         addr = ctypes.cast(ptr, ctypes.c_void_p).value
         if not addr:
             raise LlamaError(f"no logits for output {i}")
-        if addr != self._logits_addr:  # the row usually sits at the same place every step
-            n = self.model.n_vocab
-            self._logits_view = np.frombuffer((ctypes.c_float * n).from_address(addr),
-                                              dtype=np.float32)
-            self._logits_addr = addr
-        return self._logits_view
+        # a row usually sits at the same place every step: keep its view (per address, so
+        # that slots reading their rows from several threads each get their own)
+        view = self._logits_views.get(addr)
+        if view is None:
+            if len(self._logits_views) >= 64:
+                self._logits_views = {}
+            view = np.frombuffer((ctypes.c_float * self.model.n_vocab).from_address(addr),
+                                 dtype=np.float32)
+            self._logits_views[addr] = view
+        return view
 
     def all_logits(self, n_out: int) -> np.ndarray:
         """Every logits row of the last decode, as a float32 copy [n_out, n_vocab]."""

@@ -147,6 +147,10 @@ def info(data: Mapping[str, Any]) -> str:
                   ("Quantization", data.get("quantization") or "-")]
         if data.get("context_size") is not None:
             pairs.append(("Context size", f"{data['context_size']} tokens"))
+        if data.get("batch_mode"):
+            pairs.append(("Batching", f"{data['batch_mode']}, {data.get('parallel', 1)} "
+                                      f"slot{'s' if data.get('parallel', 1) != 1 else ''} "
+                                      "(ai config parallel N | batch_mode off)"))
     used = data.get("memory_used_mb", data.get("used_mb"))
     pairs.append(("Memory", f"{human_mb(used)} used / {human_mb(data.get('budget_mb'))} budget"))
     loaded = data.get("loaded")
@@ -167,6 +171,9 @@ def info(data: Mapping[str, Any]) -> str:
                                      f"{r.get('threads_batch') or r['threads']} prompt"))
         if r.get("repack"):
             pairs.append(("Repack", r["repack"]))
+        if r.get("parallel", 1) != data.get("parallel", r.get("parallel", 1)):
+            pairs.append(("Slots", f"{r['parallel']} ({', '.join(map(str, r.get('names', [])))}:"
+                                   " as many as the memory budget allows)"))
     if data.get("board"):
         pairs.append(("Board", data["board"]))
     pairs.append(("Tokens/sec", f"{float(tps):.1f} (the last answer)" if tps else "-"))

@@ -272,7 +272,15 @@ def test_benchmark(client):
     assert data["pp_tps"] > 0 and data["tg_tps"] > 0 and data["model"] == MODEL
 
 
+def one_at_a_time() -> None:
+    """Generations queue behind the running one (batch_mode off), as the queue tests need."""
+    from hublabio.config import update_settings
+
+    update_settings("inference", "batch_mode", "off")
+
+
 def test_busy_queue_answers_at_once(models):
+    one_at_a_time()
     with make_daemon(models, queue_size=1) as d, Client(d.socket_path, timeout=120) as a, \
             Client(d.socket_path, timeout=120) as b, Client(d.socket_path, timeout=120) as c:
         running = a.stream("generate", prompt="A long story:", options={"max_tokens": 400})
@@ -290,6 +298,7 @@ def test_busy_queue_answers_at_once(models):
 
 
 def test_cancel_while_queued(models):
+    one_at_a_time()
     with make_daemon(models) as d, Client(d.socket_path, timeout=120) as a, \
             Client(d.socket_path, timeout=120) as b:
         running = a.stream("generate", prompt="A long story:", options={"max_tokens": 400})

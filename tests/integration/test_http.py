@@ -250,6 +250,9 @@ def test_stream_that_fails_before_any_token_gets_an_error_status(api):
 
 
 def test_busy_daemon_answers_429(smollm2_path, tmp_path):
+    from .test_daemon import one_at_a_time
+
+    one_at_a_time()
     folder = tmp_path / "m"
     write_model_config(folder, smollm2_path)
     with make_daemon(folder, queue_size=0, http="127.0.0.1:0") as d, \

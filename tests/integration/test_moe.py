@@ -298,11 +298,11 @@ def test_settings_are_validated_and_persisted(isolated_state):
     assert MoESettings.load() == MoESettings(enabled=False, routing="threshold", threshold=0.4,
                                              synthesis="voting")
     before = paths.settings_file().read_bytes()
-    for key, value, words in (("routing", "fastest", "unknown routing"),
-                              ("routing", "topk 0", "integer >= 1"),
+    for key, value, words in (("routing", "fastest", "must be one of 'topk', 'threshold'"),
+                              ("routing", "topk 0", r"must be >= 1, got 0"),
                               ("routing", "single 3", "no parameter"),
-                              ("threshold", "2", "between 0 and 1"),
-                              ("synthesis", "mean", "unknown synthesis"),
+                              ("threshold", "2", r"must be in \[0.0, 1.0\], got 2"),
+                              ("synthesis", "mean", "must be one of 'best', 'weighted'"),
                               ("enabled", "maybe", "on or off"),
                               ("colour", "red", "unknown MoE setting")):
         with pytest.raises(ConfigError, match=words) as err:
@@ -310,7 +310,7 @@ def test_settings_are_validated_and_persisted(isolated_state):
         assert str(paths.settings_file()) in str(err.value) and "[moe]" in str(err.value)
     assert paths.settings_file().read_bytes() == before  # nothing half-written
     paths.settings_file().write_text('[moe]\nrouting = "fastest"\n')
-    with pytest.raises(ConfigError, match=r"\[moe\] routing: unknown routing"):
+    with pytest.raises(ConfigError, match=r"\[moe\] routing: must be one of"):
         MoESettings.load()
 
 
@@ -354,7 +354,7 @@ def test_daemon_ops_route_experts_and_ask_through_moe(daemon):
         assert events[-1]["data"]["model"] == "smol"
         # a hand-broken [moe] section: moe ops name the key, `?question` still answers
         paths.settings_file().write_text('[moe]\nrouting = "fastest"\n')
-        with pytest.raises(ConfigError, match=r"\[moe\] routing: unknown routing 'fastest'"):
+        with pytest.raises(ConfigError, match=r"\[moe\] routing: must be one of .*got 'fastest'"):
             c.call("settings.moe.get")
         events = list(c.stream("ask", question="Say hi.", options={"max_tokens": 2}))
         assert infos(events)[0].startswith("[MoE] not used: ")
@@ -424,7 +424,7 @@ def test_shell_moe_commands_and_settings_survive_a_restart(shell_models):
                                                                          "rust"]
     assert "(python-expert, " in run.stdout and " MiB model)" in run.stdout
     run = hublab("-c", "settings moe routing fastest")
-    assert run.returncode != 0 and "unknown routing 'fastest'" in (run.stderr + run.stdout)
+    assert run.returncode != 0 and "routing: must be one of 'topk'" in (run.stderr + run.stdout)
     run = hublab("-c", "moe experts")
     assert run.returncode == 0 and "DOMAIN" in run.stdout and "rust-expert" in run.stdout
 
