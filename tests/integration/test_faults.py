@@ -35,7 +35,7 @@ from hublabio.client import Client
 from test_pkg import listing, make_dir
 
 from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
-from .test_daemon import make_daemon, wait_for
+from .test_daemon import make_daemon
 
 KNOWN_CODES = set(protocol.ERROR_CLASSES) - {"internal"}
 
