@@ -336,6 +336,44 @@ class MoE:
         run.finish_reason = run.stats.finish_reason
         run.logprobs = list(run.stats.logprobs)  # one per token, stop-string tokens included
 
+    def batches_together(self, configs: Sequence[ModelConfig]) -> bool:
+        """Can these experts generate at once? When all are local over one base GGUF that the
+        pool loads with continuous batching: their decodes then share steps (hublabio.batching;
+        experts with different adapters alternate step by step). Experts on different models
+        run one after another, so that a small budget can evict one for the next."""
+        load = getattr(self.pool, "load", None)
+        if len(configs) < 2 or load is None or getattr(load, "batch_mode", "off") != "continuous":
+            return False
+        if any(c.type != "gguf" or c.path is None for c in configs):
+            return False
+        if len({Path(c.path).resolve() for c in configs}) != 1:
+            return False
+        return load.for_model(configs[0].inference).parallel >= 2
+
+    def _run_experts(self, chosen, query, history, options, cancel, together: bool):
+        """Each chosen expert's whole answer: (cfg, route, run, seconds, error or None), in
+        the routing order; at once (a thread each) when `together`, else one after another."""
+        def one(cfg, r):
+            run, t1 = _Run(), time.perf_counter()
+            try:
+                for _ in self.stream_expert(cfg, self.messages(cfg, query, history), run,
+                                            options=options, cancel=cancel):
+                    pass
+            except (Cancelled, HublabError) as err:
+                return cfg, r, run, time.perf_counter() - t1, err
+            return cfg, r, run, time.perf_counter() - t1, None
+
+        if not together:
+            for cfg, r in chosen:
+                yield one(cfg, r)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(chosen), thread_name_prefix="hublabd-expert") as ex:
+            futures = [ex.submit(one, cfg, r) for cfg, r in chosen]
+            for f in futures:
+                yield f.result()
+
     def _answer(self, cfg: ModelConfig, route: Route, run: _Run, elapsed: float):
         mean, conf = synth.confidence_from_logprobs(run.logprobs)
         return synth.ExpertAnswer(
@@ -414,22 +452,21 @@ class MoE:
                 f"### {r.domain}\n{answer.text}"
             result.text = text
         else:
-            for cfg, r in chosen:
-                run = _Run()
+            together = self.batches_together([cfg for cfg, _ in chosen])
+            if together:
+                yield protocol.info(f"[Experts] {len(chosen)} answer at once (one batched "
+                                    "base model)")
+            for cfg, r, run, elapsed, err in self._run_experts(chosen, query, history,
+                                                                options, cancel, together):
                 runs.append((cfg, run))
-                t1 = time.perf_counter()
-                try:
-                    for _ in self.stream_expert(cfg, self.messages(cfg, query, history), run,
-                                                options=options, cancel=cancel):
-                        pass
-                except Cancelled:
-                    raise
-                except HublabError as err:
+                if isinstance(err, Cancelled):
+                    raise err
+                if err is not None:
                     errors.append(err)
                     yield protocol.info(f"[Expert] {r.domain} failed: {err}")
                     continue
                 self._check_cancel(cancel, run)
-                a = self._answer(cfg, r, run, time.perf_counter() - t1)
+                a = self._answer(cfg, r, run, elapsed)
                 answers.append(a)
                 yield protocol.info(
                     f"[Expert] {a.domain}: {a.tokens} tokens, confidence "

@@ -1,8 +1,10 @@
 """hublabd's asyncio Unix-socket server: JSON lines in, events out (hublabio.protocol).
 
 - several clients at once, several requests per connection (each event carries its request id);
-- queued ops (generate, ask, models.load, benchmark, ...) run one at a time; at most
-  `queue_size` wait behind the running one, and one more gets an immediate `busy` error;
+- queued ops (generate, ask, models.load, benchmark, ...) run one at a time with batch_mode
+  off, or up to `Service.concurrency()` at once with continuous batching (their decodes
+  batched by hublabio.batching); at most `queue_size` wait behind the running ones, and one
+  more gets an immediate `busy` error;
 - `{"op": "cancel", "target": id}` cancels a waiting or running request; a client that
   disconnects cancels all of its requests; one that only shuts down its sending side
   (half-close) still gets its answers;

@@ -133,6 +133,35 @@ def test_all_five_experts_answer_over_one_resident_base(shared, all_answers, smo
         assert f"### {a.domain} (confidence {a.confidence:.2f})\n{a.text}" in result["text"]
 
 
+def test_experts_over_one_batching_base_answer_at_once_with_the_same_text(tmp_path,
+                                                                         smollm2_path):
+    """With continuous batching (5 slots) the five prompt-only experts (one base, no adapter)
+    generate in threads of their own and share decode steps; each answer is the one it gives
+    when the experts run one after another (one slot)."""
+    from hublabio.batching import shared_decoder
+    from hublabio.pool import LoadSettings
+
+    experts = load(write_experts(tmp_path / "models", smollm2_path))
+    answers = {}
+    for parallel in (1, 5):
+        pool = ModelPool(2048, load=LoadSettings(threads=THREADS, parallel=parallel))
+        try:
+            moe = MoE(pool, experts, KeywordRouter(experts),
+                      MoESettings(routing="all", synthesis="concatenate"))
+            decoder = shared_decoder()
+            before = decoder.batched, decoder.batches
+            events, result = drain(moe.query(MIXED, options=GREEDY))
+            answers[parallel] = {a.domain: a.text for a in answers_of(result)}
+            together = "[Experts] 5 answer at once (one batched base model)" in infos(events)
+            assert together == (parallel == 5)
+            if parallel == 5:
+                assert decoder.batched - before[0] > 2 * (decoder.batches - before[1]), \
+                    "the experts' steps were not batched"
+        finally:
+            pool.close()
+    assert answers[5] == answers[1] and len(answers[1]) == 5
+
+
 def test_best_weighted_and_voting_on_real_answers(all_answers):
     answers = answers_of(all_answers[1])
     best = synth.collect(synth.best(MIXED, answers))

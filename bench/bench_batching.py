@@ -1,0 +1,290 @@
+"""Several clients at once: hublabd (continuous batching) against llama-server -np N.
+
+For each client count N (default 1, 2, 4, 8) and round, both servers are started fresh as
+subprocesses on the same GGUF with the same threads, N slots and a 512-token context per slot,
+and N clients each send the same greedy streamed /v1/completions request (no repeat penalty) at once; the two
+servers alternate within each round (hublabd first in even rounds, llama-server first in odd
+ones) so drift on a shared machine hits both. Reported per server and N: total decode tok/s
+(every client's completion tokens / the wall time from the first request to the last answer)
+and p50 / p90 time to first token over all clients and rounds.
+
+hublabd runs at its defaults (repack "auto" of hublabio.llama.cpu); llama-server gets
+--no-repack on an Intel AMX host (its AMX kernels segfault there, llama.cpp #20824).
+
+  python bench/bench_batching.py --llama-server /tmp/llama-build/bin/llama-server \\
+      [--threads N] [--tokens 64] [--clients 1,2,4,8] [--rounds 2]
+  python bench/bench_batching.py --moe [--threads N] [--tokens 64] [--rounds 3]
+
+  python bench/bench_batching.py --raw [--threads N]
+
+--raw: the floor under both servers: one llama_decode of N sequences' next tokens (N = 1, 2, 4,
+8, in a bare loop on hublabio.llama's Context, no server, no Python between decodes).
+--moe: MoE-R wall time of Single, TopK(2) and All (the five shipped prompt-only experts over
+the embedded SmolLM2, greedy, `tokens` each, synthesis best) with continuous batching (5
+slots: the experts answer at once) and with batch_mode off (one after another), interleaved.
+
+Build llama-server from the llama.cpp tree vendored in the pinned llama-cpp-python sdist:
+  pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36
+  cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/llama-build -DLLAMA_CURL=OFF
+  cmake --build /tmp/llama-build --target llama-server -j
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from hublabio.board import detect_board
+from hublabio.paths import embedded_model_path
+
+STREAM = True
+PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
+          "bottle. Describe the sea, the weather and every room of the lighthouse.\n\nStory:")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become healthy")
+
+
+@contextmanager
+def hublabd(model: Path, n: int, threads: int, tokens: int):
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models"
+        models.mkdir()
+        (models / "model-config.toml").write_text(
+            f'[model]\nname = "bench"\npath = "{model}"\n[inference]\nmax_tokens = {tokens}\n'
+            f"context_size = 512\nparallel = {n}\n")
+        port = free_port()
+        env = {**os.environ, "HUBLAB_STATE_DIR": str(Path(tmp) / "state")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hublabio.daemon.main", "--models-dir", str(models),
+             "--socket", str(Path(tmp) / "d.sock"), "--http", f"127.0.0.1:{port}",
+             "--threads", str(threads), "--threads-batch", str(threads),
+             "--queue-size", "16", "--log-level", "WARNING"], env=env)
+        try:
+            wait_health(f"http://127.0.0.1:{port}", proc)
+            yield f"http://127.0.0.1:{port}", "bench"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+@contextmanager
+def llama_server(binary: str, model: Path, n: int, threads: int):
+    port = free_port()
+    amx = "amx" in Path("/proc/cpuinfo").read_text()
+    cmd = [binary, "-m", str(model), "-np", str(n), "-c", str(512 * n), "-t", str(threads),
+           "-tb", str(threads), "--port", str(port), "--host", "127.0.0.1", "--log-disable"]
+    if amx:
+        cmd.append("--no-repack")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_health(f"http://127.0.0.1:{port}", proc)
+        yield f"http://127.0.0.1:{port}", "bench"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def one_request(base: str, model: str, tokens: int, out: list, i: int) -> None:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+            "repeat_penalty": 1.0, "stream": STREAM, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, n = None, 0
+    if not STREAM:
+        body.pop("stream_options")
+        r = httpx.post(base + "/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        out[i] = (time.perf_counter() - t0, r.json()["usage"]["completion_tokens"],
+                  time.perf_counter())
+        return
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    out[i] = (ttft, n, time.perf_counter())
+
+
+def clients(base: str, model: str, n: int, tokens: int) -> tuple[float, list[float], int]:
+    one_request(base, model, 4, [None], 0)  # warm-up: the model loaded, the threads started
+    out: list = [None] * n
+    threads = [threading.Thread(target=one_request, args=(base, model, tokens, out, i))
+               for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(o[2] for o in out) - t0
+    return sum(o[1] for o in out) / wall, [o[0] for o in out], sum(o[1] for o in out)
+
+
+def moe_part(threads: int, tokens: int, rounds: int) -> None:
+    import tomllib
+
+    import tomli_w
+
+    from hublabio.config import load_experts
+    from hublabio.moe import MoE, MoESettings
+    from hublabio.pool import LoadSettings, ModelPool
+    from hublabio.router import KeywordRouter
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "experts"
+    question = "How do I read a CSV file with pandas in Python and plot it on Linux?"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "experts"
+        folder.mkdir()
+        for f in shipped.glob("*.toml"):
+            data = tomllib.loads(f.read_text())
+            data["inference"].update(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0,
+                                     context_size=512, threads=threads, threads_batch=threads)
+            (folder / f.name).write_text(tomli_w.dumps(data))
+        experts, errors = load_experts(Path(tmp))
+        assert not errors, errors
+        walls: dict[tuple[str, str], list[float]] = {}
+        pools = {mode: ModelPool(4096, load=LoadSettings(threads=threads, parallel=5,
+                                                         batch_mode=mode))
+                 for mode in ("continuous", "off")}
+        try:
+            for r in range(rounds + 1):  # round 0 warms both pools up
+                for mode in (("continuous", "off") if r % 2 else ("off", "continuous")):
+                    for routing, k in (("single", 1), ("topk", 2), ("all", 5)):
+                        moe = MoE(pools[mode], experts, KeywordRouter(experts),
+                                  MoESettings(routing=routing, k=max(k, 1), synthesis="best"))
+                        t0 = time.perf_counter()
+                        gen = moe.query(question)
+                        try:
+                            while True:
+                                next(gen)
+                        except StopIteration:
+                            pass
+                        if r:
+                            walls.setdefault((mode, routing), []).append(time.perf_counter() - t0)
+        finally:
+            for pool in pools.values():
+                pool.close()
+    print(f"MoE-R wall time, {tokens} tokens per expert, threads {threads}, median of {rounds}")
+    print("| routing | experts | batching on s | x Single | batching off s | x Single |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    med = {key: statistics.median(v) for key, v in walls.items()}
+    for routing, k in (("single", 1), ("topk", 2), ("all", 5)):
+        on, off = med[("continuous", routing)], med[("off", routing)]
+        print(f"| {routing} | {k} | {on:.2f} | {on / med[('continuous', 'single')]:.2f} | "
+              f"{off:.2f} | {off / med[('off', 'single')]:.2f} |")
+
+
+def raw_part(model: Path, threads: int) -> None:
+    from hublabio.llama import Context, Model
+
+    m = Model(model)
+    ctx = Context(m, n_ctx=512 * 8, n_batch=512, n_seq_max=8, threads=threads)
+    lens = [37, 41, 52, 60, 33, 45, 49, 56]
+    for seq, n in enumerate(lens):
+        ctx.decode(list(range(10, 10 + n)), 0, seq=seq)
+    print(f"bare batched decode, threads {threads}, 30 steps each")
+    print("| sequences | ms per decode | tok/s |")
+    print("| ---: | ---: | ---: |")
+    for n in (1, 2, 4, 8):
+        t0 = time.perf_counter()
+        for k in range(30):
+            ctx.decode_many([([100 + k], lens[s] + k, s, None) for s in range(n)])
+            ctx.settle_outputs()
+        dt = (time.perf_counter() - t0) / 30
+        print(f"| {n} | {dt * 1e3:.1f} | {n / dt:.0f} |")
+        for seq in range(8):
+            ctx.keep_prefix(lens[seq], seq=seq)
+    ctx.close()
+    m.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER",
+                                                             "/tmp/llama-build/bin/llama-server"))
+    ap.add_argument("--model", type=Path, default=embedded_model_path())
+    ap.add_argument("--threads", type=int, default=0, help="0 = the board's default")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--moe", action="store_true", help="MoE-R Single / TopK(2) / All instead")
+    ap.add_argument("--raw", action="store_true", help="bare batched decodes instead")
+    args = ap.parse_args()
+    threads = args.threads or detect_board().threads
+    if args.moe:
+        moe_part(threads, args.tokens, args.rounds)
+        return 0
+    if args.raw:
+        raw_part(args.model, threads)
+        return 0
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads "
+          f"{threads}, {args.model.name}, {args.tokens} tokens per client")
+    servers = {"hublabd": lambda n: hublabd(args.model, n, threads, args.tokens),
+               "llama-server": lambda n: llama_server(args.llama_server, args.model, n, threads)}
+    print("| clients | server | total tok/s (per round) | TTFT p50 ms | TTFT p90 ms |")
+    print("| ---: | --- | --- | ---: | ---: |")
+    for n in [int(x) for x in args.clients.split(",")]:
+        tps: dict[str, list[float]] = {k: [] for k in servers}
+        ttft: dict[str, list[float]] = {k: [] for k in servers}
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                with servers[name](n) as (base, model):
+                    rate, firsts, total = clients(base, model, n, args.tokens)
+                    if total != n * args.tokens:
+                        print(f"  ({name}: {total} tokens, not {n * args.tokens}: an answer "
+                              "ended early)", flush=True)
+                tps[name].append(rate)
+                ttft[name].extend(firsts)
+        for name in servers:
+            rates = " / ".join(f"{x:.1f}" for x in tps[name])
+            print(f"| {n} | {name} | **{statistics.median(tps[name]):.1f}** ({rates}) | "
+                  f"{pct(ttft[name], 0.5) * 1e3:.0f} | {pct(ttft[name], 0.9) * 1e3:.0f} |",
+                  flush=True)
+        ratio = statistics.median(tps["hublabd"]) / statistics.median(tps["llama-server"])
+        print(f"|  | hublabd / llama-server | {ratio:.2f} |  |  |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
