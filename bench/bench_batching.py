@@ -85,17 +85,12 @@ def hublabd(model: Path, n: int, threads: int, tokens: int):
             f"context_size = 512\nparallel = {n}\n")
         port = free_port()
         env = {**os.environ, "HUBLAB_STATE_DIR": str(Path(tmp) / "state")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hublabio.daemon.main", "--models-dir", str(models),
-             "--socket", str(Path(tmp) / "d.sock"), "--http", f"127.0.0.1:{port}",
-             "--threads", str(threads), "--threads-batch", str(threads),
-             "--queue-size", "16", "--log-level", "WARNING"], env=env)
-        try:
-            wait_health(f"http://127.0.0.1:{port}", proc)
-            yield f"http://127.0.0.1:{port}", "bench"
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        with serving(port, [sys.executable, "-m", "hublabio.daemon.main", "--models-dir",
+                            str(models), "--socket", str(Path(tmp) / "d.sock"), "--http",
+                            f"127.0.0.1:{port}", "--threads", str(threads), "--threads-batch",
+                            str(threads), "--queue-size", "16", "--log-level", "WARNING"],
+                     env=env) as served:
+            yield served
 
 
 @contextmanager
@@ -106,7 +101,14 @@ def llama_server(binary: str, model: Path, n: int, threads: int):
            "-tb", str(threads), "--port", str(port), "--host", "127.0.0.1", "--log-disable"]
     if amx:
         cmd.append("--no-repack")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with serving(port, cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as served:
+        yield served
+
+
+@contextmanager
+def serving(port: int, cmd: list[str], **popen):
+    """Run a server until the block ends; yields (base URL, model name) once it is healthy."""
+    proc = subprocess.Popen(cmd, **popen)
     try:
         wait_health(f"http://127.0.0.1:{port}", proc)
         yield f"http://127.0.0.1:{port}", "bench"
