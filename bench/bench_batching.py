@@ -156,7 +156,12 @@ def clients(base: str, model: str, n: int, tokens: int) -> tuple[float, list[flo
     return sum(o[1] for o in out) / wall, [o[0] for o in out], sum(o[1] for o in out)
 
 
-def moe_part(threads: int, tokens: int, rounds: int) -> None:
+ROUTINGS = (("single", 1), ("topk", 2), ("all", 5))
+
+
+def moe_child(mode: str, threads: int, tokens: int, round_no: int) -> None:
+    """One process, one batch mode: a warm-up query, then Single, TopK(2) and All once each
+    on a question of this round's own (no prompt cache from another round); prints JSON."""
     import tomllib
 
     import tomli_w
@@ -167,7 +172,9 @@ def moe_part(threads: int, tokens: int, rounds: int) -> None:
     from hublabio.router import KeywordRouter
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "experts"
-    question = "How do I read a CSV file with pandas in Python and plot it on Linux?"
+    question = (f"Question {round_no}: how do I read a CSV file with pandas in Python and plot "
+                "it on Linux?")
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "experts"
         folder.mkdir()
@@ -178,36 +185,49 @@ def moe_part(threads: int, tokens: int, rounds: int) -> None:
             (folder / f.name).write_text(tomli_w.dumps(data))
         experts, errors = load_experts(Path(tmp))
         assert not errors, errors
-        walls: dict[tuple[str, str], list[float]] = {}
-        pools = {mode: ModelPool(4096, load=LoadSettings(threads=threads, parallel=5,
-                                                         batch_mode=mode))
-                 for mode in ("continuous", "off")}
+        pool = ModelPool(4096, load=LoadSettings(threads=threads, parallel=5, batch_mode=mode))
         try:
-            for r in range(rounds + 1):  # round 0 warms both pools up
-                for mode in (("continuous", "off") if r % 2 else ("off", "continuous")):
-                    for routing, k in (("single", 1), ("topk", 2), ("all", 5)):
-                        moe = MoE(pools[mode], experts, KeywordRouter(experts),
-                                  MoESettings(routing=routing, k=max(k, 1), synthesis="best"))
-                        t0 = time.perf_counter()
-                        gen = moe.query(question)
-                        try:
-                            while True:
-                                next(gen)
-                        except StopIteration:
-                            pass
-                        if r:
-                            walls.setdefault((mode, routing), []).append(time.perf_counter() - t0)
+            for label, (routing, k) in [("warm-up", ROUTINGS[2]), *((r, (r, k)) for r, k in ROUTINGS)]:
+                moe = MoE(pool, experts, KeywordRouter(experts),
+                          MoESettings(routing=routing, k=k, synthesis="best"))
+                t0 = time.perf_counter()
+                gen = moe.query(question if label != "warm-up" else "Hello there.")
+                try:
+                    while True:
+                        next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                out[label] = (time.perf_counter() - t0,
+                              [st.completion_tokens for _, st in result["generations"]])
         finally:
-            for pool in pools.values():
-                pool.close()
+            pool.close()
+    print(json.dumps(out))
+
+
+def moe_part(threads: int, tokens: int, rounds: int) -> None:
+    """Batching on and off, each in processes of its own (two engines of one model in one
+    process would decode on two threads, and two OpenMP teams slow both), interleaved."""
+    walls: dict[tuple[str, str], list[float]] = {}
+    tokens_of: dict[str, list[int]] = {}
+    for r in range(rounds):
+        for mode in (("continuous", "off") if r % 2 == 0 else ("off", "continuous")):
+            run = subprocess.run([sys.executable, __file__, "--moe-child", mode, "--threads",
+                                  str(threads), "--tokens", str(tokens), "--rounds", str(r)],
+                                 capture_output=True, text=True, check=True)
+            data = json.loads(run.stdout.strip().splitlines()[-1])
+            for routing, _ in ROUTINGS:
+                walls.setdefault((mode, routing), []).append(data[routing][0])
+                tokens_of[routing] = data[routing][1]
     print(f"MoE-R wall time, {tokens} tokens per expert, threads {threads}, median of {rounds}")
-    print("| routing | experts | batching on s | x Single | batching off s | x Single |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| routing | experts | tokens per expert | batching on s | x Single | batching off s "
+          "| x Single |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     med = {key: statistics.median(v) for key, v in walls.items()}
-    for routing, k in (("single", 1), ("topk", 2), ("all", 5)):
+    for routing, k in ROUTINGS:
         on, off = med[("continuous", routing)], med[("off", routing)]
-        print(f"| {routing} | {k} | {on:.2f} | {on / med[('continuous', 'single')]:.2f} | "
-              f"{off:.2f} | {off / med[('off', 'single')]:.2f} |")
+        print(f"| {routing} | {k} | {' '.join(map(str, tokens_of[routing]))} | {on:.2f} | "
+              f"{on / med[('continuous', 'single')]:.2f} | {off:.2f} | "
+              f"{off / med[('off', 'single')]:.2f} |")
 
 
 def raw_part(model: Path, threads: int) -> None:
@@ -251,8 +271,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--moe", action="store_true", help="MoE-R Single / TopK(2) / All instead")
     ap.add_argument("--raw", action="store_true", help="bare batched decodes instead")
+    ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
+    if args.moe_child:
+        moe_child(args.moe_child, threads, args.tokens, args.rounds)
+        return 0
     if args.moe:
         moe_part(threads, args.tokens, args.rounds)
         return 0

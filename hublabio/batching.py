@@ -208,6 +208,9 @@ class Decoder:
         if group[0].embeddings != state.embeddings_on:
             ctx.set_embeddings(group[0].embeddings)
             state.embeddings_on = group[0].embeddings
+        # in sequence order: llama.cpp splits a batch whose sequences come out of order into
+        # several micro-batches (4 steps shuffled: 38 ms a decode instead of 24, BENCHMARKS.md)
+        group = sorted(group, key=lambda sub: sub.slot)
         parts = [(sub.tokens, sub.pos, sub.slot, sub.outputs_from) for sub in group]
         rows = ctx.decode_many(parts)
         ctx.settle_outputs()  # llama.cpp reorders rows on first read: do it before the slots
