@@ -16,6 +16,12 @@ hublabd runs at its defaults (repack "auto" of hublabio.llama.cpu); llama-server
   python bench/bench_batching.py --moe [--threads N] [--tokens 64] [--rounds 3]
 
   python bench/bench_batching.py --raw [--threads N]
+  python bench/bench_batching.py --switch [--threads N] [--rounds 10]
+
+--switch: time to first token of an expert (LoRA adapter A) asked again right after itself
+(a cache hit) and right after another expert (adapter B) on the same engine (2 slots: each
+expert keeps its prefix in its own slot), interleaved; the adapters are random LoRA GGUFs of
+the test fixture's shape (tests/integration/lora_fixture.py).
 
 --raw: the floor under both servers: one llama_decode of N sequences' next tokens (N = 1, 2, 4,
 8, in a bare loop on hublabio.llama's Context, no server, no Python between decodes).
@@ -230,6 +236,46 @@ def moe_part(threads: int, tokens: int, rounds: int) -> None:
               f"{off / med[('off', 'single')]:.2f} |")
 
 
+def switch_part(model: Path, threads: int, rounds: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from lora_fixture import make_lora_adapter
+
+    from hublabio.engine import Engine, SamplingOptions
+
+    opts = SamplingOptions(temperature=0, max_tokens=1, repeat_penalty=1.0)
+    prompt = [{"role": "system", "content": "You are a careful assistant. " * 20},
+              {"role": "user", "content": "Explain what a context window is."}]
+    tmp = tempfile.TemporaryDirectory()
+    a = make_lora_adapter(model, Path(tmp.name) / "a.gguf", seed=1)
+    b = make_lora_adapter(model, Path(tmp.name) / "b.gguf", seed=2)
+    with Engine(model, n_ctx=512, threads=threads, parallel=2) as e:
+        for path in (a, b):
+            e.complete(prompt, opts, adapter=path)  # each expert's prefix in its slot
+        hit, back, cold = [], [], []
+        for _ in range(rounds):
+            st = e.complete(prompt, opts, adapter=a)[2]  # after itself: a cache hit
+            hit.append(st.ttft_s)
+            e.complete(prompt, opts, adapter=b)           # the other expert
+            st = e.complete(prompt, opts, adapter=a)[2]  # switched back
+            back.append(st.ttft_s)
+            assert st.cached_tokens == st.prompt_tokens - 1, st
+        n = st.prompt_tokens
+    with Engine(model, n_ctx=512, threads=threads) as one:  # one slot: every switch recomputes
+        one.load_adapter(a)
+        one.load_adapter(b)
+        for _ in range(rounds):
+            one.complete(prompt, opts, adapter=b)
+            cold.append(one.complete(prompt, opts, adapter=a)[2].ttft_s)
+    tmp.cleanup()
+    print(f"first token of expert A, {n}-token prompt, threads {threads}, median of {rounds}")
+    print("| case | TTFT ms |")
+    print("| --- | ---: |")
+    print(f"| A after A (cache hit) | {statistics.median(hit) * 1e3:.1f} |")
+    print(f"| A after B, 2 slots (A's prefix kept) | {statistics.median(back) * 1e3:.1f} |")
+    print(f"| A after B, 1 slot (prompt evaluated again) | {statistics.median(cold) * 1e3:.1f} |")
+    print(f"switch back / cache hit: {statistics.median(back) / statistics.median(hit):.2f}")
+
+
 def raw_part(model: Path, threads: int) -> None:
     from hublabio.llama import Context, Model
 
@@ -271,6 +317,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--moe", action="store_true", help="MoE-R Single / TopK(2) / All instead")
     ap.add_argument("--raw", action="store_true", help="bare batched decodes instead")
+    ap.add_argument("--switch", action="store_true", help="switch-back TTFT instead")
     ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
@@ -282,6 +329,9 @@ def main() -> int:
         return 0
     if args.raw:
         raw_part(args.model, threads)
+        return 0
+    if args.switch:
+        switch_part(args.model, threads, max(args.rounds, 10))
         return 0
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads "
           f"{threads}, {args.model.name}, {args.tokens} tokens per client")

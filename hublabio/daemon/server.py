@@ -186,7 +186,7 @@ class Dispatcher:
             if self.running >= self._turns.capacity() and self.waiting >= self.queue_size:
                 with self.service._lock:
                     self.service.stats.busy += 1
-                exc = BusyError(f"daemon busy: {self.running} request running and {self.waiting} "
+                exc = BusyError(f"daemon busy: {self.running} running and {self.waiting} "
                                 f"waiting (queue_size={self.queue_size}); try again shortly")
                 await safe_send(protocol.error_event(exc, job.id))
                 return

@@ -140,3 +140,31 @@ def test_the_daemon_serves_clients_at_once(smollm2_path, tmp_path):
         with Client(d.socket_path, timeout=30) as c:
             info = c.call("info")
         assert info.get("parallel") == 4 and info.get("batch_mode") == "continuous"
+
+
+def test_the_busy_queue_counts_every_running_slot(smollm2_path, tmp_path):
+    """parallel 2, queue_size 1: two generate at once, one waits, the next is busy at once."""
+    from hublabio.config import update_settings
+    from hublabio.errors import BusyError
+
+    from .test_daemon import wait_for
+
+    update_settings("inference", "parallel", 2)
+    models = tmp_path / "models"
+    write_model_config(models, smollm2_path, max_tokens=400)
+    with make_daemon(models, queue_size=1) as d, Client(d.socket_path, timeout=120) as a, \
+            Client(d.socket_path, timeout=120) as b, Client(d.socket_path, timeout=120) as c, \
+            Client(d.socket_path, timeout=120) as e:
+        first = a.stream("generate", prompt="A long story:")
+        second = b.stream("generate", prompt="Another long story:")
+        assert next(ev for ev in first if ev["type"] == "token")
+        assert next(ev for ev in second if ev["type"] == "token")  # both run at once
+        waiting = c.stream("generate", prompt="Hi", options={"max_tokens": 2})
+        wait_for(lambda: d.server.dispatcher.waiting == 1)
+        with pytest.raises(BusyError, match="queue_size=1"):
+            e.call("generate", prompt="Hi", options={"max_tokens": 2})
+        first.cancel()
+        assert list(first)[-1]["data"]["finish_reason"] == "cancelled"
+        assert list(waiting)[-1]["data"]["completion_tokens"] >= 1  # took the freed slot
+        second.cancel()
+        assert list(second)[-1]["data"]["finish_reason"] == "cancelled"
