@@ -183,8 +183,11 @@ class ModelPool:
             self._unload_key(victim)
         t0 = time.perf_counter()
         kwargs = {}
-        if load.batch_mode == "continuous" and self.engine_factory is _default_factory:
-            from hublabio.batching import shared_decoder  # every decode on its one thread
+        # The daemon's batch mode, not this model's: with continuous batching queued ops run on
+        # several threads, so even a one-slot (batch_mode off) model decodes on the decoder's
+        # one thread — two threads decoding would each keep an OpenMP team, and both slow down
+        if self.load.batch_mode == "continuous" and self.engine_factory is _default_factory:
+            from hublabio.batching import shared_decoder
 
             kwargs = {"parallel": load.parallel, "decoder": shared_decoder()}
         elif load.parallel > 1:

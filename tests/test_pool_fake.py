@@ -225,3 +225,20 @@ def test_config_reset_op_moves_a_damaged_file_aside(tmp_path, smollm2_path):
     data = svc.call("config.reset")
     assert data["reset"] and Path(data["kept_as"]).read_text() == "garbage = ["
     assert svc.call("config.set", key="temperature", value="0.2")["value"] == 0.2
+
+
+def test_fewer_slots_load_where_the_asked_ones_do_not_fit(tmp_path, smollm2_path):
+    """Every slot has its own KV cache, which the estimate counts: a budget that fits two slots
+    of this model, not four, loads it with two (no refusal), and asking again reloads nothing."""
+    info = read_gguf_info(smollm2_path)
+    two, four = (estimate_memory(info, 256, parallel=n).total_mb for n in (2, 4))
+    assert four - two == pytest.approx(2 * estimate_memory(info, 256).kv_mb, rel=0.05)
+    pool = ModelPool((two + four) / 2, load=LoadSettings(parallel=4), engine_factory=FakeEngine)
+    cfg = _cfg(tmp_path, "smol", smollm2_path)
+    res = pool.ensure_loaded(cfg)
+    assert (res.parallel, res.parallel_asked) == (2, 4)
+    assert FakeEngine.made[0].kwargs["parallel"] == 2
+    assert pool.ensure_loaded(cfg) is res and len(FakeEngine.made) == 1
+    with pytest.raises(BudgetError):  # not even one slot fits: the refusal names the numbers
+        ModelPool(estimate_memory(info, 256).total_mb - 1, load=LoadSettings(parallel=4),
+                  engine_factory=FakeEngine).ensure_loaded(cfg)

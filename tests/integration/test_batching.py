@@ -168,3 +168,29 @@ def test_the_busy_queue_counts_every_running_slot(smollm2_path, tmp_path):
         assert list(waiting)[-1]["data"]["completion_tokens"] >= 1  # took the freed slot
         second.cancel()
         assert list(second)[-1]["data"]["finish_reason"] == "cancelled"
+
+
+def test_a_one_slot_model_beside_batched_ones_decodes_on_the_decoder_thread(smollm2_path,
+                                                                            tmp_path):
+    """batch_mode off in a model's TOML gives it one slot, but its decodes still go to the one
+    decoder thread: the daemon runs queued ops on several threads, and a second decoding thread
+    would keep a second OpenMP team (docs/BENCHMARKS.md)."""
+    from hublabio.config import load_model_config
+    from hublabio.pool import LoadSettings, ModelPool
+
+    models = tmp_path / "models"
+    write_model_config(models, smollm2_path)
+    text = (models / "model-config.toml").read_text()
+    (models / "model-config.toml").write_text(text.replace("[inference]\n",
+                                                           '[inference]\nbatch_mode = "off"\n'))
+    cfg = load_model_config(models / "model-config.toml")
+    for daemon_mode, via_decoder in (("continuous", True), ("off", False)):
+        pool = ModelPool(2048, load=LoadSettings(threads=1, parallel=4, batch_mode=daemon_mode))
+        try:
+            res = pool.ensure_loaded(cfg)
+            assert res.parallel == 1
+            assert (res.engine._decoder is not None) == via_decoder
+            with pool.acquire(cfg) as engine:
+                assert engine.complete("Hi", GREEDY)[0]
+        finally:
+            pool.close()
