@@ -10,9 +10,10 @@
 LoRA adapters are loaded once per model and switched per request on the live context; a prefix
 computed under one adapter set is never reused under another. An engine loaded with
 `parallel = N` serves N generations at once, one per slot (a sequence of the context with its
-own KV cache and cached prefix); their decodes are batched by hublabio.batching. With N = 1
-(the default) it decodes in the calling thread and serves one generation at a time (the pool's
-lease enforces both). Remote models (hublabio.remote) implement the same `generate()`
+own KV cache and cached prefix); their decodes are batched by hublabio.batching's decoder
+thread. With N = 1 it serves one generation at a time, decoding in the calling thread unless
+it was given the decoder (the pool gives it under a batching daemon). The pool's lease
+enforces both. Remote models (hublabio.remote) implement the same `generate()`
 interface.
 """
 
