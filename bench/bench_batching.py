@@ -13,7 +13,7 @@ hublabd runs at its defaults (repack "auto" of hublabio.llama.cpu); llama-server
 
   python bench/bench_batching.py --llama-server /tmp/llama-build/bin/llama-server \\
       [--threads N] [--tokens 64] [--clients 1,2,4,8] [--rounds 2]
-  python bench/bench_batching.py --moe [--threads N] [--tokens 64] [--rounds 3]
+  python bench/bench_batching.py --moe [--adapters] [--threads N] [--tokens 64] [--rounds 3]
 
   python bench/bench_batching.py --raw [--threads N]
   python bench/bench_batching.py --switch [--threads N] [--rounds 10]
@@ -165,9 +165,10 @@ def clients(base: str, model: str, n: int, tokens: int) -> tuple[float, list[flo
 ROUTINGS = (("single", 1), ("topk", 2), ("all", 5))
 
 
-def moe_child(mode: str, threads: int, tokens: int, round_no: int) -> None:
+def moe_child(mode: str, threads: int, tokens: int, round_no: int, adapters: bool) -> None:
     """One process, one batch mode: a warm-up query, then Single, TopK(2) and All once each
-    on a question of this round's own (no prompt cache from another round); prints JSON."""
+    on a question of this round's own (no prompt cache from another round); prints JSON.
+    `adapters`: the four domain experts get a random LoRA adapter each (the test fixture's)."""
     import tomllib
 
     import tomli_w
@@ -184,10 +185,17 @@ def moe_child(mode: str, threads: int, tokens: int, round_no: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "experts"
         folder.mkdir()
-        for f in shipped.glob("*.toml"):
+        for i, f in enumerate(sorted(shipped.glob("*.toml"))):
             data = tomllib.loads(f.read_text())
             data["inference"].update(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0,
                                      context_size=512, threads=threads, threads_batch=threads)
+            if adapters and f.stem != "general":
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" /
+                                       "integration"))
+                from lora_fixture import make_lora_adapter
+
+                make_lora_adapter(embedded_model_path(), folder / f"{f.stem}.lora.gguf", seed=i)
+                data["model"]["adapter"] = f"{f.stem}.lora.gguf"
             (folder / f.name).write_text(tomli_w.dumps(data))
         experts, errors = load_experts(Path(tmp))
         assert not errors, errors
@@ -210,7 +218,7 @@ def moe_child(mode: str, threads: int, tokens: int, round_no: int) -> None:
     print(json.dumps(out))
 
 
-def moe_part(threads: int, tokens: int, rounds: int) -> None:
+def moe_part(threads: int, tokens: int, rounds: int, adapters: bool) -> None:
     """Batching on and off, each in processes of its own (two engines of one model in one
     process would decode on two threads, and two OpenMP teams slow both), interleaved."""
     walls: dict[tuple[str, str], list[float]] = {}
@@ -218,13 +226,16 @@ def moe_part(threads: int, tokens: int, rounds: int) -> None:
     for r in range(rounds):
         for mode in (("continuous", "off") if r % 2 == 0 else ("off", "continuous")):
             run = subprocess.run([sys.executable, __file__, "--moe-child", mode, "--threads",
-                                  str(threads), "--tokens", str(tokens), "--rounds", str(r)],
+                                  str(threads), "--tokens", str(tokens), "--rounds", str(r)]
+                                 + (["--adapters"] if adapters else []),
                                  capture_output=True, text=True, check=True)
             data = json.loads(run.stdout.strip().splitlines()[-1])
             for routing, _ in ROUTINGS:
                 walls.setdefault((mode, routing), []).append(data[routing][0])
                 tokens_of[routing] = data[routing][1]
-    print(f"MoE-R wall time, {tokens} tokens per expert, threads {threads}, median of {rounds}")
+    kind = "four with random LoRA adapters" if adapters else "prompt-only"
+    print(f"MoE-R wall time, experts {kind}, {tokens} tokens per expert, threads {threads}, "
+          f"median of {rounds}")
     print("| routing | experts | tokens per expert | batching on s | x Single | batching off s "
           "| x Single |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -318,14 +329,16 @@ def main() -> int:
     ap.add_argument("--moe", action="store_true", help="MoE-R Single / TopK(2) / All instead")
     ap.add_argument("--raw", action="store_true", help="bare batched decodes instead")
     ap.add_argument("--switch", action="store_true", help="switch-back TTFT instead")
+    ap.add_argument("--adapters", action="store_true",
+                    help="--moe: the domain experts get LoRA adapters")
     ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
     if args.moe_child:
-        moe_child(args.moe_child, threads, args.tokens, args.rounds)
+        moe_child(args.moe_child, threads, args.tokens, args.rounds, args.adapters)
         return 0
     if args.moe:
-        moe_part(threads, args.tokens, args.rounds)
+        moe_part(threads, args.tokens, args.rounds, args.adapters)
         return 0
     if args.raw:
         raw_part(args.model, threads)

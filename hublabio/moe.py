@@ -338,15 +338,21 @@ class MoE:
 
     def batches_together(self, configs: Sequence[ModelConfig]) -> bool:
         """Can these experts generate at once? When all are local over one base GGUF that the
-        pool loads with continuous batching: their decodes then share steps (hublabio.batching;
-        experts with different adapters alternate step by step). Experts on different models
-        run one after another, so that a small budget can evict one for the next."""
+        pool loads with continuous batching, under the same adapter set (prompt-only experts,
+        or one shared adapter): their decodes then share steps (hublabio.batching). Experts
+        with different LoRA adapters cannot share a decode (llama.cpp applies adapters per
+        context) and alternating them step by step was slower than one after another (an
+        adapter switch every step: docs/BENCHMARKS.md), so they run one after another, as do
+        experts on different models (a small budget can then evict one for the next)."""
         load = getattr(self.pool, "load", None)
         if len(configs) < 2 or load is None or getattr(load, "batch_mode", "off") != "continuous":
             return False
         if any(c.type != "gguf" or c.path is None for c in configs):
             return False
         if len({Path(c.path).resolve() for c in configs}) != 1:
+            return False
+        if len({(c.adapter and Path(c.adapter).resolve(), c.adapter_scale)
+                for c in configs}) != 1:
             return False
         return load.for_model(configs[0].inference).parallel >= 2
 

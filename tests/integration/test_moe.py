@@ -162,6 +162,23 @@ def test_experts_over_one_batching_base_answer_at_once_with_the_same_text(tmp_pa
     assert answers[5] == answers[1] and len(answers[1]) == 5
 
 
+def test_experts_with_different_adapters_run_one_after_another(tmp_path, smollm2_path):
+    """They cannot share a decode (adapters apply per context) and alternating them cost more
+    than running them in turn (docs/BENCHMARKS.md): only one adapter set batches together."""
+    from hublabio.pool import LoadSettings
+
+    experts = {c.expert.domain: c for c in load(write_experts(
+        tmp_path / "models", smollm2_path, adapters={"python": 1, "rust": 2}))}
+    moe = MoE(ModelPool(2048, load=LoadSettings(parallel=5)), list(experts.values()),
+              KeywordRouter(list(experts.values())), MoESettings())
+    assert not moe.batches_together([experts["python"], experts["rust"]])
+    assert not moe.batches_together([experts["python"], experts["general"]])
+    assert moe.batches_together([experts["system"], experts["general"]])  # no adapter: one set
+    off = MoE(ModelPool(2048, load=LoadSettings(parallel=5, batch_mode="off")),
+              list(experts.values()), KeywordRouter(list(experts.values())), MoESettings())
+    assert not off.batches_together([experts["system"], experts["general"]])
+
+
 def test_best_weighted_and_voting_on_real_answers(all_answers):
     answers = answers_of(all_answers[1])
     best = synth.collect(synth.best(MIXED, answers))
