@@ -57,7 +57,7 @@ def test_concurrent_generations_share_decodes_and_give_the_same_greedy_text(
             assert [g[0] for g in got] == alone
         assert all(g[2].cached_tokens > 0 for g in got)
     tokens = sum(len(g[1]) for g in got)
-    assert decoder.batched / decoder.batches > 1.5, "the generations were not batched"
+    assert decoder.batched / decoder.batches > 1.2, "the generations were not batched"  # 1 = never
     assert decoder.batches < 2 * tokens
 
 

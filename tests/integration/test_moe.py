@@ -155,7 +155,7 @@ def test_experts_over_one_batching_base_answer_at_once_with_the_same_text(tmp_pa
             together = "[Experts] 5 answer at once (one batched base model)" in infos(events)
             assert together == (parallel == 5)
             if parallel == 5:
-                assert decoder.batched - before[0] > 2 * (decoder.batches - before[1]), \
+                assert decoder.batched - before[0] > 1.3 * (decoder.batches - before[1]), \
                     "the experts' steps were not batched"
         finally:
             pool.close()
