@@ -16,8 +16,9 @@ for the other generating slots to submit before it decodes without them.
 
 LoRA adapters apply per context, not per sequence: submissions under another adapter set wait
 for the next batch, which takes the oldest waiting submission's set, so two experts with
-different adapters alternate step by step. Their prefixes stay in their own slots, so a switch
-back costs no prompt evaluation (docs/BENCHMARKS.md measures both).
+different adapters alternate step by step (MoE-R has such experts take turns instead:
+moe.MoE.batches_together). Their prefixes stay in their own slots, so a switch back costs no
+prompt evaluation (docs/BENCHMARKS.md measures both).
 
 One Decoder (one calling thread) serves every engine: llama.cpp's OpenMP build keeps a team of
 worker threads per calling thread, and teams of several threads compete for the cores.
@@ -30,6 +31,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from hublabio.llama.handles import adapter_key
 
 GATHER_S = 0.004  # how long a pending step waits for the other generating slots to submit
 
@@ -52,7 +55,7 @@ class Submission:
 
     @property
     def key(self) -> tuple:
-        return tuple((a.path, s) for a, s in self.adapters), self.embeddings
+        return adapter_key(self.adapters), self.embeddings
 
 
 @dataclass(eq=False)
@@ -117,10 +120,6 @@ class Decoder:
             self._cond.notify()
 
     # ---- the slots' side ---------------------------------------------------------------------
-    def begin(self, state: BatchState, slot: int) -> None:
-        with self._cond:
-            state.active.add(slot)
-
     def end(self, state: BatchState, slot: int) -> None:
         with self._cond:
             state.active.discard(slot)

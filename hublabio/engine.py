@@ -35,6 +35,7 @@ from hublabio import params
 from hublabio.errors import Cancelled, ContextOverflow, HublabError, ProtocolError
 from hublabio.llama import Context, Model, SamplerChain, owned
 from hublabio.llama.chat import ChatTemplate
+from hublabio.llama.handles import adapter_key
 from hublabio.params import schema_dataclass
 from hublabio.textstream import Piece, TextStream, TokenInfo
 
@@ -106,7 +107,6 @@ class _Slot:
     seq: int
     cached: list[int] = field(default_factory=list)
     adapters: tuple = ()       # ((LoraAdapter, scale), ...) its KV was computed under
-    adapter_key: tuple = ()    # ((path, scale), ...) of those
     busy: bool = False
     last_used: float = 0.0
 
@@ -256,20 +256,19 @@ class Engine:
         is forgotten when the set changes (KV computed under another adapter is stale). With
         one slot the context switches now; with several the decoder switches per batch."""
         slot = slot or self._slots[0]
-        slot.adapters = self._adapters(path, scale)
-        key = tuple((a.path, s) for a, s in slot.adapters)
-        if key != slot.adapter_key:
+        adapters = self._adapters(path, scale)
+        if adapter_key(adapters) != adapter_key(slot.adapters):
             slot.cached = []
-            slot.adapter_key = key
+        slot.adapters = adapters
         if self._decoder is None:
             self.ctx.set_adapters(list(slot.adapters))
 
     # ---- slots -----------------------------------------------------------------------------
-    def _take_slot(self, tokens: Sequence[int], adapter_key: tuple) -> "_Slot":
+    def _take_slot(self, tokens: Sequence[int], key: tuple) -> "_Slot":
         """A free slot, preferring the longest cached prefix of `tokens` under the same adapter
         set (then the least recently used); waits while all are busy."""
         def score(sl: _Slot):
-            same = sl.adapter_key == adapter_key
+            same = adapter_key(sl.adapters) == key
             return (_common_prefix(sl.cached, tokens) if same else -1, -sl.last_used)
 
         with self._slot_cond:
@@ -413,8 +412,7 @@ class Engine:
         text = TextStream(opts.stop)
         t0 = time.perf_counter()
         t_first = None
-        slot = self._take_slot(tokens, tuple((a.path, s) for a, s in
-                                             self._adapters(adapter, adapter_scale)))
+        slot = self._take_slot(tokens, adapter_key(self._adapters(adapter, adapter_scale)))
         try:
             self._use_adapter(adapter, adapter_scale, slot)
             for step in self.steps(tokens, opts, stats, cancel, slot):

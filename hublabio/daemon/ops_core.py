@@ -21,7 +21,7 @@ from hublabio.config import (
     validate_inference_override,
 )
 from hublabio.daemon.registry import OpTable, Req
-from hublabio.daemon.service import Service, _mb
+from hublabio.daemon.service import Service, _mb, load_settings
 from hublabio.errors import GGUFError, HublabError, ModelNotFound, ProtocolError
 from hublabio.gguf_check import problems as header_problems
 
@@ -157,9 +157,8 @@ def _info(svc: Service, req: Req) -> dict:
            "quantization": None, "architecture": None, "context_size": svc.inference(cfg).context_size,
            "used_mb": round(svc.pool.used_mb(), 1), "budget_mb": svc.pool.budget_mb,
            "last_tps": svc.stats.last_tps, "resident": _resident_rows(svc)}
-    load = svc.pool.load.for_model(cfg.inference) if hasattr(svc.pool, "load") else None
-    if load is not None:  # what this model gets (the budget may allow fewer: see resident)
-        out.update(parallel=load.parallel, batch_mode=load.batch_mode)
+    load = svc.pool.load.for_model(cfg.inference)  # the budget may allow fewer: see resident
+    out.update(parallel=load.parallel, batch_mode=load.batch_mode)
     if cfg.type == "gguf" and not cfg.missing:
         try:
             info = svc.model_info(cfg.path)
@@ -187,11 +186,8 @@ def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
         note = "the model reloads with the new context on its next request"
     elif key in ("threads", "threads_batch", "parallel", "batch_mode"):
         note = "applies to models loaded from now on (ai unload to reload)"
-        if key == "parallel" and not typed:
-            typed_load = getattr(svc.board, "parallel", 1)  # 0 = the board's default
-        else:
-            typed_load = typed
-        svc.pool.load = dataclasses.replace(svc.pool.load, **{key: typed_load})
+        # the same precedence as at start: daemon flags, then ai config, then the board
+        svc.pool.load = load_settings(svc.settings, svc.board)
     return {"key": key, "value": typed, "note": note}
 
 

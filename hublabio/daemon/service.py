@@ -257,11 +257,9 @@ class Service:
         """How many queued ops (generations) may run at once: the slots a model gets under
         the current settings (`ai config parallel` / the board; 1 with batch_mode off), or
         more where a resident model was given more by its own [inference]."""
-        load = getattr(self.pool, "load", None)
-        asked = 1
-        if load is not None and getattr(load, "batch_mode", "off") == "continuous":
-            asked = max(1, getattr(load, "parallel", 1))
-        return max([asked] + [getattr(r, "parallel", 1) for r in self.pool.resident()])
+        load = self.pool.load
+        asked = max(1, load.parallel) if load.batch_mode == "continuous" else 1
+        return max([asked] + [r.parallel for r in self.pool.resident()])
 
     # ---- running ops ---------------------------------------------------------------------
     def run(self, name: str, params: dict | None = None, *, request_id: str | None = None,

@@ -181,6 +181,11 @@ class LoraAdapter(_Handle):
             self._ptr = None
 
 
+def adapter_key(adapters) -> tuple:
+    """What identifies an adapter set ((LoraAdapter, scale), ...): ((path, scale), ...)."""
+    return tuple((a.path, s) for a, s in adapters)
+
+
 class Batch(_Handle):
     """A llama_batch of up to `capacity` tokens, for one or more sequences."""
 
@@ -342,7 +347,7 @@ class Context(_Handle):
         C.llama_memory_clear(self._memory, True)
 
     def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
-        key = tuple((a.path, s) for a, s in adapters)
+        key = adapter_key(adapters)
         if key == self._adapters:
             return
         if not adapters:
