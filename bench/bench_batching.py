@@ -2,8 +2,9 @@
 
 For each client count N (default 1, 2, 4, 8) and round, both servers are started fresh as
 subprocesses on the same GGUF with the same threads, N slots and a 512-token context per slot,
-and N clients each send the same greedy streamed /v1/completions request (no repeat penalty) at once; the two
-servers alternate within each round (hublabd first in even rounds, llama-server first in odd
+and N clients each send the same greedy streamed /v1/completions request at once, with no
+repeat penalty (--server-defaults: each server's own, 1.1 for hublabd, 1.0 for llama-server);
+the two servers alternate within each round (hublabd first in even rounds, llama-server first in odd
 ones) so drift on a shared machine hits both. Reported per server and N: total decode tok/s
 (every client's completion tokens / the wall time from the first request to the last answer)
 and p50 / p90 time to first token over all clients and rounds.
@@ -57,6 +58,7 @@ from hublabio.board import detect_board
 from hublabio.paths import embedded_model_path
 
 STREAM = True
+SERVER_DEFAULTS = False  # --server-defaults: each server's own repeat penalty (hublabd 1.1)
 PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
           "bottle. Describe the sea, the weather and every room of the lighthouse.\n\nStory:")
 
@@ -125,7 +127,9 @@ def serving(port: int, cmd: list[str], **popen):
 
 def one_request(base: str, model: str, tokens: int, out: list, i: int) -> None:
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-            "repeat_penalty": 1.0, "stream": STREAM, "stream_options": {"include_usage": True}}
+            "stream": STREAM, "stream_options": {"include_usage": True}}
+    if not SERVER_DEFAULTS:
+        body["repeat_penalty"] = 1.0  # the same sampling on both sides
     t0 = time.perf_counter()
     ttft, n = None, 0
     if not STREAM:
@@ -329,11 +333,15 @@ def main() -> int:
     ap.add_argument("--moe", action="store_true", help="MoE-R Single / TopK(2) / All instead")
     ap.add_argument("--raw", action="store_true", help="bare batched decodes instead")
     ap.add_argument("--switch", action="store_true", help="switch-back TTFT instead")
+    ap.add_argument("--server-defaults", action="store_true",
+                    help="send no repeat_penalty: each server samples at its own default")
     ap.add_argument("--adapters", action="store_true",
                     help="--moe: the domain experts get LoRA adapters")
     ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
+    global SERVER_DEFAULTS
+    SERVER_DEFAULTS = args.server_defaults
     if args.moe_child:
         moe_child(args.moe_child, threads, args.tokens, args.rounds, args.adapters)
         return 0
