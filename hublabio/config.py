@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import importlib.util
 import os
+import re
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -40,9 +41,11 @@ _INFERENCE_SPEC = {p.name: p for p in params.INFERENCE if params.MODEL in p.wher
 
 _MODEL_SPEC = params.by_name((
     param("name", "name", None, "the name clients use"),
-    param("type", "choice", "gguf", "a local GGUF or a remote OpenAI-compatible server",
-          choices=("gguf", "remote")),
-    param("path", "name", None, "the GGUF (relative to this file, or pkg:<module>/<file>)"),
+    param("type", "name", "gguf", "the model's architecture as the seed writes it (llama, qwen2, "
+          "phi3, gemma, mistral, custom...), checked against the GGUF; or \"gguf\" (any local "
+          "GGUF) or \"remote\""),
+    param("path", "name", None, "the GGUF (relative to this file, or pkg:<module>/<file>; an "
+          "absolute /models/... path that does not exist is looked up in the models directory)"),
     param("adapter", "name", None, "a LoRA adapter GGUF over the base"),
     param("adapter_scale", "float", 1.0, "the adapter's weight", lo=0.0, hi=4.0, lo_open=True),
     param("url", "name", None, "remote: the server's /v1 URL"),
@@ -59,6 +62,65 @@ _EXPERT_SPEC = params.by_name((
 ))
 
 _MODEL_FILE_SECTIONS = {"model": _MODEL_SPEC, "inference": _INFERENCE_SPEC, "expert": _EXPERT_SPEC}
+
+# [model] type: the seed's deployment guide writes the architecture there (`type = "llama"`).
+# Each name maps to the GGUF `general.architecture` values it covers (Mistral 7B and SmolLM2
+# GGUFs say "llama"). "gguf" and "custom" take any local GGUF unchecked; "remote" is a server.
+# Another lowercase name must equal the GGUF's architecture exactly. Local or remote is
+# inferred when type is an architecture: `url` without `path` is remote.
+ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "llama": ("llama",), "mistral": ("llama", "mistral3"), "mixtral": ("llama",),
+    "smollm": ("llama",), "qwen": ("qwen", "qwen2", "qwen3"), "qwen2": ("qwen2",),
+    "qwen3": ("qwen3",), "phi": ("phi2", "phi3"), "phi2": ("phi2",), "phi3": ("phi3",),
+    "gemma": ("gemma", "gemma2", "gemma3"), "gemma2": ("gemma2",), "gemma3": ("gemma3",),
+    "granite": ("granite",), "olmo": ("olmo", "olmo2"), "stablelm": ("stablelm",),
+}
+UNCHECKED_TYPES = ("gguf", "custom")
+_ARCH_NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+
+
+def architecture_problem(cfg: "ModelConfig", gguf_architecture: str) -> str | None:
+    """Why `cfg`'s declared architecture ([model] type) does not match the GGUF's, or None."""
+    declared = getattr(cfg, "architecture", None)
+    if declared is None:
+        return None
+    covers = ARCHITECTURES.get(declared, (declared,))
+    if gguf_architecture in covers:
+        return None
+    return (f"{declared!r}, but {cfg.path} is a {gguf_architecture!r} model (its "
+            f"general.architecture); set type = {_type_for(gguf_architecture)!r}, or "
+            f"\"custom\" to skip this check")
+
+
+def check_architecture(cfg: "ModelConfig", gguf_architecture: str) -> None:
+    """ConfigError naming the config file and `[model] type` on a mismatch."""
+    problem = architecture_problem(cfg, gguf_architecture)
+    if problem:
+        raise ConfigError(cfg.source, "[model] type", problem)
+
+
+def _type_for(gguf_architecture: str) -> str:
+    for name, covers in ARCHITECTURES.items():
+        if covers == (gguf_architecture,):
+            return name
+    return gguf_architecture
+
+
+def _model_kind(path: Path, model: dict) -> tuple[str, str | None]:
+    """([model] type) -> ("gguf" | "remote", the declared architecture or None)."""
+    declared = model.get("type")
+    if declared == "remote":
+        return "remote", None
+    if declared in UNCHECKED_TYPES:
+        return "gguf", None
+    if declared is None:
+        return ("remote" if "url" in model and "path" not in model else "gguf"), None
+    if not _ARCH_NAME_RE.match(declared):
+        known = ", ".join([*ARCHITECTURES, *UNCHECKED_TYPES, "remote"])
+        raise ConfigError(path, "[model] type", f"expected an architecture name ({known}), "
+                          f"got {declared!r}{_suggest(declared, ARCHITECTURES)}")
+    kind = "remote" if "url" in model and "path" not in model else "gguf"
+    return kind, (declared if kind == "gguf" else None)
 
 
 def _suggest(key: str, known) -> str:
@@ -156,8 +218,9 @@ class ExpertConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    type: str  # "gguf" | "remote"
+    type: str  # "gguf" (local) | "remote"
     path: Path | None
+    architecture: str | None = None  # [model] type when it names one: checked against the GGUF
     adapter: Path | None = None
     adapter_scale: float = 1.0
     url: str | None = None
@@ -213,9 +276,11 @@ def _package_dir(module: str) -> Path | None:
     return None
 
 
-def resolve_path(text: str, base_dir: Path, *, config_path=None, key: str = "path") -> Path:
+def resolve_path(text: str, base_dir: Path, *, config_path=None, key: str = "path",
+                 models_dir: Path | None = None) -> Path:
     """A config path: `pkg:<module>/<file>` inside an installed package, `~` expanded, else
-    relative to `base_dir`. An uninstalled package gives a path that does not exist (so the
+    relative to `base_dir`; an absolute path that does not exist, under `models_dir` as the
+    seed writes it (_seed_path). An uninstalled package gives a path that does not exist (so the
     model shows as missing), never an exception; a malformed `pkg:` spec is a ConfigError."""
     if text.startswith("pkg:"):
         module, sep, rel = text[4:].partition("/")
@@ -227,10 +292,29 @@ def resolve_path(text: str, base_dir: Path, *, config_path=None, key: str = "pat
             return Path(f"<package {module} not installed>") / rel
         return pkg_dir / rel
     p = Path(text).expanduser()
-    return p if p.is_absolute() else (base_dir / p)
+    if not p.is_absolute():
+        return base_dir / p
+    if not p.exists() and models_dir is not None:
+        return seed_path(p, Path(models_dir), base_dir) or p
+    return p
 
 
-def _build_model(path: Path, data: dict, *, require_expert: bool) -> ModelConfig:
+def seed_path(p: Path, models_dir: Path, base_dir: Path) -> Path | None:
+    """The seed's guide writes paths as the device sees its SD card (`/models/x.gguf`,
+    `/models/experts/y.gguf`). When such a path does not exist here, the same file under this
+    models directory: the part after the last `models` folder, else the bare name beside the
+    config file."""
+    parts = p.parts
+    tries = []
+    if "models" in parts[:-1] and ".." not in parts:
+        last = len(parts) - 1 - parts[::-1].index("models")
+        tries.append(models_dir.joinpath(*parts[last + 1:]))
+    tries.append(base_dir / p.name)
+    return next((t for t in tries if t.exists()), None)
+
+
+def _build_model(path: Path, data: dict, *, require_expert: bool,
+                 models_dir: Path | None = None) -> ModelConfig:
     _check_sections(path, data, _MODEL_FILE_SECTIONS)
     if "model" not in data:
         raise ConfigError(path, "[model]", "missing section (every model file needs [model] "
@@ -242,16 +326,19 @@ def _build_model(path: Path, data: dict, *, require_expert: bool) -> ModelConfig
     for required in ("name",):
         if required not in model:
             raise ConfigError(path, f"[model] {required}", "missing (required)")
-    mtype = model.get("type", "gguf")
+    mtype, architecture = _model_kind(path, model)
     base = path.parent
+    root = Path(models_dir) if models_dir is not None else base
     if mtype == "gguf":
         if "path" not in model:
-            raise ConfigError(path, "[model] path", "missing (required for type = \"gguf\")")
+            raise ConfigError(path, "[model] path", "missing (required for a local model)")
         for k in ("url", "remote_model"):
             if k in model:
                 raise ConfigError(path, f"[model] {k}", "only valid with type = \"remote\"")
-        model_path = resolve_path(model["path"], base, config_path=path, key="[model] path")
-        adapter = (resolve_path(model["adapter"], base, config_path=path, key="[model] adapter")
+        model_path = resolve_path(model["path"], base, config_path=path, key="[model] path",
+                                  models_dir=root)
+        adapter = (resolve_path(model["adapter"], base, config_path=path, key="[model] adapter",
+                                models_dir=root)
                    if "adapter" in model else None)
     else:
         if "url" not in model:
@@ -261,7 +348,7 @@ def _build_model(path: Path, data: dict, *, require_expert: bool) -> ModelConfig
                               f"expected an http:// or https:// URL, got {model['url']!r}")
         for k in ("path", "adapter"):
             if k in model:
-                raise ConfigError(path, f"[model] {k}", "only valid with type = \"gguf\"")
+                raise ConfigError(path, f"[model] {k}", "only valid for a local model")
         model_path = adapter = None
 
     if inference.get("system_prompt") == "":
@@ -282,26 +369,29 @@ def _build_model(path: Path, data: dict, *, require_expert: bool) -> ModelConfig
                           "[expert] with domain and keywords)")
 
     return ModelConfig(
-        name=model["name"], type=mtype, path=model_path, adapter=adapter,
+        name=model["name"], type=mtype, architecture=architecture, path=model_path,
+        adapter=adapter,
         adapter_scale=model.get("adapter_scale", 1.0), url=model.get("url"),
         remote_model=model.get("remote_model"), pinned=model.get("pinned", False),
         inference=inf, expert=expert, source=path, path_spec=model.get("path"),
     )
 
 
-def load_model_config(path, *, require_expert: bool = False) -> ModelConfig:
-    """One model TOML file → ModelConfig, or ConfigError naming the file and key."""
+def load_model_config(path, *, require_expert: bool = False, models_dir=None) -> ModelConfig:
+    """One model TOML file → ModelConfig, or ConfigError naming the file and key. `models_dir`
+    (default: the file's folder) is where the seed's absolute `/models/...` paths are looked up."""
     path = Path(path).expanduser().absolute()
-    return _build_model(path, _read_toml(path), require_expert=require_expert)
+    return _build_model(path, _read_toml(path), require_expert=require_expert,
+                        models_dir=models_dir)
 
 
-def _load_many(files: list[Path], *, require_expert: bool):
+def _load_many(files: list[Path], *, require_expert: bool, models_dir: Path):
     configs: list[ModelConfig] = []
     errors: list[ConfigError] = []
     seen: dict[str, Path] = {}
     for f in files:
         try:
-            cfg = load_model_config(f, require_expert=require_expert)
+            cfg = load_model_config(f, require_expert=require_expert, models_dir=models_dir)
         except ConfigError as exc:
             errors.append(exc)
             continue
@@ -327,13 +417,34 @@ def load_model_dir(models_dir) -> tuple[list[ModelConfig], list[ConfigError]]:
     """Every top-level *.toml in the models dir except package.toml. A bad file is reported in
     the error list and skipped; the rest load. A repeated name is an error for the later file."""
     folder = Path(models_dir).expanduser().absolute()
-    return _load_many(_toml_files(folder, skip={"package.toml"}), require_expert=False)
+    return _load_many(_toml_files(folder, skip={"package.toml"}), require_expert=False,
+                      models_dir=folder)
 
 
 def load_experts(models_dir) -> tuple[list[ModelConfig], list[ConfigError]]:
-    """experts/*.toml; each must have an [expert] section."""
-    folder = Path(models_dir).expanduser().absolute() / "experts"
-    return _load_many(_toml_files(folder), require_expert=True)
+    """The experts, in this order (MoE keeps the first one per domain): experts/*.toml (each
+    must have an [expert] section); the seed's bare experts/*.gguf that no TOML names
+    (hublabio.bare_experts: they take the default model's [inference], and an adapter attaches
+    to that model); top-level model configs with an [expert] section (the seed's
+    model-config.toml makes the default model the general expert)."""
+    from hublabio.bare_experts import bare_experts
+
+    root = Path(models_dir).expanduser().absolute()
+    folder = root / "experts"
+    configs, errors = _load_many(_toml_files(folder), require_expert=True, models_dir=root)
+    models = load_model_dir(root)[0] if root.is_dir() else []
+    if folder.is_dir() and any(folder.glob("*.gguf")):
+        bare, bare_errors = bare_experts(folder, configs, models[0] if models else None)
+        configs += bare
+        errors += bare_errors
+    configs += [m for m in models if m.expert is not None]
+    names: set[str] = set()
+    unique = []
+    for cfg in configs:  # a bare file's name (its stem) may repeat a TOML's model name
+        if cfg.name not in names:
+            names.add(cfg.name)
+            unique.append(cfg)
+    return unique, errors
 
 
 # ---------------------------------------------------------------------------------------------

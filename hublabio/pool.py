@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from hublabio.budget import Estimate, Resident, estimate_memory, plan_admission
+from hublabio.config import check_architecture
 from hublabio.errors import BudgetError, GGUFError, HublabError, ModelNotFound
 from hublabio.gguf_check import problems as header_problems
 from hublabio.gguf_info import ModelInfo, read_gguf_info
@@ -144,7 +145,9 @@ class ModelPool:
                     and res.users == 0:
                 res = None  # context size or slots changed: reload so, if it is admitted
             if res is None:
-                res = self._load(key, path, n_ctx, cfg.name, load)
+                res = self._load(key, path, n_ctx, cfg, load)
+            elif cfg.name not in res.names:
+                check_architecture(cfg, res.info.architecture)
             res.names.add(cfg.name)
             res.pinned = res.pinned or bool(cfg.pinned)
             if cfg.adapter is not None and Path(cfg.adapter).resolve() not in res.engine.adapters:
@@ -156,9 +159,10 @@ class ModelPool:
             res.last_used = time.monotonic()
             return res
 
-    def _load(self, key: str, path: Path, n_ctx: int, name: str,
+    def _load(self, key: str, path: Path, n_ctx: int, cfg,
               load: LoadSettings) -> ResidentModel:
         info = read_gguf_info(path)
+        check_architecture(cfg, info.architecture)
         bad = header_problems(info)
         if bad:
             raise GGUFError(path, "refused before loading: " + "; ".join(bad))
@@ -196,7 +200,7 @@ class ModelPool:
                                      threads_batch=load.threads_batch or None, mmap=load.mmap,
                                      mlock=load.mlock, repack=load.repack, **kwargs)
         res = ResidentModel(key=key, path=path, n_ctx=n_ctx, info=info, estimate=est,
-                            engine=engine, names={name}, load_s=time.perf_counter() - t0,
+                            engine=engine, names={cfg.name}, load_s=time.perf_counter() - t0,
                             parallel=load.parallel, parallel_asked=asked,
                             slots=threading.Semaphore(load.parallel))
         self._models[key] = res

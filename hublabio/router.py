@@ -9,8 +9,11 @@ is selected, `select_with_fallback` answers with the `general` expert.
   Probabilities sum to 1.
 - `KeywordRouter`: counts whole-word matches of each expert's `keywords`; scores are the counts
   normalised to sum to 1, all zero when nothing matches.
-- `load_router(dir, experts)`: the ONNX router when it loads, else the keyword router and a
-  warning saying why.
+- `TransformerRouter` (hublabio.router_transformer): the seed's format, a transformer
+  classifier exported to ONNX (inputs input_ids + attention_mask, output logits) with its
+  tokenizer.json and domains.json; tokenized with the `tokenizers` package.
+- `load_router(dir, experts)`: whichever ONNX router the file is, when it loads; else the
+  keyword router and a warning saying why.
 """
 
 from __future__ import annotations
@@ -47,8 +50,41 @@ class Router(Protocol):
 
 # ----------------------------------------------------------------------------- ONNX router
 
+def open_session(onnx_path: Path):
+    """An onnxruntime session on one thread (routing runs beside llama.cpp's threads)."""
+    import onnxruntime as ort
+
+    if not onnx_path.is_file():
+        raise RouterError(f"{onnx_path}: missing")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise RouterError(f"{onnx_path}: not a loadable ONNX model ({type(err).__name__}: "
+                          f"{str(err).strip()[:300]})") from None
+
+
 def read_domains_json(path: Path) -> tuple[list[str], FeatureSpec, dict]:
     """Parse and validate a domains.json: (domains, feature spec, the whole document)."""
+    domains, doc = read_domain_list(path)
+    if "features" not in doc:
+        raise RouterError(f"{path}: features: missing (the hashing parameters the router was "
+                          "trained with)")
+    try:
+        spec = FeatureSpec.from_dict(doc["features"])
+    except RouterError as err:
+        raise RouterError(f"{path}: {err}") from None
+    return domains, spec, doc
+
+
+def read_domain_list(path: Path) -> tuple[list[str], dict]:
+    """A domains.json's `domains` list (validated) and the whole document."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -67,14 +103,7 @@ def read_domains_json(path: Path) -> tuple[list[str], FeatureSpec, dict]:
                           f"got {domains!r}")
     if len(set(domains)) != len(domains):
         raise RouterError(f"{path}: domains: duplicate names in {domains}")
-    if "features" not in doc:
-        raise RouterError(f"{path}: features: missing (the hashing parameters the router was "
-                          "trained with)")
-    try:
-        spec = FeatureSpec.from_dict(doc["features"])
-    except RouterError as err:
-        raise RouterError(f"{path}: {err}") from None
-    return list(domains), spec, doc
+    return list(domains), doc
 
 
 class OnnxRouter:
@@ -92,34 +121,23 @@ class OnnxRouter:
         self._lock = threading.Lock()  # score() reuses one input row
 
     @classmethod
-    def load(cls, router_dir: str | Path) -> "OnnxRouter":
-        import onnxruntime as ort
-
+    def load(cls, router_dir: str | Path, session=None) -> "OnnxRouter":
         router_dir = Path(router_dir)
-        domains, spec, meta = read_domains_json(router_dir / DOMAINS_FILE)
         onnx_path = router_dir / ONNX_FILE
-        if not onnx_path.is_file():
-            raise RouterError(f"{onnx_path}: missing")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(onnx_path), sess_options=opts,
-                                           providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception types
-            raise RouterError(f"{onnx_path}: not a loadable ONNX model ({type(err).__name__}: "
-                              f"{str(err).strip()[:300]})") from None
+        # given a session (load_router), the file's format is checked before domains.json
+        parsed = None if session is not None else read_domains_json(router_dir / DOMAINS_FILE)
+        session = session or open_session(onnx_path)
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         if INPUT_NAME not in inputs or len(inputs) != 1:
-            raise RouterError(f"{onnx_path}: expected one input named {INPUT_NAME!r}, "
-                              f"found {sorted(inputs)}")
+            raise RouterError(f"{onnx_path}: expected one input named {INPUT_NAME!r} (a "
+                              f"hublab-tools train-router model) or input_ids and "
+                              f"attention_mask (the seed's transformer router), found "
+                              f"{sorted(inputs)}")
         if OUTPUT_NAME not in outputs:
             raise RouterError(f"{onnx_path}: expected an output named {OUTPUT_NAME!r}, "
                               f"found {sorted(outputs)}")
+        domains, spec, meta = parsed or read_domains_json(router_dir / DOMAINS_FILE)
         width = inputs[INPUT_NAME].shape[-1]
         if isinstance(width, int) and width != spec.dim:
             raise RouterError(f"{onnx_path}: input width {width} does not match "
@@ -205,7 +223,12 @@ def load_router(router_dir: str | Path,
         return (KeywordRouter(experts_keywords),
                 f"no ONNX router in {router_dir}; routing by keywords")
     try:
-        return OnnxRouter.load(router_dir), None
+        session = open_session(router_dir / ONNX_FILE)
+        if "input_ids" in {i.name for i in session.get_inputs()}:
+            from hublabio.router_transformer import TransformerRouter
+
+            return TransformerRouter.load(router_dir, session), None
+        return OnnxRouter.load(router_dir, session), None
     except RouterError as err:
         return KeywordRouter(experts_keywords), f"{err}; routing by keywords instead"
 

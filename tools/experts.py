@@ -3,7 +3,8 @@
 usage: hublab-tools train-expert DOMAIN [DOMAIN ...] --out MODELS_DIR [options]
        hublab-tools train-expert --all --out MODELS_DIR [options]
 
-Domains (keywords, description, threshold, system prompt) are data: tools/data/domains.toml, or
+Domains (keywords, description, threshold, system prompt) are data: hublabio/domains.toml (the
+device reads it too, for bare expert GGUFs), or
 --domains-file FILE. For each domain: the training set (--data FILE, else the shipped
 tools/data/expert_<domain>.jsonl; any prepare-data input format) is rendered with the base's
 chat template and the domain's system prompt, a LoRA adapter is fine-tuned on the base
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from hublabio_tools.common import DATA_DIR, ToolError, load_toml, main_guard, write_json_atomic
 
-DOMAINS_FILE = DATA_DIR / "domains.toml"
+DOMAINS_FILE = Path(importlib.util.find_spec("hublabio").origin).parent / "domains.toml"
 
 # Device-sized LoRA defaults for experts (finetune keeps the seed's r 64 / alpha 128 / all
 # projections). Adapter bytes = layers x rank x sum(n_in + n_out) x bytes per value: SmolLM2-135M

@@ -15,6 +15,7 @@ from typing import Any
 import hublabio
 from hublabio import protocol
 from hublabio.config import (
+    architecture_problem,
     read_settings,
     reset_settings,
     update_settings,
@@ -82,8 +83,11 @@ def _models_list(svc: Service, req: Req) -> dict:
                 row["quantization"] = info.quantization
                 row["parameters"] = info.parameters_human
                 bad = header_problems(info)
+                mismatch = architecture_problem(cfg, info.architecture)
                 if bad:
                     row["error"] = f"{cfg.path}: " + "; ".join(bad)
+                elif mismatch:
+                    row["error"] = f"{cfg.source}: [model] type: {mismatch}"
                 elif svc.pool.prober is not None:  # refused by the probe at a load attempt
                     row["error"] = svc.pool.prober.problem(cfg.path)
             except (GGUFError, OSError) as exc:

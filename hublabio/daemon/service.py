@@ -25,6 +25,7 @@ from hublabio.config import (
     effective_inference,
     load_model_dir,
     read_settings,
+    seed_path,
 )
 from hublabio.daemon.metrics import GenerationMetrics
 from hublabio.daemon.registry import Registry, Req
@@ -155,6 +156,9 @@ class Service:
         if cfg is not None:
             return cfg
         if name.endswith(".gguf") or "/" in name:
+            for c in configs:  # `ai load /models/x.gguf` as the seed's config writes the path
+                if c.path_spec == name or (c.path is not None and str(c.path) == name):
+                    return c
             p = self._allowed_path(name)
             cfg = ModelConfig(name=p.stem, type="gguf", path=p, source=p, path_spec=str(p))
             with self._lock:
@@ -173,6 +177,8 @@ class Service:
         p = Path(name).expanduser()
         if not p.is_absolute():
             p = (self.models_dir / p) if policy != "any" else p.absolute()
+        elif not p.exists():  # the seed's SD-card paths: /models/x.gguf
+            p = seed_path(p, self.models_dir, self.models_dir) or p
         if policy == "off":
             raise ModelNotFound(f"no model named {name!r}; naming models by path is off "
                                 "([daemon] model_paths)")

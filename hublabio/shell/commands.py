@@ -351,9 +351,8 @@ def ai_load(ctx: ShellContext, args: list[str]) -> None:
     target = rest[0]
     if os.sep in target or target.endswith(".gguf"):
         path = Path(target).expanduser()
-        if not path.exists():
-            raise UsageError(f"no such file: {path}")
-        params["path"] = str(path.resolve())
+        # a path that is not here may be one the daemon knows: the seed writes /models/x.gguf
+        params["path"] = str(path.resolve()) if path.exists() else str(path)
     else:
         params["name"] = target
     data = ctx.client.call("models.load", **params)
