@@ -486,7 +486,7 @@ def load_daemon_settings(path=None, *, required: bool = False) -> DaemonSettings
 # ---------------------------------------------------------------------------------------------
 # User settings (<state>/settings.toml): `ai config KEY VALUE`, `settings moe ...`
 
-USER_SECTIONS = ("inference", "moe")
+USER_SECTIONS = ("inference", "moe", "pkg")
 INFERENCE_OVERRIDE_KEYS = params.names(params.INFERENCE, params.USER)
 _USER_SPEC = params.by_name(p for p in params.INFERENCE if params.USER in p.where)
 
@@ -553,7 +553,22 @@ def _read_settings() -> dict[str, dict[str, Any]]:
                     table[key] = validate_inference_override(key, value)
                 except ConfigError as exc:
                     raise ConfigError(path, f"[inference] {key}", exc.message) from None
+        if section == "pkg":
+            _check_section(path, "pkg", table, _PKG_SPEC)
     return data
+
+
+# [pkg] in the user settings: where `pkg install <name>`, `pkg search` and `pkg upgrade` look
+# (written by `pkg repo add/remove`).
+_PKG_SPEC = params.by_name((
+    param("repositories", "strlist", [], "package repositories: folders or http(s) URLs, "
+          "searched in order"),
+))
+
+
+def package_repositories() -> list[str]:
+    """The configured package repositories ([pkg] repositories), in order."""
+    return list(read_settings().get("pkg", {}).get("repositories", []))
 
 
 def write_settings(data: dict[str, dict[str, Any]]) -> None:

@@ -352,8 +352,10 @@ def _os_errors_named(func):
 
 
 @_os_errors_named
-def install(src, models_dir, *, force: bool = False) -> InstalledPackage:
-    """Verify and install a package folder or .tar.gz into models_dir (see the module doc)."""
+def install(src, models_dir, *, force: bool = False, replace: bool = False) -> InstalledPackage:
+    """Verify and install a package folder or .tar.gz into models_dir (see the module doc).
+    `replace` lets it overwrite files that belong to no package (the shipped experts, a
+    hand-made config); `force` also takes files over from other packages."""
     src, models_dir = Path(src), Path(models_dir)
     if not models_dir.is_dir():
         raise PackageError(f"{models_dir}: models directory does not exist")
@@ -371,19 +373,19 @@ def install(src, models_dir, *, force: bool = False) -> InstalledPackage:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         with dir_lock(models_dir):  # from here on, one install/remove/recovery at a time
-            return _install_staged(models_dir, staging, pkg, force)
+            return _install_staged(models_dir, staging, pkg, force, replace)
     finally:
         with _LIVE_LOCK:
             _LIVE_STAGING.discard(staging.name)
 
 
 def _install_staged(models_dir: Path, staging: Path, pkg: InstalledPackage,
-                    force: bool) -> InstalledPackage:
+                    force: bool, replace: bool = False) -> InstalledPackage:
     """Journal the staged package and move it into place (the caller holds the lock). Once
     the journal is written, a failure leaves journal + staging for recover() to finish."""
     try:
         old = _existing(models_dir, pkg.name)
-        plan = _conflicts(models_dir, pkg, old, force)
+        plan = _conflicts(models_dir, pkg, old, force, replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -409,8 +411,9 @@ def _existing(models_dir: Path, name: str) -> InstalledPackage | None:
 
 
 def _conflicts(models_dir: Path, pkg: InstalledPackage, old: InstalledPackage | None,
-               force: bool) -> dict[str, list[str]]:
-    """Files of other packages this install takes over ({package: [paths]}); refuses without force."""
+               force: bool, replace: bool = False) -> dict[str, list[str]]:
+    """Files of other packages this install takes over ({package: [paths]}); refuses without
+    force (or, for files of no package, without replace)."""
     owned = owners(models_dir)
     take: dict[str, list[str]] = {}
     for f in pkg.files:
@@ -426,10 +429,16 @@ def _conflicts(models_dir: Path, pkg: InstalledPackage, old: InstalledPackage | 
         owner = owned.get(f.path)
         if owner == pkg.name:
             continue
+        if owner is None and (replace or force):
+            continue
         if not force:
-            whose = f"belongs to package {owner!r}" if owner else "exists and belongs to no package"
-            raise PackageError(f"{target}: {whose}; refusing to overwrite it (pkg install --force "
-                               "replaces it)")
+            if owner:
+                raise PackageError(f"{target}: belongs to package {owner!r}; refusing to "
+                                   f"overwrite it (pkg remove {owner} first, or pkg install "
+                                   "--force takes it over)")
+            raise PackageError(f"{target}: exists and belongs to no package (a shipped or "
+                               "hand-made file); refusing to overwrite it (pkg install "
+                               "--replace replaces it)")
         if owner:
             take.setdefault(owner, []).append(f.path)
     return take

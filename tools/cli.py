@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "perplexity of a GGUF on a text file"),
     "card": ("card", "write a model card (README.md) with measured numbers"),
     "deploy": ("deploy", "lay out a models directory / SD-card package with package.toml"),
+    "publish": ("deploy", "add a package folder to a package repository (index.json + files)"),
 }
 
 

@@ -252,5 +252,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main_publish(argv: list[str] | None = None) -> int:
+    """hublab-tools publish: add a package folder to a package repository folder.
+
+    The package folder is what `hublab-tools deploy` wrote (package.toml with every file's
+    sha256), or one with the seed's manifest (top-level name, version, category, description,
+    files = [paths]). The repository is a static folder (index.json plus <name>/<version>/);
+    serve it with any HTTP server, or carry it on a USB stick, and on the device run
+    `pkg repo add <folder|URL>` then `pkg install <name>` (hublabio.repo). A version once
+    published is never replaced."""
+    from hublabio.repo import publish
+
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools publish",
+                                 description=main_publish.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("package", type=Path, help="package folder (with package.toml)")
+    ap.add_argument("--repo", required=True, help="repository folder (created if needed)")
+    args = ap.parse_args(argv)
+    try:
+        res = publish(args.package, args.repo)
+    except HublabError as err:
+        print(f"hublab-tools publish: {err}", file=sys.stderr)
+        return 1
+    print(f"published {res.name} {res.version} ({len(res.files)} files, "
+          f"{res.size / 2**20:.1f} MiB) to {args.repo}")
+    print(f"on the device: pkg repo add <{args.repo} or its URL>, then pkg install {res.name}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

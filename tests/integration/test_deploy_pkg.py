@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -155,3 +156,57 @@ def test_bad_packages_are_refused_with_nothing_written(attack, device_models, pa
     assert expected in run.stderr, run.stderr
     assert listing(device_models) == before
     assert not list(tmp_path.rglob("escaped.json"))
+
+
+@pytest.fixture
+def http_repo(tmp_path):
+    """A loopback HTTP server over a repository folder (Python's own static file server)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_publish_then_install_by_name_over_http(device_models, package, http_repo):
+    """The seed's flow: `pkg publish ./` on the workstation, `pkg install <name>` on the device
+    from a repository served over HTTP; a tampered file in the repository is refused."""
+    folder, url = http_repo
+    run = hublab(device_models, f"pkg publish {package.with_name('smol-pkg')} --repo {folder}\n"
+                                f"pkg repo add {url}\n"
+                                "pkg search smol\n"
+                                "pkg install smol-pkg@1.2.0\n"
+                                "pkg list\n"
+                                "ai list\n")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "Published smol-pkg 1.2.0" in out and f"Added package repository {url}" in out
+    assert re.search(r"^smol-pkg\s+1\.2\.0\s+-\s+bundle", out, re.M), out  # search row
+    assert "Installed smol-pkg 1.2.0" in out and "Models now available: smol-pkg" in out
+    run = hublab(device_models, "pkg remove smol-pkg\n")
+    assert run.returncode == 0, run.stderr
+    gguf = next((folder / "smol-pkg" / "1.2.0").glob("*.gguf"))
+    with open(gguf, "r+b") as f:  # one byte changed in the repository's copy
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = listing(device_models)
+    run = hublab(device_models, "pkg install smol-pkg\n")
+    assert run.returncode == 1
+    assert re.search(r"sha256 [0-9a-f]{64} does not match the index .*nothing installed",
+                     run.stderr), run.stderr
+    assert [r for r in listing(device_models) if not r[0].startswith(".packages")] == \
+        [r for r in before if not r[0].startswith(".packages")]
