@@ -1,6 +1,9 @@
 """hublab-tools: turn data into the models a HubLab IO device runs.
 
 Usage: hublab-tools <verb> [options]     (hublab-tools <verb> --help for each verb)
+
+Exit status, for every verb: 0 done, 1 failed (the message names the file or option at fault),
+2 usage error (unknown or malformed options), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -47,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"hublabio_tools.{VERBS[verb][0]}")
     entry = getattr(module, "main_" + verb.replace("-", "_"), None) or module.main
+    from hublabio.errors import HublabError
+    from hublabio_tools.common import EXIT_FAILURE
+
     try:
         return int(entry(rest) or 0)
+    except HublabError as err:  # every verb's errors derive from it (common.ToolError)
+        print(f"hublab-tools {verb}: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

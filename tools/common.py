@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from hublabio.errors import HublabError
 from hublabio.fsutil import atomic_write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -37,8 +38,19 @@ SEED_CHAT_TEMPLATE = (
 SEED_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-class ToolError(Exception):
-    """A user-facing error of a training verb: the CLI prints it and exits with status 2."""
+# Exit statuses, the same for every verb: a failure (bad input, a missing file, a refused
+# operation: a ToolError) is 1; a usage error (argparse: unknown or malformed flags) is 2;
+# an interrupt 130.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class ToolError(HublabError):
+    """The base of every hublab-tools error (ConvertError, DeployError, QuantizeError, ...):
+    a user-facing message naming the file or option at fault; the verb exits with
+    EXIT_FAILURE."""
+
+    code = "tool"
 
 
 @dataclass
@@ -243,14 +255,15 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
 
 
 def main_guard(func):
-    """Decorator for verb entry points: ToolError -> message on stderr, exit status 2."""
+    """Decorator for verb entry points: a HublabError (ToolError and the device errors the
+    tools meet: GGUF, config, llama.cpp) -> "error: ..." on stderr, exit status EXIT_FAILURE."""
 
     def wrapper(argv=None):
         try:
             return func(argv)
-        except ToolError as err:
+        except HublabError as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return EXIT_FAILURE
 
     wrapper.__doc__ = func.__doc__
     wrapper.__name__ = func.__name__

@@ -37,9 +37,10 @@ import tomli_w
 from hublabio import config
 from hublabio.errors import ConfigError, HublabError, PackageError
 from hublabio.pkg import MANIFEST, NAME_RE, parse_manifest
+from hublabio_tools.common import ToolError
 
 
-class DeployError(HublabError):
+class DeployError(ToolError):
     code = "deploy"
 
 

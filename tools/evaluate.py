@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from hublabio.errors import HublabError
+from hublabio_tools.common import ToolError
 
 
-class EvalError(HublabError):
+class EvalError(ToolError):
     code = "eval"
 
 

@@ -26,7 +26,6 @@ Pass --rank 64 --alpha 128 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_pr
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -47,6 +46,8 @@ EXPERT_RANK = 8
 EXPERT_ALPHA = 16.0
 EXPERT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_OUTTYPE = "f16"
+EXPERT_LORA = {"rank": EXPERT_RANK, "alpha": EXPERT_ALPHA, "targets": ",".join(EXPERT_TARGETS)}
+EXPERT_SKIP = ("save_every", "resume", "wandb")  # per-domain runs: no shared checkpoints
 
 
 def load_domains(path: str | Path = DOMAINS_FILE) -> dict[str, dict]:
@@ -138,7 +139,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hublabio_tools.finetune import build_parser as finetune_parser
+    from hublabio_tools.finetune import add_finetune_options
 
     p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools train-expert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,20 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=_fraction, default=0.2,
                    help="share of the examples held out to measure the validation loss before "
                         "and after (default 0.2)")
-    shared = {"rank", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
-              "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
-              "gradient_checkpointing", "seed", "quiet"}
-    device_defaults = {"rank": (EXPERT_RANK, f"LoRA rank r ({EXPERT_RANK}; finetune's default is 64)"),
-                       "alpha": (EXPERT_ALPHA, f"LoRA alpha ({EXPERT_ALPHA:g}; finetune's default is 128)"),
-                       "targets": (",".join(EXPERT_TARGETS),
-                                   f"comma-separated module names (default: {','.join(EXPERT_TARGETS)}; "
-                                   f"finetune's default is every attention and MLP projection)")}
-    for action in finetune_parser()._actions:
-        if action.dest in shared:
-            if action.dest in device_defaults:
-                action = copy.copy(action)
-                action.default, action.help = device_defaults[action.dest]
-            p._add_action(action)
+    add_finetune_options(p, lora_defaults=EXPERT_LORA, skip=EXPERT_SKIP)
     p.add_argument("--outtype", default=EXPERT_OUTTYPE, choices=("f16", "f32"),
                    help=f"adapter GGUF tensor type ({EXPERT_OUTTYPE}; half the bytes of f32)")
     return p
@@ -172,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
     from hublabio_tools.finetune import build_parser as finetune_parser
-    from hublabio_tools.finetune import finetune
+    from hublabio_tools.finetune import finetune, finetune_option_names
 
     data = Path(args.data) if args.data else DATA_DIR / f"expert_{domain}.jsonl"
     if not data.exists():
@@ -195,10 +183,9 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
 
     ft_argv = ["--base", str(base), "--data", str(prepared_dir), "--out", str(adapter_dir)]
     ft_args = finetune_parser().parse_args(ft_argv)
-    for key in ("rank", "alpha", "dropout", "targets", "lr", "warmup_steps", "micro_batch", "grad_accum",
-                "max_len", "max_steps", "epochs", "eval_every", "patience", "precision",
-                "gradient_checkpointing", "seed", "quiet"):
-        setattr(ft_args, key, getattr(args, key))
+    for key in finetune_option_names():
+        if key not in EXPERT_SKIP:
+            setattr(ft_args, key, getattr(args, key))
     summary = finetune(ft_args)
 
     gguf_name = f"{domain}.lora.gguf"

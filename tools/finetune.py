@@ -9,7 +9,7 @@ jsonl file that is prepared in memory with MODEL's chat template. The loss is on
 
 Defaults are the seed's: LoRA r 64, alpha 128, dropout 0.05 on every attention and MLP projection
 (q k v o gate up down), lr 2e-4 with a cosine schedule. --qlora loads the base in 4-bit NF4
-through bitsandbytes; it needs a CUDA GPU (without one: a message and exit status 2).
+through bitsandbytes; it needs a CUDA GPU (without one: a message and exit status 1).
 Validation loss is measured before training and every --eval-every steps; training stops after
 --patience evaluations without improvement, and OUT holds the best adapter:
 adapter_config.json + adapter_model.safetensors + the tokenizer + finetune_summary.json.
@@ -23,9 +23,12 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hublabio_tools.common import ToolError, main_guard, write_json_atomic
+from hublabio_tools.loop import LoopConfig, resolve_resume
+from hublabio_tools.verbargs import add_options, option, option_names, resolve
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_RECORD = "hublab_base.json"
@@ -127,6 +130,45 @@ def load_finetune_rows(data: str, base: str, force_format: bool = False
     return load_rows(data, load_chat_format(base), hint=base, force_format=force_format)
 
 
+@dataclass
+class LoraOptions:
+    rank: int = option(64, "LoRA rank r")
+    alpha: float = option(128.0, "LoRA alpha")
+    dropout: float = option(0.05, "LoRA dropout")
+    targets: str | None = option(None, "comma-separated module names (unset: every attention "
+                                       "and MLP projection)", type=str)
+
+
+@dataclass
+class FinetuneOptions:
+    max_len: int = option(2048, "truncate examples to this many tokens")
+    epochs: float = option(3.0, "passes over the training examples (unless --max-steps)")
+    precision: str = option("auto", "auto | fp32 | bf16 | fp16",
+                            choices=["auto", "fp32", "bf16", "fp16"])
+    gradient_checkpointing: bool = option(False, "trade compute for memory")
+
+
+# finetune's loop defaults where they differ from LoopConfig's: the seed's LoRA recipe.
+# max_steps None = from --epochs.
+FINETUNE_LOOP = {"lr": 2e-4, "micro_batch": 4, "grad_accum": 4, "min_lr_ratio": 0.0,
+                 "patience": 3, "max_steps": None}
+FINETUNE_LOOP_SKIP = ("keep_checkpoints", "stop_at_step")  # finetune keeps the best adapter
+
+
+def add_finetune_options(p: argparse.ArgumentParser, *, lora_defaults: dict | None = None,
+                         skip=()) -> None:
+    """The LoRA, fine-tuning and loop options, declared once (train-expert adds them too, with
+    device-sized LoRA defaults)."""
+    add_options(p, LoraOptions, defaults=lora_defaults, skip=skip)
+    add_options(p, FinetuneOptions, skip=skip)
+    add_options(p, LoopConfig, defaults=FINETUNE_LOOP, skip=(*FINETUNE_LOOP_SKIP, *skip))
+
+
+def finetune_option_names() -> list[str]:
+    return [n for n in option_names(LoraOptions, FinetuneOptions, LoopConfig)
+            if n not in FINETUNE_LOOP_SKIP]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,26 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a prepare-data directory made in another chat format than the "
                         "base's (refused otherwise)")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base (CUDA + bitsandbytes)")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (64)")
-    p.add_argument("--alpha", type=float, default=128, help="LoRA alpha (128)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0.05)")
-    p.add_argument("--targets", help="comma-separated module names (default: all attention+MLP projections)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=2048, help="truncate examples to this many tokens")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping (0: never)")
-    p.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps")
-    p.add_argument("--resume", nargs="?", const="latest")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    add_finetune_options(p)
     return p
 
 
@@ -166,12 +189,10 @@ def finetune(args) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from hublabio_tools.common import seed_everything
-    from hublabio_tools.train import (
-        LoopConfig, PaddedExamples, _resolve_resume, encode_segments, make_accelerator, run_loop,
-    )
+    from hublabio_tools.loop import PaddedExamples, encode_segments, make_accelerator, run_loop
 
     _split_base(args.base)  # a wrong --base or --resume is reported before anything else
-    _resolve_resume(LoopConfig(out=Path(args.out), resume=args.resume))
+    resolve_resume(LoopConfig(out=Path(args.out), resume=args.resume))
     if args.qlora:
         check_qlora()
     out = Path(args.out)
@@ -231,11 +252,8 @@ def finetune(args) -> dict:
         best["step"] = step
         accelerator.wait_for_everyone()
 
-    cfg = LoopConfig(out=out, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
-                     min_lr_ratio=0.0, warmup_steps=args.warmup_steps, max_steps=max_steps,
-                     eval_every=args.eval_every, save_every=args.save_every, grad_clip=1.0,
-                     weight_decay=0.0, seed=args.seed, patience=args.patience, resume=args.resume,
-                     wandb=args.wandb, quiet=args.quiet)
+    loop = resolve(LoopConfig, args, defaults=FINETUNE_LOOP)
+    cfg = LoopConfig(out=out, **{**loop, "max_steps": max_steps})
     result = run_loop(accelerator, model, train_items, valid_items, cfg,
                       on_improved=save_adapter if valid_items is not None else None, run_name="finetune")
     wrapped = result.pop("model")

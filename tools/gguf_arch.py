@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 import gguf
 import numpy as np
+from hublabio_tools.common import ToolError
 
 
-class ConvertError(Exception):
+class ConvertError(ToolError):
     """Bad or unsupported input for a conversion; the message names the file/key at fault."""
 
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from hublabio.errors import HublabError
+from hublabio_tools.common import ToolError
 
 
-class ImatrixError(HublabError):
+class ImatrixError(ToolError):
     code = "imatrix"
 
 

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hublabio.errors import HublabError
+from hublabio_tools.common import ToolError
 
 
-class QuantizeError(HublabError):
+class QuantizeError(ToolError):
     code = "quantize"
 
 

@@ -28,20 +28,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from hublabio.fsutil import atomic_write_text
 from hublabio_tools.common import (
-    SEED_CHAT_TEMPLATE, SEED_SPECIAL_TOKENS, Progress, ToolError, load_recipe, main_guard,
-    pick_precision, seed_everything, write_json_atomic,
+    SEED_CHAT_TEMPLATE, SEED_SPECIAL_TOKENS, ToolError, load_recipe, main_guard, seed_everything,
+    write_json_atomic,
 )
+from hublabio_tools.loop import (  # noqa: F401  (IGNORE, pack_documents: bench_packing)
+    IGNORE, LoopConfig, PackedBlocks, encode_segments, make_accelerator, pack_documents,
+    resolve_resume, run_loop,
+)
+from hublabio_tools.verbargs import add_options, resolve
 
-IGNORE = -100
+# train's loop defaults where they differ from LoopConfig's (a recipe's [train] overrides them,
+# a flag overrides both): pretraining from scratch decays weights and checks less often.
+TRAIN_LOOP = {"micro_batch": 8, "weight_decay": 0.1, "eval_every": 100, "max_steps": 1000}
+TRAIN_ONLY = ("seq_len",)  # [train] keys that are not loop options
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -93,392 +97,6 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-# ----------------------------------------------------------------------------- data
-def encode_segments(rows: list[dict], tokenizer, max_len: int = 0) -> list[tuple[list, list]]:
-    """(input_ids, labels) per row; labels are IGNORE on untrained (prompt) segments. A leading
-    BOS is added when the tokenizer adds one by default and the text does not carry it."""
-    flat = [seg[0] for row in rows for seg in row["segments"]]
-    encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    wants_bos = bos is not None and len(probe) > 1 and probe[0] == bos
-    out, k = [], 0
-    for row in rows:
-        ids, labels = [], []
-        for text, trained in row["segments"]:
-            piece = encoded[k]
-            k += 1
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
-        if wants_bos and (not ids or ids[0] != bos):
-            ids, labels = [bos] + ids, [IGNORE] + labels
-        if max_len:
-            ids, labels = ids[:max_len], labels[:max_len]
-        out.append((ids, labels))
-    return out
-
-
-def pack_documents(docs: list[list[int]], seq_len: int, bos: int | None, eos: int, pad: int):
-    """Concatenate <s> doc </s> ... and cut blocks of seq_len. Returns (inputs, labels) int64
-    tensors [blocks, seq_len]; the tail block is padded with labels IGNORE."""
-    import torch
-
-    stream: list[int] = []
-    for doc in docs:
-        if bos is not None:
-            stream.append(bos)
-        stream.extend(doc)
-        stream.append(eos)
-    n_blocks = max(1, math.ceil(len(stream) / seq_len))
-    inputs = torch.full((n_blocks * seq_len,), pad, dtype=torch.long)
-    labels = torch.full((n_blocks * seq_len,), IGNORE, dtype=torch.long)
-    inputs[: len(stream)] = torch.tensor(stream, dtype=torch.long)
-    labels[: len(stream)] = inputs[: len(stream)]
-    return inputs.view(n_blocks, seq_len), labels.view(n_blocks, seq_len)
-
-
-class PackedBlocks:
-    """Items = fixed-length packed blocks; collate stacks them."""
-
-    def __init__(self, inputs, labels):
-        self.inputs, self.labels = inputs, labels
-        self.targets = (labels[:, 1:] != IGNORE).sum(dim=1).tolist()
-
-    def __len__(self):
-        return self.inputs.shape[0]
-
-    def collate(self, indices: list[int]) -> dict:
-        import torch
-
-        index = torch.tensor(indices, dtype=torch.long)
-        inputs = self.inputs[index]
-        # Causal attention over the whole block: padding only ever sits at the tail of the last
-        # block, after every real token, and carries no loss.
-        return {"input_ids": inputs, "labels": self.labels[index],
-                "attention_mask": torch.ones_like(inputs)}
-
-
-class PaddedExamples:
-    """Items = variable-length examples; collate right-pads to the longest of the micro-batch."""
-
-    def __init__(self, examples: list[tuple[list, list]], pad: int):
-        self.examples, self.pad = examples, pad
-        self.targets = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in examples]
-
-    def __len__(self):
-        return len(self.examples)
-
-    def collate(self, indices: list[int]) -> dict:
-        import torch
-
-        width = max(len(self.examples[i][0]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            seq, lab = self.examples[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(seq)] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """Indices of the global batch of optimizer step `step` (0-based): a stream of per-epoch
-    permutations (seed + epoch), read global_batch at a time. The step is the data position."""
-    import torch
-
-    start = step * global_batch
-    out: list[int] = []
-    epoch, offset = divmod(start, n_items)
-    while len(out) < global_batch:
-        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        take = perm[offset: offset + global_batch - len(out)]
-        out += take
-        epoch, offset = epoch + 1, 0
-    return out
-
-
-# ----------------------------------------------------------------------------- loop
-@dataclass
-class LoopConfig:
-    out: Path
-    micro_batch: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    max_steps: int = 100
-    eval_every: int = 50
-    save_every: int = 0
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    keep_checkpoints: int = 2
-    patience: int = 0           # evaluations without improvement before stopping (0: never)
-    stop_at_step: int = 0       # end this session after this step (checkpointed), schedule unchanged
-    resume: str | None = None   # checkpoint dir or "latest"
-    tensorboard: bool = True
-    wandb: bool = False
-    quiet: bool = False
-
-
-def cosine_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _token_ce(model, batch) -> tuple:
-    """Summed next-token cross entropy and the number of predicted tokens. When most positions
-    carry no loss (prompts in fine-tuning), only the positions that predict a target go through
-    the output layer (`logits_to_keep`), which saves the vocabulary-wide logits of the rest."""
-    import torch.nn.functional as F
-
-    labels = batch["labels"][:, 1:]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    keep = (labels != IGNORE).any(dim=0).nonzero().squeeze(1)
-    logits = None
-    if keep.numel() < 0.75 * labels.shape[1]:
-        try:
-            logits = model(**inputs, logits_to_keep=keep).logits
-            labels = labels[:, keep]
-        except TypeError:  # an architecture without logits_to_keep
-            logits = None
-    if logits is None:
-        logits = model(**inputs).logits[:, :-1]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, (labels != IGNORE).sum()
-
-
-def evaluate(accelerator, model, items, micro_batch: int) -> float | None:
-    """Token-mean validation loss over all items (sharded across processes)."""
-    import torch
-
-    if items is None or len(items) == 0:
-        return None
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
-    with torch.no_grad():
-        for i in range(0, len(mine), micro_batch):
-            batch = {k: v.to(accelerator.device) for k, v in items.collate(mine[i:i + micro_batch]).items()}
-            loss, count = _token_ce(model, batch)
-            total += torch.stack([loss.double(), count.double()])
-    model.train()
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(accelerator, cfg: LoopConfig, step: int, state: dict) -> Path:
-    final = cfg.out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / "trainer_state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in _checkpoints(cfg.out)[: -cfg.keep_checkpoints or None]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _resolve_resume(cfg: LoopConfig) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        found = _checkpoints(cfg.out)
-        if not found:
-            raise ToolError(f"--resume: no checkpoint in {cfg.out / 'checkpoints'}")
-        return found[-1]
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.json").exists():
-        raise ToolError(f"--resume {path}: not a checkpoint (no trainer_state.json)")
-    return path
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard (+ wandb) on the main process."""
-
-    def __init__(self, accelerator, cfg: LoopConfig, run_name: str, resumed_step: int | None):
-        self.main = accelerator.is_main_process
-        self.path = cfg.out / "metrics.jsonl"
-        self.tb = self.wandb = None
-        if not self.main:
-            return
-        if resumed_step is None:  # a fresh run starts a fresh log
-            self.path.unlink(missing_ok=True)
-        elif self.path.exists():  # drop what was logged after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if json.loads(line)["step"] <= resumed_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(cfg.out / "runs"))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ToolError("--wandb: the wandb package is not installed (pip install wandb)") from None
-            self.wandb = wandb.init(project="hublabio", name=run_name, dir=str(cfg.out))
-
-    def write(self, record: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                if self.tb:
-                    self.tb.add_scalar(key, value, step)
-        if self.wandb:
-            self.wandb.log(record, step=step)
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
-             on_improved: Callable[[int, float, object], None] | None = None, run_name: str = "train") -> dict:
-    """The training loop shared by `train` and `finetune`. Returns a summary dict."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
-        raise ToolError("internal: the Accelerator was made with another gradient accumulation")
-    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed is not None:  # no dataloader is prepared, so DeepSpeed is told the micro-batch
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
-    # The scheduler is stepped by hand (once per optimizer step, whatever the process count).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.micro_batch * cfg.grad_accum * world
-    state = {"step": 0, "tokens": 0, "best_val": None, "evals_without_gain": 0}
-    resume_from = _resolve_resume(cfg)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state.update(json.loads((resume_from / "trainer_state.json").read_text()))
-        if not cfg.quiet and accelerator.is_main_process:
-            print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)
-    log = MetricsLog(accelerator, cfg, run_name, state["step"] if resume_from is not None else None)
-    first_val = None
-    if state["step"] == 0 and valid_items is not None and len(valid_items):
-        first_val = evaluate(accelerator, model, valid_items, cfg.micro_batch)
-        log.write({"step": 0, "val_loss": first_val, "val_ppl": math.exp(min(first_val, 50))})
-        state["best_val"] = first_val
-        if on_improved:
-            on_improved(0, first_val, model)
-    progress = Progress(cfg.max_steps, run_name, enabled=accelerator.is_main_process and not cfg.quiet)
-    model.train()
-    stopped_early = False
-    last_val = None
-    tick = time.monotonic()
-    while state["step"] < cfg.max_steps:
-        step = state["step"]
-        indices = batch_indices(len(train_items), step, global_batch, cfg.seed)
-        micro = [indices[i:i + cfg.micro_batch] for i in range(0, global_batch, cfg.micro_batch)]
-        n_targets = sum(train_items.targets[i] for i in indices)
-        mine = micro[rank::world]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for chunk in mine:
-            batch = {key: v.to(accelerator.device) for key, v in train_items.collate(chunk).items()}
-            # accumulate(): no gradient sync (DDP/FSDP) or optimizer step (DeepSpeed) until the
-            # last micro-batch of this optimizer step.
-            with accelerator.accumulate(model):
-                loss, _ = _token_ce(model, batch)
-                # backward divides by grad_accum and the processes average their gradients:
-                # undo both so the gradient is that of the token mean over the global batch.
-                accelerator.backward(loss * (world * cfg.grad_accum / max(n_targets, 1)))
-            loss_sum += loss.detach().double()
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        total_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(n_targets, 1)
-        state["step"] = step = step + 1
-        state["tokens"] += n_targets
-        now = time.monotonic()
-        record = {"step": step, "loss": total_loss, "lr": lr, "tokens": state["tokens"],
-                  "tokens_per_s": n_targets / max(now - tick, 1e-9)}
-        tick = now
-        log.write(record)
-        progress.update(step, f"loss {total_loss:.4f} lr {lr:.2e}")
-        stop = bool(cfg.stop_at_step and step >= cfg.stop_at_step and step < cfg.max_steps)
-        if valid_items is not None and len(valid_items) and cfg.eval_every and (
-                step % cfg.eval_every == 0 or step == cfg.max_steps):
-            last_val = evaluate(accelerator, model, valid_items, cfg.micro_batch)
-            log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
-            if state["best_val"] is None or last_val < state["best_val"]:
-                state["best_val"], state["evals_without_gain"] = last_val, 0
-                if on_improved:
-                    on_improved(step, last_val, model)
-            else:
-                state["evals_without_gain"] += 1
-                if cfg.patience and state["evals_without_gain"] >= cfg.patience:
-                    stopped_early = True
-        if (cfg.save_every and step % cfg.save_every == 0) or stop:
-            _save_checkpoint(accelerator, cfg, step, state)
-        if stopped_early or stop:
-            break
-    log.close()
-    return {"steps": state["step"], "tokens": state["tokens"], "first_val_loss": first_val,
-            "last_val_loss": last_val, "best_val_loss": state["best_val"],
-            "stopped_early": stopped_early, "finished": state["step"] >= cfg.max_steps or stopped_early,
-            "model": model}
-
-
-def make_accelerator(precision: str, grad_accum: int = 1):
-    """An Accelerator; several processes without CUDA (torchrun / accelerate launch --cpu) get
-    the CPU DDP backend (gloo)."""
-    import os
-
-    import torch
-    from accelerate import Accelerator
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    multi_cpu = not torch.cuda.is_available() and world > 1
-    if world == 1:
-        # One process may run several verbs (train-expert --all, tests) with different precisions;
-        # accelerate keeps its state in a singleton that would refuse the change.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=pick_precision(precision), cpu=multi_cpu,
-                       gradient_accumulation_steps=grad_accum)
-
-
-# ----------------------------------------------------------------------------- verb
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -487,25 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", help="reuse a local tokenizer (HF dir or .gguf) instead of training one")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: the recipe's)")
-    p.add_argument("--seq-len", type=int, help="packed block length (default: the recipe's)")
-    p.add_argument("--micro-batch", type=int, help="blocks per process per forward pass")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step and process")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs or the recipe's)")
-    p.add_argument("--epochs", type=float, help="passes over the packed training blocks")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only with --stop-at-step)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", nargs="?", const="latest",
-                   help="continue from OUT/checkpoints' latest (or the given checkpoint dir)")
-    p.add_argument("--stop-at-step", type=int, default=0,
-                   help="end this session after step N with a checkpoint (the schedule keeps --max-steps)")
+    p.add_argument("--seq-len", type=int, help="packed block length (default: the recipe's, else 512)")
+    p.add_argument("--epochs", type=float, help="passes over the packed training blocks "
+                                                "(instead of --max-steps)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (off by default)")
-    p.add_argument("--quiet", action="store_true")
+    add_options(p, LoopConfig, defaults=TRAIN_LOOP, from_recipe=True)
     return p
 
 
@@ -522,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe)
     rt = recipe["train"]
     out = Path(args.out)
-    _resolve_resume(LoopConfig(out=out, resume=args.resume))  # a bad --resume fails before any work
-    pick = lambda value, key, default: value if value is not None else rt.get(key, default)  # noqa: E731
+    loop = resolve(LoopConfig, args, recipe=rt, defaults=TRAIN_LOOP, skip=TRAIN_ONLY,
+                   where=f"recipe {recipe['name']} [train]")
+    resolve_resume(LoopConfig(out=out, resume=loop["resume"]))  # a bad --resume fails first
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    micro_batch = pick(args.micro_batch, "micro_batch", 8)
-    grad_accum = pick(args.grad_accum, "grad_accum", 1)
+    micro_batch, grad_accum = loop["micro_batch"], loop["grad_accum"]
     accelerator = make_accelerator(args.precision, grad_accum)
     main_proc = accelerator.is_main_process
     train_rows, valid_rows = load_training_rows(args.data)
@@ -540,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = out / "tokenizer"
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    elif args.resume and tok_dir.exists():
+    elif loop["resume"] and tok_dir.exists():
         tokenizer = load_tokenizer(tok_dir)
     else:
         if main_proc:
@@ -552,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ToolError("the tokenizer has no EOS token: packing needs one to separate documents")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    seq_len = pick(args.seq_len, "seq_len", 512)
+    seq_len = args.seq_len or rt.get("seq_len", 512)
     docs = [ids for ids, _ in encode_segments(train_rows, tokenizer)]
     train_items = PackedBlocks(*pack_documents(docs, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, pad))
     valid_items = None
@@ -561,12 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         valid_items = PackedBlocks(*pack_documents(vdocs, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, pad))
 
     global_batch = micro_batch * grad_accum * accelerator.num_processes
-    if args.max_steps is not None:
-        max_steps = args.max_steps
-    elif args.epochs is not None:
+    max_steps = loop["max_steps"]
+    if args.max_steps is None and args.epochs is not None:  # --epochs beats the recipe's steps
         max_steps = max(1, math.ceil(args.epochs * len(train_items) / global_batch))
-    else:
-        max_steps = rt.get("max_steps", 1000)
 
     model_cfg = dict(recipe["model"])
     model_cfg["vocab_size"] = len(tokenizer)
@@ -574,26 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     config = LlamaConfig(**model_cfg, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
                          attention_dropout=0.0, use_cache=False)
-    seed_everything(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(loop["seed"])
+    torch.manual_seed(loop["seed"])
     model = LlamaForCausalLM(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
-    if main_proc and not args.quiet:
+    if main_proc and not loop["quiet"]:
         print(f"model {recipe['name']}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
               f"{len(train_items)} packed blocks of {seq_len} ({sum(train_items.targets)} target tokens), "
               f"global batch {global_batch} blocks, {max_steps} steps, "
               f"{accelerator.num_processes} process(es), precision {accelerator.mixed_precision}",
               file=sys.stderr)
 
-    cfg = LoopConfig(
-        out=out, micro_batch=micro_batch, grad_accum=grad_accum, lr=pick(args.lr, "lr", 3e-4),
-        min_lr_ratio=rt.get("min_lr_ratio", 0.1), warmup_steps=pick(args.warmup_steps, "warmup_steps", 0),
-        max_steps=max_steps, eval_every=pick(args.eval_every, "eval_every", 100),
-        save_every=pick(args.save_every, "save_every", 0), grad_clip=rt.get("grad_clip", 1.0),
-        weight_decay=rt.get("weight_decay", 0.1), seed=args.seed, keep_checkpoints=args.keep_checkpoints,
-        stop_at_step=args.stop_at_step, resume=args.resume, wandb=args.wandb, quiet=args.quiet)
+    cfg = LoopConfig(out=out, **{**loop, "max_steps": max_steps})
     result = run_loop(accelerator, model, train_items, valid_items, cfg, run_name=f"train {recipe['name']}")
     model = result.pop("model")
     if not result["finished"]:

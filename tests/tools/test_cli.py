@@ -47,9 +47,9 @@ def test_verb_help_is_its_docstring(verb, phrase, capsys):
     assert phrase in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
+def test_a_failure_exits_1_with_a_message(tmp_path, capsys):
     rc = cli.main(["prepare-data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
-    assert rc == 2
+    assert rc == 1
     assert "missing.jsonl: cannot read" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -106,3 +106,30 @@ def test_train_expert_says_what_it_holds_out_for_validation():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["python", "--out", "m", "--val-fraction", "1.5"])
     assert "--val-fraction" in build_parser().format_help()
+
+
+@pytest.mark.parametrize("argv", [
+    ["prepare-data", "{missing}", "--out", "{tmp}/o"],
+    ["train", "--data", "{missing}", "--out", "{tmp}/o"],
+    ["finetune", "--base", "{missing}", "--data", "{missing}", "--out", "{tmp}/o"],
+    ["train-expert", "nosuchdomain", "--out", "{tmp}/o"],
+    ["train-router", "--data", "{missing}", "--out", "{tmp}/o"],
+    ["convert", "{missing}", "--out", "{tmp}/o.gguf"],
+    ["convert-lora", "{missing}", "--base", "{missing}", "--out", "{tmp}/o.gguf"],
+    ["quantize", "{missing}", "Q4_0", "--out", "{tmp}/o.gguf"],
+    ["eval", "{missing}", "{missing}"],
+    ["card", "{missing}"],
+    ["deploy", "{tmp}/pkg"],
+    ["publish", "{missing}", "--repo", "{tmp}/repo"],
+    ["expert-from-adapter", "{missing}", "python", "--out", "{tmp}/m"],
+])
+def test_every_verb_exits_1_on_a_failure_and_2_on_a_usage_error(argv, tmp_path, capsys):
+    """One exit status per kind of failure, whichever verb (convert exited 1, train 2)."""
+    fill = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path)}
+    rc = cli.main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert err.strip() and "Traceback" not in err
+    with pytest.raises(SystemExit) as usage:
+        cli.main([argv[0], "--no-such-option"])
+    assert usage.value.code == 2

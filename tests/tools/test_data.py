@@ -86,7 +86,7 @@ def test_bad_lines_are_reported_with_file_and_line(tmp_path, capsys):
 def test_strict_fails_at_the_first_bad_line_and_writes_nothing(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, {"text": "good 2"}, "[1, 2]"])
     out = tmp_path / "out"
-    assert cli.main(["prepare-data", str(src), "--out", str(out), "--strict"]) == 2
+    assert cli.main(["prepare-data", str(src), "--out", str(out), "--strict"]) == 1
     assert f"{src}:3: expected a JSON object, got list" in capsys.readouterr().err
     assert not out.exists()
 

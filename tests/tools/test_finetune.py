@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_qlora_without_cuda_is_a_clear_message_not_a_crash(tiny_base, tmp_path, 
     root, data = tiny_base
     rc = cli.main(["finetune", "--base", str(root), "--data", str(data), "--out", str(tmp_path / "a"),
                    "--qlora"])
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err
     assert "--qlora needs a CUDA GPU" in err and "drop --qlora" in err
     assert not (tmp_path / "a").exists()
@@ -59,7 +60,7 @@ def test_qlora_without_cuda_is_a_clear_message_not_a_crash(tiny_base, tmp_path, 
 def test_missing_base_is_named(tmp_path, capsys):
     rc = cli.main(["finetune", "--base", str(tmp_path / "none.gguf"), "--data", "x.jsonl",
                    "--out", str(tmp_path / "a")])
-    assert rc == 2
+    assert rc == 1
     assert f"--base {tmp_path / 'none.gguf'}: no such file" in capsys.readouterr().err
 
 
@@ -87,7 +88,7 @@ def test_data_prepared_in_another_chat_format_is_refused_unless_forced(smollm2_p
         load_finetune_rows(str(prepared), str(smollm2_path))
     rc = cli.main(["finetune", "--base", str(smollm2_path), "--data", str(prepared),
                    "--out", str(tmp_path / "a")])
-    assert rc == 2 and "--force-format" in capsys.readouterr().err
+    assert rc == 1 and "--force-format" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     train, _ = load_finetune_rows(str(prepared), str(smollm2_path), force_format=True)
     assert train and "warning:" in capsys.readouterr().err
@@ -193,7 +194,8 @@ def test_train_expert_defaults_are_device_sized_and_finetune_keeps_the_seed():
     assert (args.rank, args.alpha, args.targets, args.outtype) == (64, 128, "q_proj,gate_proj", "f32")
     seed = finetune_parser().parse_args(["--base", "b", "--data", "d", "--out", "o"])
     assert (seed.rank, seed.alpha, seed.targets) == (64, 128, None)  # None: all 7 projections
-    assert "--rank RANK" in expert_parser().format_help() and "(8;" in expert_parser().format_help()
+    assert re.search(r"--rank RANK\s+LoRA rank r \(default: 8\)", expert_parser().format_help())
+    assert re.search(r"--rank RANK\s+LoRA rank r \(default: 64\)", finetune_parser().format_help())
 
 
 def test_expert_from_adapter_writes_a_device_expert(smollm2_path, tmp_path, capsys):
@@ -226,8 +228,8 @@ def test_expert_from_adapter_writes_a_device_expert(smollm2_path, tmp_path, caps
 
     rc = cli.main(["expert-from-adapter", str(smollm2_path), "ai", "--out", str(models),
                    "--base", str(smollm2_path)])
-    assert rc == 2 and "a full model, not a LoRA adapter" in capsys.readouterr().err
+    assert rc == 1 and "a full model, not a LoRA adapter" in capsys.readouterr().err
     rc = cli.main(["expert-from-adapter", str(adapter), "cooking", "--out", str(models)])
-    assert rc == 2 and "unknown domain 'cooking'" in capsys.readouterr().err
+    assert rc == 1 and "unknown domain 'cooking'" in capsys.readouterr().err
     assert sorted(p.name for p in (models / "experts").iterdir()) == \
         ["python.lora.gguf", "python.toml", "rust.lora.gguf", "rust.toml"]

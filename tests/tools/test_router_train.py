@@ -83,7 +83,7 @@ def test_bad_lines_are_reported_with_line_numbers_and_nothing_written(tmp_path, 
     out = tmp_path / "out"
     code = cli_main(["train-router", "--data", str(data), "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert "4 bad line(s)" in err
     for line in (2, 4, 5, 6):
         assert f"{data}:{line}:" in err
@@ -95,7 +95,7 @@ def test_too_few_examples_per_domain(tmp_path, capsys):
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"text": f"q{i}", "domain": d}) + "\n"
                             for i, d in enumerate(["a", "a", "a", "b"])))
-    assert cli_main(["train-router", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert cli_main(["train-router", "--data", str(data), "--out", str(tmp_path / "o")]) == 1
     assert "at least 2 examples" in capsys.readouterr().err
 
 
@@ -104,7 +104,7 @@ def test_onnx_mismatch_fails_loudly(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(router_train, "onnx_probs", lambda b, x: real(b, x) + 1e-3)
     out = tmp_path / "out"
     code = router_train.main(["--data", str(DATA), "--out", str(out), *FAST, "--epochs", "1"])
-    assert code == 2
+    assert code == 1
     assert "ONNX outputs differ from PyTorch" in capsys.readouterr().err
     assert not (out / "router.onnx").exists() and not (out / "domains.json").exists()
 

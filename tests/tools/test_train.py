@@ -16,10 +16,10 @@ torch.set_num_threads(int(os.environ.get("HUBLAB_TORCH_THREADS", "1")))
 
 from hublabio_tools import cli  # noqa: E402
 from hublabio_tools.common import RECIPES_DIR, SEED_CHAT_TEMPLATE, load_recipe  # noqa: E402
-from hublabio_tools.train import (  # noqa: E402
-    IGNORE, PackedBlocks, batch_indices, cosine_lambda, encode_segments, load_tokenizer,
-    pack_documents, train_tokenizer,
+from hublabio_tools.loop import (  # noqa: E402
+    IGNORE, PackedBlocks, batch_indices, cosine_lambda, encode_segments, pack_documents,
 )
+from hublabio_tools.train import load_tokenizer, train_tokenizer  # noqa: E402
 
 SUBJECTS = ["the cat", "a dog", "the robot", "my friend", "the teacher", "a bird", "the pi"]
 VERBS = ["sees", "likes", "builds", "reads", "finds", "trains", "writes"]
@@ -224,7 +224,7 @@ def test_loss_on_kept_positions_equals_the_full_loss():
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hublabio_tools.train import _token_ce
+    from hublabio_tools.loop import token_ce as _token_ce
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
