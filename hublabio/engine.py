@@ -37,6 +37,7 @@ from hublabio.llama import Context, Model, SamplerChain, owned
 from hublabio.llama.chat import ChatTemplate
 from hublabio.llama.handles import adapter_key
 from hublabio.params import schema_dataclass
+from hublabio.penalties import LogitEdits
 from hublabio.textstream import Piece, TextStream, TokenInfo
 
 
@@ -354,11 +355,15 @@ class Engine:
         stats.prompt_tps = (len(tokens) - stats.cached_tokens) / max(time.perf_counter() - t0, 1e-9)
         with ExitStack() as stack:
             stack.callback(lambda: ticket.release())
+            # penalties and bias touch a few logits: edited here (hublabio.penalties), not by
+            # llama.cpp's samplers, which visit the whole vocabulary per token under the lock
+            edits = LogitEdits(repeat_penalty=opts.repeat_penalty,
+                               frequency_penalty=opts.frequency_penalty,
+                               presence_penalty=opts.presence_penalty,
+                               logit_bias=opts.logit_bias, n_vocab=self.n_vocab)
             sampler = None if opts.plain_greedy else stack.enter_context(SamplerChain(
                 self.model, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                repeat_penalty=opts.repeat_penalty, frequency_penalty=opts.frequency_penalty,
-                presence_penalty=opts.presence_penalty, seed=opts.seed,
-                logit_bias=opts.logit_bias, grammar=opts.grammar))
+                seed=opts.seed, grammar=opts.grammar))
             scratch = np.empty(self.n_vocab, dtype=np.float32)
             for _ in range(max_new):
                 logits = self.ctx.logits(ticket.index)
@@ -367,8 +372,12 @@ class Engine:
                 if sampler is None:
                     tok = int(np.argmax(logits))
                 else:
+                    edit = edits.apply(logits) if edits.active else None
                     with self._kv():  # llama.cpp's sampler reads the context: one at a time
                         tok = sampler.sample(self.ctx, ticket.index)
+                    if edit is not None:  # log-probabilities are the model's own
+                        edits.restore(logits, edit)
+                    edits.accept(tok)
                 top: tuple = ()
                 logprob = math.nan
                 if opts.top_logprobs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 
 from hublabio.engine import Engine, SamplingOptions, collect
@@ -168,3 +169,48 @@ def test_an_empty_prompt_starts_from_bos_not_from_the_previous_context(smollm2_p
         again = used.complete("", SamplingOptions(max_tokens=6, temperature=0))
     assert first[2].prompt_tokens == 1 and first[2].cached_tokens == 0
     assert again[0] == first[0] and again[2].cached_tokens == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_penalties_and_bias_edited_here_draw_what_llama_cpps_samplers_draw(engine, temperature):
+    """hublabio.penalties edits the few logits the penalties and the bias touch; llama.cpp's own
+    samplers run over the whole vocabulary. Same logits, same seed: the same token every step
+    (the penalties bite: they change the answer against a chain without them)."""
+    from hublabio.llama import SamplerChain
+    from hublabio.penalties import LogitEdits
+
+    knobs = dict(repeat_penalty=1.3, frequency_penalty=0.5, presence_penalty=1.5)
+    bias = {engine.model.tokenize(" the", add_special=False)[0]: -3.0, 1000: 4.5}
+    tokens = engine.prompt_tokens(QUESTION)
+    ctx = engine.ctx
+    with engine._kv():
+        engine.ctx.keep_prefix(0, seq=0)
+        ctx.decode(tokens, 0)
+        theirs = SamplerChain(engine.model, temperature=temperature, top_k=40, top_p=0.9, seed=7,
+                              logit_bias=bias, **knobs)
+        ours = SamplerChain(engine.model, temperature=temperature, top_k=40, top_p=0.9, seed=7)
+        plain = SamplerChain(engine.model, temperature=temperature, top_k=40, top_p=0.9, seed=7)
+        edits = LogitEdits(logit_bias=bias, n_vocab=engine.n_vocab, **knobs)
+        drawn, unpenalized = [], []
+        try:
+            pos = len(tokens)
+            for _ in range(120):
+                row = ctx.logits(-1)
+                before = row.copy()
+                want = theirs.sample(ctx, -1)
+                edit = edits.apply(row)
+                got = ours.sample(ctx, -1)
+                edits.restore(row, edit)
+                edits.accept(got)
+                assert np.array_equal(row, before)  # restored: log-probs stay the model's
+                unpenalized.append(plain.sample(ctx, -1))
+                assert got == want, (len(drawn), got, want)
+                drawn.append(got)
+                ctx.decode([got], pos)
+                pos += 1
+        finally:
+            for chain in (theirs, ours, plain):
+                chain.close()
+            engine.ctx.keep_prefix(0, seq=0)
+            engine._slots[0].cached = []
+    assert drawn != unpenalized
