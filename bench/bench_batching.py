@@ -6,8 +6,10 @@ and N clients each send the same greedy streamed /v1/completions request at once
 repeat penalty (--server-defaults: each server's own, 1.1 for hublabd, 1.0 for llama-server);
 the two servers alternate within each round (hublabd first in even rounds, llama-server first in odd
 ones) so drift on a shared machine hits both. Reported per server and N: total decode tok/s
-(every client's completion tokens / the wall time from the first request to the last answer)
-and p50 / p90 time to first token over all clients and rounds.
+(every client's completion tokens / the wall time from the first request to the last answer),
+decode tok/s (the tokens after each client's first / the time from the first first token to the
+last answer: fair when the answers differ in length, as at each server's own defaults) and
+p50 / p90 time to first token over all clients and rounds.
 
 hublabd runs at its defaults (repack "auto" of hublabio.llama.cpu); llama-server gets
 --no-repack on an Intel AMX host (its AMX kernels segfault there, llama.cpp #20824).
@@ -59,6 +61,8 @@ from hublabio.paths import embedded_model_path
 
 STREAM = True
 SERVER_DEFAULTS = False  # --server-defaults: each server's own repeat penalty (hublabd 1.1)
+REPEAT_PENALTY = 1.0  # --repeat-penalty: sent to both servers (unless --server-defaults)
+NO_EOS: dict[str, float] = {}  # --no-eos: {end-of-generation token id: -100} for both servers
 PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
           "bottle. Describe the sea, the weather and every room of the lighthouse.\n\nStory:")
 
@@ -129,15 +133,17 @@ def one_request(base: str, model: str, tokens: int, out: list, i: int) -> None:
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
             "stream": STREAM, "stream_options": {"include_usage": True}}
     if not SERVER_DEFAULTS:
-        body["repeat_penalty"] = 1.0  # the same sampling on both sides
+        body["repeat_penalty"] = REPEAT_PENALTY  # the same sampling on both sides
+    if NO_EOS:
+        body["logit_bias"] = NO_EOS  # every answer runs to max_tokens on both servers
     t0 = time.perf_counter()
-    ttft, n = None, 0
+    ttft, n, first_at = None, 0, t0
     if not STREAM:
         body.pop("stream_options")
         r = httpx.post(base + "/v1/completions", json=body, timeout=600)
         r.raise_for_status()
         out[i] = (time.perf_counter() - t0, r.json()["usage"]["completion_tokens"],
-                  time.perf_counter())
+                  time.perf_counter(), time.perf_counter())
         return
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -147,12 +153,14 @@ def one_request(base: str, model: str, tokens: int, out: list, i: int) -> None:
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0].get("text") and ttft is None:
                 ttft = time.perf_counter() - t0
+                first_at = time.perf_counter()
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
-    out[i] = (ttft, n, time.perf_counter())
+    out[i] = (ttft, n, time.perf_counter(), first_at)
 
 
-def clients(base: str, model: str, n: int, tokens: int) -> tuple[float, list[float], int]:
+def clients(base: str, model: str, n: int, tokens: int
+            ) -> tuple[float, list[float], int, float]:
     one_request(base, model, 4, [None], 0)  # warm-up: the model loaded, the threads started
     out: list = [None] * n
     threads = [threading.Thread(target=one_request, args=(base, model, tokens, out, i))
@@ -163,7 +171,11 @@ def clients(base: str, model: str, n: int, tokens: int) -> tuple[float, list[flo
     for t in threads:
         t.join()
     wall = max(o[2] for o in out) - t0
-    return sum(o[1] for o in out) / wall, [o[0] for o in out], sum(o[1] for o in out)
+    # decode only: the tokens after each first one, from the first first token to the last end
+    # (answers of different lengths, as at each server's own defaults, compare fairly here)
+    decode = sum(o[1] - 1 for o in out) / max(max(o[2] for o in out) - min(o[3] for o in out),
+                                              1e-9)
+    return sum(o[1] for o in out) / wall, [o[0] for o in out], sum(o[1] for o in out), decode
 
 
 ROUTINGS = (("single", 1), ("topk", 2), ("all", 5))
@@ -335,13 +347,25 @@ def main() -> int:
     ap.add_argument("--switch", action="store_true", help="switch-back TTFT instead")
     ap.add_argument("--server-defaults", action="store_true",
                     help="send no repeat_penalty: each server samples at its own default")
+    ap.add_argument("--no-eos", action="store_true",
+                    help="bias the end-of-generation token away on both servers, so answers of "
+                         "different text still have the same length")
+    ap.add_argument("--repeat-penalty", type=float, default=1.0,
+                    help="the repeat_penalty both servers get (default 1.0, no penalty)")
     ap.add_argument("--adapters", action="store_true",
                     help="--moe: the domain experts get LoRA adapters")
     ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
-    global SERVER_DEFAULTS
+    global SERVER_DEFAULTS, REPEAT_PENALTY, NO_EOS
     SERVER_DEFAULTS = args.server_defaults
+    REPEAT_PENALTY = args.repeat_penalty
+    if args.no_eos:
+        from hublabio.gguf_info import read_gguf_info
+
+        meta = read_gguf_info(args.model).metadata
+        eog = {meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")}
+        NO_EOS.update({str(t): -100.0 for t in eog if isinstance(t, int)})
     if args.moe_child:
         moe_child(args.moe_child, threads, args.tokens, args.rounds, args.adapters)
         return 0
@@ -358,28 +382,32 @@ def main() -> int:
           f"{threads}, {args.model.name}, {args.tokens} tokens per client")
     servers = {"hublabd": lambda n: hublabd(args.model, n, threads, args.tokens),
                "llama-server": lambda n: llama_server(args.llama_server, args.model, n, threads)}
-    print("| clients | server | total tok/s (per round) | TTFT p50 ms | TTFT p90 ms |")
-    print("| ---: | --- | --- | ---: | ---: |")
+    print("| clients | server | total tok/s (per round) | decode tok/s | TTFT p50 ms | TTFT p90 ms |")
+    print("| ---: | --- | --- | ---: | ---: | ---: |")
     for n in [int(x) for x in args.clients.split(",")]:
         tps: dict[str, list[float]] = {k: [] for k in servers}
         ttft: dict[str, list[float]] = {k: [] for k in servers}
+        dec: dict[str, list[float]] = {k: [] for k in servers}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
                 with servers[name](n) as (base, model):
-                    rate, firsts, total = clients(base, model, n, args.tokens)
+                    rate, firsts, total, decode = clients(base, model, n, args.tokens)
                     if total != n * args.tokens:
                         print(f"  ({name}: {total} tokens, not {n * args.tokens}: an answer "
                               "ended early)", flush=True)
                 tps[name].append(rate)
+                dec[name].append(decode)
                 ttft[name].extend(firsts)
         for name in servers:
             rates = " / ".join(f"{x:.1f}" for x in tps[name])
             print(f"| {n} | {name} | **{statistics.median(tps[name]):.1f}** ({rates}) | "
+                  f"{statistics.median(dec[name]):.1f} | "
                   f"{pct(ttft[name], 0.5) * 1e3:.0f} | {pct(ttft[name], 0.9) * 1e3:.0f} |",
                   flush=True)
         ratio = statistics.median(tps["hublabd"]) / statistics.median(tps["llama-server"])
-        print(f"|  | hublabd / llama-server | {ratio:.2f} |  |  |", flush=True)
+        dratio = statistics.median(dec["hublabd"]) / statistics.median(dec["llama-server"])
+        print(f"|  | hublabd / llama-server | {ratio:.2f} | {dratio:.2f} |  |  |", flush=True)
     return 0
 
 

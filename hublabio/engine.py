@@ -59,10 +59,9 @@ class SamplingOptions:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits: the answer is argmax(logits)."""
-        return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.logit_bias
-                and not self.frequency_penalty and not self.presence_penalty
-                and self.grammar is None)
+        """Greedy without a grammar: the answer is argmax of the logits (after the penalties
+        and bias, which hublabio.penalties applies), as llama.cpp's greedy sampler picks."""
+        return self.temperature <= 0 and self.grammar is None
 
     @classmethod
     def from_inference(cls, inf, **overrides) -> "SamplingOptions":
@@ -367,17 +366,17 @@ class Engine:
             scratch = np.empty(self.n_vocab, dtype=np.float32)
             for _ in range(max_new):
                 logits = self.ctx.logits(ticket.index)
+                edit = edits.apply(logits) if edits.active else None
                 # plain greedy: argmax, as llama.cpp's greedy sampler picks (first maximum),
-                # without copying the vocabulary into a candidates array
+                # without copying the vocabulary into a candidates array under the lock
                 if sampler is None:
                     tok = int(np.argmax(logits))
                 else:
-                    edit = edits.apply(logits) if edits.active else None
                     with self._kv():  # llama.cpp's sampler reads the context: one at a time
                         tok = sampler.sample(self.ctx, ticket.index)
-                    if edit is not None:  # log-probabilities are the model's own
-                        edits.restore(logits, edit)
-                    edits.accept(tok)
+                if edit is not None:  # log-probabilities are the model's own
+                    edits.restore(logits, edit)
+                edits.accept(tok)
                 top: tuple = ()
                 logprob = math.nan
                 if opts.top_logprobs:

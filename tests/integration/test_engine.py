@@ -145,12 +145,30 @@ def test_another_architecture_gemma3(gemma_path, test_threads):
 
 
 def test_plain_greedy_fast_path_picks_what_llama_cpps_greedy_sampler_picks(engine):
+    """Greedy without a grammar is argmax in numpy (after hublabio.penalties' edits); the
+    penalty test below checks the edits against llama.cpp's samplers, this one the argmax
+    against llama.cpp's greedy sampler."""
+    from hublabio.llama import SamplerChain
+
+    assert SamplingOptions(temperature=0, repeat_penalty=1.3, logit_bias={5: 1.0}).plain_greedy
+    assert not SamplingOptions(temperature=0, grammar='root ::= "a"').plain_greedy
     fast = SamplingOptions(max_tokens=16, temperature=0, repeat_penalty=1.0)
-    assert fast.plain_greedy
-    chain = SamplingOptions(max_tokens=16, temperature=0, repeat_penalty=1.0, logit_bias={0: 0.0})
-    assert not chain.plain_greedy  # a (zero) logit bias goes through llama.cpp's sampler chain
-    ids = [[t.id for p in engine.complete(QUESTION, o)[1] for t in p.tokens] for o in (fast, chain)]
-    assert ids[0] == ids[1] and len(ids[0]) > 3
+    ids = [t.id for p in engine.complete(QUESTION, fast)[1] for t in p.tokens]
+    tokens = engine.prompt_tokens(QUESTION)
+    with engine._kv():
+        engine.ctx.keep_prefix(0, seq=0)
+        engine._slots[0].cached = []
+        engine.ctx.decode(tokens, 0)
+        chain = SamplerChain(engine.model, temperature=0)
+        try:
+            theirs = []
+            for i in range(len(ids)):
+                theirs.append(chain.sample(engine.ctx, -1))
+                engine.ctx.decode([theirs[-1]], len(tokens) + i)
+        finally:
+            chain.close()
+            engine.ctx.keep_prefix(0, seq=0)
+    assert ids == theirs and len(ids) > 3
 
 
 def test_logprobs_can_be_skipped(engine):
