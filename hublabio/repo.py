@@ -9,10 +9,11 @@ A repository is a static folder, served as it is by any HTTP server or carried o
     <name>/<version>/package.toml   the package as `pkg install` verifies it
     <name>/<version>/<files...>
 
-`publish(package_dir, repo_dir)` takes a package folder (`hublab-tools deploy`'s, or the seed's
+`publish(package_dir, repo)` takes a package folder (`hublab-tools deploy`'s, or the seed's
 manifest: top-level name, version, category, description and `files = [paths]`), hashes every
 file, copies it to `<name>/<version>/` (a temporary folder renamed into place) and rewrites
-index.json atomically under a lock. A published version is never overwritten.
+index.json atomically under a lock. `repo` may also be an http(s) URL of a server that takes
+PUT uploads: the files go first and index.json last. A published version is never overwritten.
 
 On the device, `install(spec, models_dir, repos)` resolves `name` or `name@version` (the
 highest version when none is given) in the configured repositories (paths or http(s) URLs,
@@ -106,6 +107,8 @@ def _open(location: str, offset: int = 0):
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:  # nothing after the offset: the partial file is whole
             return _open(location, 0)
+        if err.code == 404:
+            raise FileNotFoundError(location) from None
         raise PackageError(f"{location}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
@@ -369,10 +372,6 @@ def publish(src, repo_dir) -> RepoPackage:
     """Add the package folder `src` to the repository folder `repo_dir` (created if needed)."""
     src = Path(src).expanduser()
     repo = str(repo_dir)
-    if _is_url(repo):
-        raise PackageError(f"{repo}: publish writes a repository folder; serve that folder over "
-                           "HTTP (any static server) and add its URL on the device")
-    repo_path = Path(repo).expanduser()
     meta, paths = _read_source(src)
     if not VERSION_RE.match(meta["version"]):
         raise PackageError(f"{src / packages.MANIFEST}: version: {meta['version']!r} is not a "
@@ -383,6 +382,9 @@ def publish(src, repo_dir) -> RepoPackage:
         if f.is_symlink() or not f.is_file():
             raise PackageError(f"{f}: listed in {packages.MANIFEST} but not a regular file")
         files.append(packages.PackageFile(rel, _hash(f), f.stat().st_size))
+    if _is_url(repo):
+        return _publish_http(repo, src, meta, files)
+    repo_path = Path(repo).expanduser()
     repo_path.mkdir(parents=True, exist_ok=True)
     with dir_lock(repo_path):
         index = _load_local_index(repo_path)
@@ -409,6 +411,52 @@ def publish(src, repo_dir) -> RepoPackage:
         versions.sort(key=lambda v: version_key(v["version"]))
         atomic_write_text(repo_path / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
     return RepoPackage(files=files, repo=str(repo_path), **meta)
+
+
+def _put(url: str, body, size: int) -> None:
+    req = urllib.request.Request(url, data=body, method="PUT",
+                                 headers={"Content-Length": str(size),
+                                          "Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as err:
+        raise PackageError(f"{url}: the server refused the upload (HTTP {err.code} "
+                           f"{err.reason}); publish to a folder and serve it instead") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise PackageError(f"{url}: cannot connect ({getattr(err, 'reason', err)})") from None
+
+
+def _publish_http(repo: str, src: Path, meta: dict, files: list[packages.PackageFile]
+                  ) -> RepoPackage:
+    """Publish to a server that takes HTTP PUT (WebDAV, a storage bucket, nginx dav): the files
+    first, index.json last, so a reader never sees a version whose files are not all there.
+    (Two publishers at once are not serialized here: a folder repository locks.)"""
+    try:
+        f, _ = _open(_join(repo, INDEX))
+        with f:
+            doc = json.loads(f.read(MAX_INDEX_BYTES + 1).decode("utf-8"))
+        read_index(repo)  # a damaged index is refused before it is extended
+    except FileNotFoundError:
+        doc = {"format": FORMAT, "version": 1, "packages": {}}
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PackageError(f"{_join(repo, INDEX)}: not a package index ({err})") from None
+    versions = doc["packages"].setdefault(meta["name"], [])
+    if any(v["version"] == meta["version"] for v in versions):
+        raise PackageError(f"{meta['name']} {meta['version']} is already in {repo}; a published "
+                           "version is never replaced (raise the version)")
+    for entry in files:
+        with open(src / entry.path, "rb") as body:
+            _put(_join(repo, meta["name"], meta["version"], *entry.path.split("/")), body,
+                 entry.size)
+    manifest = render_manifest(meta, files).encode("utf-8")
+    _put(_join(repo, meta["name"], meta["version"], packages.MANIFEST), manifest, len(manifest))
+    versions.append({**meta, "files": [
+        {"path": f.path, "sha256": f.sha256, "size": f.size} for f in files]})
+    versions.sort(key=lambda v: version_key(v["version"]))
+    index = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    _put(_join(repo, INDEX), index, len(index))
+    return RepoPackage(files=files, repo=repo, **meta)
 
 
 def _load_local_index(repo_path: Path) -> dict:

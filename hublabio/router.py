@@ -50,6 +50,19 @@ class Router(Protocol):
 
 # ----------------------------------------------------------------------------- ONNX router
 
+def check_first_run(onnx_path: Path, run, output: str, n_domains: int) -> None:
+    """Run a freshly loaded router once: an error or an output that is not one row of
+    `n_domains` scores is a RouterError naming the file (so the keyword router takes over)."""
+    try:
+        out = run()
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise RouterError(f"{onnx_path}: inference failed ({type(err).__name__}: "
+                          f"{str(err).strip()[:300]})") from None
+    if out.shape != (1, n_domains):
+        raise RouterError(f"{onnx_path}: output {output!r} has shape {out.shape}, expected "
+                          f"(1, {n_domains}) for the {n_domains} domains in {DOMAINS_FILE}")
+
+
 def open_session(onnx_path: Path):
     """An onnxruntime session on one thread (routing runs beside llama.cpp's threads)."""
     import onnxruntime as ort
@@ -143,15 +156,8 @@ class OnnxRouter:
             raise RouterError(f"{onnx_path}: input width {width} does not match "
                               f"{DOMAINS_FILE} features.dim {spec.dim}")
         router = cls(session, domains, spec, meta, router_dir)
-        try:
-            probs = router._run(np.zeros((1, spec.dim), dtype=np.float32))
-        except Exception as err:
-            raise RouterError(f"{onnx_path}: inference failed ({type(err).__name__}: "
-                              f"{str(err).strip()[:300]})") from None
-        if probs.shape != (1, len(domains)):
-            raise RouterError(f"{onnx_path}: output {OUTPUT_NAME!r} has shape {probs.shape}, "
-                              f"expected (1, {len(domains)}) for the {len(domains)} domains in "
-                              f"{DOMAINS_FILE}")
+        check_first_run(onnx_path, lambda: router._run(np.zeros((1, spec.dim), np.float32)),
+                        OUTPUT_NAME, len(domains))
         return router
 
     def _run(self, x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hublabio.errors import RouterError
-from hublabio.router import DOMAINS_FILE, ONNX_FILE, read_domain_list
+from hublabio.router import DOMAINS_FILE, ONNX_FILE, check_first_run, read_domain_list
 
 TOKENIZER_FILE = "tokenizer.json"
 DYNAMIC_MAX_TOKENS = 512  # the longest input when the model was exported with a dynamic length
@@ -86,15 +86,8 @@ class TransformerRouter:
         tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "",
                                  length=seq_len)
         router = cls(session, tokenizer, domains, seq_len, extra, router_dir)
-        try:
-            logits = router._logits(["routing check"])
-        except Exception as err:
-            raise RouterError(f"{onnx_path}: inference failed ({type(err).__name__}: "
-                              f"{str(err).strip()[:300]})") from None
-        if logits.shape != (1, len(domains)):
-            raise RouterError(f"{onnx_path}: output logits has shape {logits.shape}, expected "
-                              f"(1, {len(domains)}) for the {len(domains)} domains in "
-                              f"{DOMAINS_FILE}")
+        check_first_run(onnx_path, lambda: router._logits(["routing check"]), "logits",
+                        len(domains))
         return router
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import re
 import threading
 from pathlib import Path
@@ -17,20 +16,12 @@ import pytest
 from hublabio import pkg, repo
 from hublabio.errors import PackageError
 
-from test_pkg import listing, make_dir  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_pkg import listing, make_dir, models  # noqa: E402,F401  (tests/ is on sys.path; models: a fixture)
 
 V1 = {"demo.toml": b'[model]\nname = "demo"\npath = "demo.gguf"\n',
       "demo.gguf": b"GGUF" + bytes(range(256)) * 400,
       "experts/python.toml": b'[model]\nname = "py"\n'}
 V2 = {**V1, "demo.gguf": b"GGUF" + bytes(range(255, -1, -1)) * 400}
-
-
-@pytest.fixture
-def models(tmp_path) -> Path:
-    d = tmp_path / "models"
-    d.mkdir()
-    (d / "model-config.toml").write_text('[model]\nname = "base"\npath = "base.gguf"\n')
-    return d
 
 
 @pytest.fixture
@@ -221,3 +212,37 @@ def test_replace_overwrites_a_shipped_file_but_not_another_packages(tmp_path, mo
     other = make_dir(tmp_path / "other", name="other", files={"experts/python.toml": b"o"})
     with pytest.raises(PackageError, match="belongs to package 'trained-python'"):
         pkg.install(other, models, replace=True)
+
+
+class PutHandler(RangeHandler):
+    """A static server that also stores what is PUT (as WebDAV or a bucket would)."""
+
+    def do_PUT(self):
+        path = Path(self.translate_path(self.path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_publish_over_http_put_then_install_from_that_url(tmp_path, models):
+    served = tmp_path / "served"
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(PutHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/repo"
+    try:
+        repo.publish(make_dir(tmp_path / "v1", name="demo", files=V1, version="1.0.0"), url)
+        repo.publish(make_dir(tmp_path / "o", name="other", files={"o.toml": b"o"}), url)
+        index = json.loads((served / "repo" / "index.json").read_text())
+        assert sorted(index["packages"]) == ["demo", "other"]
+        with pytest.raises(PackageError, match="already in"):
+            repo.publish(make_dir(tmp_path / "again", name="demo", files=V2, version="1.0.0"),
+                         url)
+        assert repo.install("demo", models, [url]).version == "1.0.0"
+        assert (models / "demo.gguf").read_bytes() == V1["demo.gguf"]
+    finally:
+        server.shutdown()
+        server.server_close()

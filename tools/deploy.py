@@ -268,7 +268,8 @@ def main_publish(argv: list[str] | None = None) -> int:
                                  description=main_publish.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("package", type=Path, help="package folder (with package.toml)")
-    ap.add_argument("--repo", required=True, help="repository folder (created if needed)")
+    ap.add_argument("--repo", required=True, help="repository folder (created if needed), or "
+                                                  "the URL of a server that takes HTTP PUT")
     args = ap.parse_args(argv)
     try:
         res = publish(args.package, args.repo)

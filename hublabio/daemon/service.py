@@ -156,8 +156,8 @@ class Service:
         if cfg is not None:
             return cfg
         if name.endswith(".gguf") or "/" in name:
-            for c in configs:  # `ai load /models/x.gguf` as the seed's config writes the path
-                if c.path_spec == name or (c.path is not None and str(c.path) == name):
+            for c in configs:  # `ai load /models/x.gguf`, the path as a config writes it
+                if c.path_spec == name and not Path(name).exists():
                     return c
             p = self._allowed_path(name)
             cfg = ModelConfig(name=p.stem, type="gguf", path=p, source=p, path_spec=str(p))

@@ -144,21 +144,22 @@ def pkg_upgrade(ctx: ShellContext, args: list[str]) -> None:
         ctx.out.line(f"Upgraded {name}: {old} -> {new}")
 
 
-@command("pkg publish", usage="pkg publish <folder> --repo <folder>")
+@command("pkg publish", usage="pkg publish <folder> --repo <folder|url>")
 def pkg_publish(ctx: ShellContext, args: list[str]) -> None:
     """Add a package folder (package.toml: `hublab-tools deploy`'s, or the seed's name /
-    version / files list) to a repository folder, which any HTTP server or a USB stick serves.
-    Without --repo, the first configured repository that is a folder."""
+    version / files list) to a repository: a folder, which any HTTP server or a USB stick
+    serves, or the http(s) URL of a server that takes PUT uploads. Without --repo, the first
+    configured repository that is a folder."""
     rest = list(args)
     target = None
     if "--repo" in rest:
         i = rest.index("--repo")
         if i + 1 >= len(rest):
-            raise UsageError("usage: pkg publish <folder> --repo <folder>")
+            raise UsageError("usage: pkg publish <folder> --repo <folder|url>")
         target = rest[i + 1]
         del rest[i:i + 2]
     if len(rest) != 1:
-        raise UsageError("usage: pkg publish <folder> --repo <folder>")
+        raise UsageError("usage: pkg publish <folder> --repo <folder|url>")
     if target is None:
         target = next((r for r in package_repositories() if not r.startswith("http")), None)
         if target is None:
