@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train-router": ("router_train", "train the ONNX router from labelled queries"),
     "convert": ("convert", "HF checkpoint -> GGUF (F32/F16/BF16/Q8_0)"),
     "convert-lora": ("convert_lora", "peft adapter -> GGUF LoRA adapter"),
+    "random-model": ("random_model", "a random-weight GGUF in a recipe's shape (0.5b..7b), quantized"),
     "quantize": ("quantize", "GGUF -> any llama.cpp quantization, optionally with an imatrix"),
     "imatrix": ("imatrix", "compute an importance matrix from calibration text"),
     "eval": ("evaluate", "perplexity of a GGUF on a text file"),
