@@ -88,13 +88,14 @@ def wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @contextmanager
-def hublabd(model: Path, n: int, threads: int, tokens: int):
+def hublabd(model: Path, n: int, threads: int, tokens: int, extra: str = ""):
+    """`extra`: more [inference] lines for the model's TOML."""
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         models.mkdir()
         (models / "model-config.toml").write_text(
             f'[model]\nname = "bench"\npath = "{model}"\n[inference]\nmax_tokens = {tokens}\n'
-            f"context_size = 512\nparallel = {n}\n")
+            f"context_size = 512\nparallel = {n}\n{extra}")
         port = free_port()
         env = {**os.environ, "HUBLAB_STATE_DIR": str(Path(tmp) / "state")}
         with serving(port, [sys.executable, "-m", "hublabio.daemon.main", "--models-dir",
@@ -357,7 +358,7 @@ def main() -> int:
     ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
-    global SERVER_DEFAULTS, REPEAT_PENALTY, NO_EOS
+    global SERVER_DEFAULTS, REPEAT_PENALTY
     SERVER_DEFAULTS = args.server_defaults
     REPEAT_PENALTY = args.repeat_penalty
     if args.no_eos:
