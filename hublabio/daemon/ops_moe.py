@@ -32,7 +32,7 @@ from pathlib import Path
 from hublabio import protocol
 from hublabio.config import read_settings
 from hublabio.daemon.registry import OpTable, Req
-from hublabio.daemon.service import Service, _check_options, _mb
+from hublabio.daemon.service import Service, _check_options, _mb, files_signature
 from hublabio.errors import HublabError, ProtocolError
 from hublabio.moe import MoE, MoESettings, set_moe_setting
 
@@ -46,19 +46,11 @@ _cache_lock = threading.Lock()
 
 
 def _signature(models_dir: Path) -> tuple:
-    sig = []
-    for sub in ("experts", "router"):
-        folder = models_dir / sub
-        try:
-            for p in sorted(folder.iterdir()):
-                try:
-                    st = p.stat()
-                except FileNotFoundError:
-                    continue
-                sig.append((sub, p.name, st.st_mtime_ns, st.st_size))
-        except OSError:
-            continue
-    return tuple(sig)
+    """What the experts are read from: experts/ and router/ (router/final/: the seed's tokenizer
+    and domains.json), and the top-level model TOMLs (model-config.toml's [expert] and
+    [inference] make the default model an expert and set the bare experts' inference)."""
+    return (files_signature(models_dir, "*.toml"), files_signature(models_dir / "experts"),
+            files_signature(models_dir / "router"), files_signature(models_dir / "router" / "final"))
 
 
 def moe_for(svc: Service) -> tuple[MoE, list[str]]:

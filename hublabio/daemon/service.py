@@ -63,6 +63,22 @@ def _mb(n_bytes: int | float) -> float:
     return round(n_bytes / (1024 * 1024), 1)
 
 
+def files_signature(folder: Path, pattern: str = "*") -> tuple:
+    """(name, mtime, size) of each entry of `folder` matching `pattern`: it changes when one is
+    added, removed or edited (a missing folder gives ())."""
+    sig = []
+    try:
+        for p in sorted(folder.glob(pattern)):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            sig.append((p.name, st.st_mtime_ns, st.st_size))
+    except OSError:
+        pass
+    return tuple(sig)
+
+
 class Service:
     """Settings, the model pool, the model configs (re-read when a *.toml in the models dir
     changes) and counters. Thread-safe: ops run in worker threads."""
@@ -99,17 +115,7 @@ class Service:
 
     # ---- configs -------------------------------------------------------------------------
     def _signature(self) -> tuple:
-        sig = []
-        try:
-            for p in sorted(self.models_dir.glob("*.toml")):
-                try:
-                    st = p.stat()
-                    sig.append((p.name, st.st_mtime_ns, st.st_size))
-                except FileNotFoundError:
-                    continue
-        except OSError:
-            pass
-        return tuple(sig)
+        return files_signature(self.models_dir, "*.toml")
 
     def configs(self) -> tuple[list[ModelConfig], list[ConfigError]]:
         """The model configs, re-read when any top-level *.toml changed (added, removed, edited)."""

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,26 @@ def test_a_type_that_is_not_the_files_architecture_is_refused_by_name(tmp_path, 
     assert run.returncode != 0
     assert re.search(r"model-config\.toml: \[model\] type: 'qwen2', but .* set type = 'llama'",
                      run.stderr), run.stderr
+
+
+def test_the_daemon_sees_an_edited_model_config_expert_without_a_restart(tmp_path,
+                                                                          smollm2_path):
+    """model-config.toml's [expert] and [inference] feed the experts, so editing it must
+    refresh the daemon's cached MoE as editing experts/ does."""
+    from hublabio.client import Client
+
+    from .test_daemon import make_daemon
+
+    models = tmp_path / "models"
+    (models / "experts").mkdir(parents=True)
+    config = models / "model-config.toml"
+    config.write_text(SEED_MODEL_CONFIG)
+    os.symlink(smollm2_path, models / "model-q4_k_m.gguf")
+    os.symlink(smollm2_path, models / "experts" / "expert-python-q4_k_m.gguf")
+    with make_daemon(models) as d, Client(d.socket_path, timeout=60) as c:
+        domains = {r["domain"] for r in c.call("moe.experts")["experts"]}
+        assert domains == {"general", "python"}
+        config.write_text(SEED_MODEL_CONFIG.replace('domain = "general"', 'domain = "ai"'))
+        os.utime(config, ns=(time.time_ns(), time.time_ns() + 10**9))
+        domains = {r["domain"] for r in c.call("moe.experts")["experts"]}
+        assert domains == {"ai", "python"}
