@@ -99,6 +99,34 @@ def check_path(text, where: str) -> str:
     return text
 
 
+def check_files(files, label: str, hint: str = "") -> list[PackageFile]:
+    """A manifest's (or a repository index's) file list: each entry exactly path, sha256 and
+    size, every path a plain relative one listed once and never also used as a folder.
+    `label` starts each error ("package.toml: files")."""
+    if not isinstance(files, list) or not files:
+        raise PackageError(f"{label}: the package lists no files{hint}")
+    entries, seen = [], set()
+    for i, f in enumerate(files):
+        at = f"{label}[{i}]"
+        if not isinstance(f, dict) or set(f) != {"path", "sha256", "size"}:
+            raise PackageError(f"{at}: needs exactly path, sha256 and size")
+        path = check_path(f["path"], f"{at}.path")
+        if path in seen:
+            raise PackageError(f"{at}.path: {path!r} is listed twice")
+        seen.add(path)
+        if not isinstance(f["sha256"], str) or not SHA_RE.match(f["sha256"]):
+            raise PackageError(f"{at}.sha256: must be 64 lowercase hex digits")
+        if not isinstance(f["size"], int) or isinstance(f["size"], bool) or f["size"] < 0:
+            raise PackageError(f"{at}.size: must be a non-negative integer")
+        entries.append(PackageFile(path, f["sha256"], f["size"]))
+    dirs = {str(p) for e in entries for p in PurePosixPath(e.path).parents if str(p) != "."}
+    clash = dirs & seen
+    if clash:
+        raise PackageError(f"{label}: {sorted(clash)[0]!r} is listed as a file and used as a "
+                           "folder")
+    return entries
+
+
 def parse_manifest(data: bytes, where: str) -> InstalledPackage:
     if len(data) > tomlsafe.MAX_BYTES:
         raise PackageError(f"{where}: larger than {tomlsafe.MAX_BYTES // 1024} KiB")
@@ -126,27 +154,7 @@ def parse_manifest(data: bytes, where: str) -> InstalledPackage:
     if not NAME_RE.match(meta["name"]):
         raise PackageError(f"{where}: package.name: {meta['name']!r} must be lowercase letters, "
                            "digits, '.', '_' or '-' (at most 64)")
-    files = doc.get("files")
-    if not isinstance(files, list) or not files:
-        raise PackageError(f"{where}: files: the package lists no files ([[files]] tables)")
-    entries, seen = [], set()
-    for i, f in enumerate(files):
-        at = f"{where}: files[{i}]"
-        if not isinstance(f, dict) or set(f) != {"path", "sha256", "size"}:
-            raise PackageError(f"{at}: needs exactly path, sha256 and size")
-        path = check_path(f["path"], f"{at}.path")
-        if path in seen:
-            raise PackageError(f"{at}.path: {path!r} is listed twice")
-        seen.add(path)
-        if not isinstance(f["sha256"], str) or not SHA_RE.match(f["sha256"]):
-            raise PackageError(f"{at}.sha256: must be 64 lowercase hex digits")
-        if not isinstance(f["size"], int) or isinstance(f["size"], bool) or f["size"] < 0:
-            raise PackageError(f"{at}.size: must be a non-negative integer")
-        entries.append(PackageFile(path, f["sha256"], f["size"]))
-    dirs = {str(p) for e in entries for p in PurePosixPath(e.path).parents if str(p) != "."}
-    clash = dirs & seen
-    if clash:
-        raise PackageError(f"{where}: {sorted(clash)[0]!r} is listed as a file and used as a folder")
+    entries = check_files(doc.get("files"), f"{where}: files", hint=" ([[files]] tables)")
     return InstalledPackage(name=meta["name"], version=meta["version"].strip(),
                             category=meta.get("category", ""),
                             description=meta.get("description", ""), files=entries)

@@ -84,12 +84,12 @@ def is_spec(text: str) -> bool:
 
 # ------------------------------------------------------------------------ reading a repository
 
-def _is_url(repo: str) -> bool:
+def is_url(repo: str) -> bool:
     return repo.startswith(("http://", "https://"))
 
 
 def _join(repo: str, *parts: str) -> str:
-    if _is_url(repo):
+    if is_url(repo):
         return repo.rstrip("/") + "/" + "/".join(urllib.parse.quote(p) for p in parts)
     return str(Path(repo).expanduser().joinpath(*parts))
 
@@ -97,7 +97,7 @@ def _join(repo: str, *parts: str) -> str:
 def _open(location: str, offset: int = 0):
     """(file object, offset it starts at): a local file, or an HTTP response (Range when
     resuming; a server that ignores it starts again at 0)."""
-    if not _is_url(location):
+    if not is_url(location):
         f = open(location, "rb")
         f.seek(offset)
         return f, offset
@@ -118,12 +118,20 @@ def _open(location: str, offset: int = 0):
 
 def read_index(repo: str) -> list[RepoPackage]:
     """Every package version a repository offers, validated like a package manifest."""
+    return _parse_index(_index_doc(repo), _join(repo, INDEX), repo)
+
+
+def _index_doc(repo: str, *, missing_ok: bool = False) -> dict:
+    """The repository's index.json, checked (an empty index when `missing_ok` and there is
+    none yet: the first publish)."""
     where = _join(repo, INDEX)
     try:
         f, _ = _open(where)
         with f:
             data = f.read(MAX_INDEX_BYTES + 1)
     except FileNotFoundError:
+        if missing_ok:
+            return {"format": FORMAT, "version": 1, "packages": {}}
         raise PackageError(f"{where}: no package index (is {repo} a repository? "
                            "`pkg publish` writes one)") from None
     except OSError as err:
@@ -136,34 +144,25 @@ def read_index(repo: str) -> list[RepoPackage]:
         raise PackageError(f"{where}: not a package index ({err})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != 1:
         raise PackageError(f"{where}: not a version-1 {FORMAT} index")
+    _parse_index(doc, where, repo)  # a damaged index is refused before anyone extends it
+    return doc
+
+
+def _parse_index(doc: dict, where: str, repo: str) -> list[RepoPackage]:
     found = []
     for name, versions in (doc.get("packages") or {}).items():
         if not packages.NAME_RE.match(str(name)) or not isinstance(versions, list):
             raise PackageError(f"{where}: packages.{name!r}: not a package name or no list")
         for i, v in enumerate(versions):
-            found.append(_entry(v, name, f"{where}: packages.{name}[{i}]", repo))
+            at = f"{where}: packages.{name}[{i}]"
+            if not isinstance(v, dict) or not isinstance(v.get("version"), str) \
+                    or not VERSION_RE.match(v["version"]):
+                raise PackageError(f"{at}.version: missing or not a version")
+            found.append(RepoPackage(
+                name=name, version=v["version"], category=str(v.get("category", "")),
+                description=str(v.get("description", "")), repo=repo,
+                files=packages.check_files(v.get("files"), f"{at}.files")))
     return found
-
-
-def _entry(v, name: str, at: str, repo: str) -> RepoPackage:
-    if not isinstance(v, dict) or not isinstance(v.get("version"), str) \
-            or not VERSION_RE.match(v["version"]):
-        raise PackageError(f"{at}.version: missing or not a version")
-    files = v.get("files")
-    if not isinstance(files, list) or not files:
-        raise PackageError(f"{at}.files: the package lists no files")
-    entries = []
-    for j, f in enumerate(files):
-        if not isinstance(f, dict) or set(f) != {"path", "sha256", "size"}:
-            raise PackageError(f"{at}.files[{j}]: needs exactly path, sha256 and size")
-        path = packages.check_path(f["path"], f"{at}.files[{j}].path")
-        if not isinstance(f["sha256"], str) or not packages.SHA_RE.match(f["sha256"]):
-            raise PackageError(f"{at}.files[{j}].sha256: must be 64 lowercase hex digits")
-        if not isinstance(f["size"], int) or isinstance(f["size"], bool) or f["size"] < 0:
-            raise PackageError(f"{at}.files[{j}].size: must be a non-negative integer")
-        entries.append(packages.PackageFile(path, f["sha256"], f["size"]))
-    return RepoPackage(name=name, version=v["version"], category=str(v.get("category", "")),
-                       description=str(v.get("description", "")), files=entries, repo=repo)
 
 
 def search(repos: list[str], term: str = "") -> tuple[list[RepoPackage], list[str]]:
@@ -275,13 +274,10 @@ def _fetch_file(src: str, dest: Path, entry: packages.PackageFile) -> None:
                 left -= len(chunk)
             if stream.read(1):
                 raise PackageError(f"{src}: larger than the {entry.size} bytes the index says")
-    h = hashlib.sha256()
-    with open(dest, "rb") as f:
-        for chunk in iter(lambda: f.read(packages.CHUNK), b""):
-            h.update(chunk)
-    if h.hexdigest() != entry.sha256:
+    digest = _hash(dest)
+    if digest != entry.sha256:
         dest.unlink()
-        raise PackageError(f"{src}: sha256 {h.hexdigest()} does not match the index "
+        raise PackageError(f"{src}: sha256 {digest} does not match the index "
                            f"({entry.sha256}); the download was deleted and nothing installed")
 
 
@@ -382,16 +378,13 @@ def publish(src, repo_dir) -> RepoPackage:
         if f.is_symlink() or not f.is_file():
             raise PackageError(f"{f}: listed in {packages.MANIFEST} but not a regular file")
         files.append(packages.PackageFile(rel, _hash(f), f.stat().st_size))
-    if _is_url(repo):
+    if is_url(repo):
         return _publish_http(repo, src, meta, files)
     repo_path = Path(repo).expanduser()
     repo_path.mkdir(parents=True, exist_ok=True)
     with dir_lock(repo_path):
-        index = _load_local_index(repo_path)
-        versions = index["packages"].setdefault(meta["name"], [])
-        if any(v["version"] == meta["version"] for v in versions):
-            raise PackageError(f"{meta['name']} {meta['version']} is already in {repo_path}; "
-                               "a published version is never replaced (raise the version)")
+        index = _index_doc(str(repo_path), missing_ok=True)
+        _add_version(index, meta, files, repo_path)
         final = repo_path / meta["name"] / meta["version"]
         final.parent.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=final.parent))
@@ -406,10 +399,7 @@ def publish(src, repo_dir) -> RepoPackage:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        versions.append({**meta, "files": [
-            {"path": f.path, "sha256": f.sha256, "size": f.size} for f in files]})
-        versions.sort(key=lambda v: version_key(v["version"]))
-        atomic_write_text(repo_path / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(repo_path / INDEX, _render_index(index))
     return RepoPackage(files=files, repo=str(repo_path), **meta)
 
 
@@ -432,35 +422,29 @@ def _publish_http(repo: str, src: Path, meta: dict, files: list[packages.Package
     """Publish to a server that takes HTTP PUT (WebDAV, a storage bucket, nginx dav): the files
     first, index.json last, so a reader never sees a version whose files are not all there.
     (Two publishers at once are not serialized here: a folder repository locks.)"""
-    try:
-        f, _ = _open(_join(repo, INDEX))
-        with f:
-            doc = json.loads(f.read(MAX_INDEX_BYTES + 1).decode("utf-8"))
-        read_index(repo)  # a damaged index is refused before it is extended
-    except FileNotFoundError:
-        doc = {"format": FORMAT, "version": 1, "packages": {}}
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PackageError(f"{_join(repo, INDEX)}: not a package index ({err})") from None
-    versions = doc["packages"].setdefault(meta["name"], [])
-    if any(v["version"] == meta["version"] for v in versions):
-        raise PackageError(f"{meta['name']} {meta['version']} is already in {repo}; a published "
-                           "version is never replaced (raise the version)")
+    doc = _index_doc(repo, missing_ok=True)
+    _add_version(doc, meta, files, repo)
     for entry in files:
         with open(src / entry.path, "rb") as body:
             _put(_join(repo, meta["name"], meta["version"], *entry.path.split("/")), body,
                  entry.size)
     manifest = render_manifest(meta, files).encode("utf-8")
     _put(_join(repo, meta["name"], meta["version"], packages.MANIFEST), manifest, len(manifest))
-    versions.append({**meta, "files": [
-        {"path": f.path, "sha256": f.sha256, "size": f.size} for f in files]})
-    versions.sort(key=lambda v: version_key(v["version"]))
-    index = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    index = _render_index(doc).encode("utf-8")
     _put(_join(repo, INDEX), index, len(index))
     return RepoPackage(files=files, repo=repo, **meta)
 
 
-def _load_local_index(repo_path: Path) -> dict:
-    if not (repo_path / INDEX).exists():
-        return {"format": FORMAT, "version": 1, "packages": {}}
-    read_index(str(repo_path))  # refuses a damaged index before it is extended
-    return json.loads((repo_path / INDEX).read_text(encoding="utf-8"))
+def _add_version(index: dict, meta: dict, files: list[packages.PackageFile], repo) -> None:
+    """Add a version to an index document; a version once published is never replaced."""
+    versions = index["packages"].setdefault(meta["name"], [])
+    if any(v["version"] == meta["version"] for v in versions):
+        raise PackageError(f"{meta['name']} {meta['version']} is already in {repo}; a published "
+                           "version is never replaced (raise the version)")
+    versions.append({**meta, "files": [
+        {"path": f.path, "sha256": f.sha256, "size": f.size} for f in files]})
+    versions.sort(key=lambda v: version_key(v["version"]))
+
+
+def _render_index(index: dict) -> str:
+    return json.dumps(index, indent=1, sort_keys=True) + "\n"

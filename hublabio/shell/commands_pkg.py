@@ -161,7 +161,7 @@ def pkg_publish(ctx: ShellContext, args: list[str]) -> None:
     if len(rest) != 1:
         raise UsageError("usage: pkg publish <folder> --repo <folder|url>")
     if target is None:
-        target = next((r for r in package_repositories() if not r.startswith("http")), None)
+        target = next((r for r in package_repositories() if not repo.is_url(r)), None)
         if target is None:
             raise UsageError("pkg publish needs --repo <folder> (no folder repository is "
                              "configured)")
@@ -182,7 +182,7 @@ def pkg_repo(ctx: ShellContext, args: list[str]) -> None:
         raise UsageError("usage: pkg repo [list | add <folder|url> | remove <folder|url>]")
     where = args[1]
     if args[0] == "add":
-        if not where.startswith(("http://", "https://")):
+        if not repo.is_url(where):
             where = str(Path(where).expanduser().absolute())
         repo.read_index(where)  # refuse what is not a repository before saving it
         if where not in repos:
