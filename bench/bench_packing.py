@@ -61,7 +61,8 @@ def tokens_per_second(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hublabio_tools.train import IGNORE, pack_documents, train_tokenizer
+    from hublabio_tools.loop import IGNORE, pack_documents
+    from hublabio_tools.train import train_tokenizer
 
     torch.manual_seed(0)
     texts = real_documents()

@@ -65,6 +65,7 @@ def bare_experts(experts_dir: Path, named_by: list[ModelConfig],
     from hublabio.gguf_info import read_gguf_info
 
     named = _named_files(named_by)
+    local_base = base is not None and base.type == "gguf" and base.path is not None
     found: list[ModelConfig] = []
     errors: list[ConfigError] = []
     for f in sorted(experts_dir.glob("*.gguf")):
@@ -81,7 +82,6 @@ def bare_experts(experts_dir: Path, named_by: list[ModelConfig],
             errors.append(ConfigError(f, None, f"not usable as an expert: {exc}"))
             continue
         spec = domain_defaults().get(domain, {})
-        local_base = base is not None and base.type == "gguf" and base.path is not None
         inference = replace(
             base.inference if local_base else InferenceConfig(),
             temperature=spec.get("temperature", InferenceConfig().temperature),

@@ -109,18 +109,18 @@ def _type_for(gguf_architecture: str) -> str:
 def _model_kind(path: Path, model: dict) -> tuple[str, str | None]:
     """([model] type) -> ("gguf" | "remote", the declared architecture or None)."""
     declared = model.get("type")
+    inferred = "remote" if "url" in model and "path" not in model else "gguf"
     if declared == "remote":
         return "remote", None
     if declared in UNCHECKED_TYPES:
         return "gguf", None
     if declared is None:
-        return ("remote" if "url" in model and "path" not in model else "gguf"), None
+        return inferred, None
     if not _ARCH_NAME_RE.match(declared):
         known = ", ".join([*ARCHITECTURES, *UNCHECKED_TYPES, "remote"])
         raise ConfigError(path, "[model] type", f"expected an architecture name ({known}), "
                           f"got {declared!r}{_suggest(declared, ARCHITECTURES)}")
-    kind = "remote" if "url" in model and "path" not in model else "gguf"
-    return kind, (declared if kind == "gguf" else None)
+    return inferred, (declared if inferred == "gguf" else None)
 
 
 def _suggest(key: str, known) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from hublabio.errors import HublabError
+from hublabio_tools.common import EXIT_FAILURE, EXIT_USAGE
+
 # verb -> (module inside hublabio_tools, one-line summary). The module is imported only when its
 # verb runs; each exposes main(argv: list[str]) -> int whose argparse help is its docstring.
 VERBS: dict[str, tuple[str, str]] = {
@@ -48,12 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"hublab-tools: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module = importlib.import_module(f"hublabio_tools.{VERBS[verb][0]}")
     entry = getattr(module, "main_" + verb.replace("-", "_"), None) or module.main
-    from hublabio.errors import HublabError
-    from hublabio_tools.common import EXIT_FAILURE
-
     try:
         return int(entry(rest) or 0)
     except HublabError as err:  # every verb's errors derive from it (common.ToolError)

@@ -37,7 +37,7 @@ import tomli_w
 from hublabio import config
 from hublabio.errors import ConfigError, HublabError, PackageError
 from hublabio.pkg import MANIFEST, NAME_RE, parse_manifest
-from hublabio_tools.common import ToolError
+from hublabio_tools.common import ToolError, main_guard
 
 
 class DeployError(ToolError):
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@main_guard
 def main_publish(argv: list[str] | None = None) -> int:
     """hublab-tools publish: add a package folder to a package repository folder.
 
@@ -271,11 +272,7 @@ def main_publish(argv: list[str] | None = None) -> int:
     ap.add_argument("--repo", required=True, help="repository folder (created if needed), or "
                                                   "the URL of a server that takes HTTP PUT")
     args = ap.parse_args(argv)
-    try:
-        res = publish(args.package, args.repo)
-    except HublabError as err:
-        print(f"hublab-tools publish: {err}", file=sys.stderr)
-        return 1
+    res = publish(args.package, args.repo)
     print(f"published {res.name} {res.version} ({len(res.files)} files, "
           f"{res.size / 2**20:.1f} MiB) to {args.repo}")
     print(f"on the device: pkg repo add <{args.repo} or its URL>, then pkg install {res.name}")

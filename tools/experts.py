@@ -34,9 +34,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from hublabio.bare_experts import DOMAINS_FILE  # the device reads it too (bare expert GGUFs)
 from hublabio_tools.common import DATA_DIR, ToolError, load_toml, main_guard, write_json_atomic
-
-DOMAINS_FILE = Path(importlib.util.find_spec("hublabio").origin).parent / "domains.toml"
 
 # Device-sized LoRA defaults for experts (finetune keeps the seed's r 64 / alpha 128 / all
 # projections). Adapter bytes = layers x rank x sum(n_in + n_out) x bytes per value: SmolLM2-135M
@@ -251,9 +250,10 @@ def expert_from_adapter(adapter: Path, domain: str, out: Path, *, base: Path | N
             raise ToolError(f"{adapter}: a full model, not a LoRA adapter (general.type = "
                             f"{info.general_type!r}); copy a full model into experts/ with a "
                             "TOML of its own instead")
-        if info.architecture != read_gguf_info(base).architecture:
+        base_arch = read_gguf_info(base).architecture
+        if info.architecture != base_arch:
             raise ToolError(f"{adapter}: an adapter for {info.architecture!r}, but --base {base} "
-                            f"is a {read_gguf_info(base).architecture!r} model")
+                            f"is a {base_arch!r} model")
         experts_dir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{gguf_name}.tmp")
         shutil.copyfile(adapter, tmp)

@@ -36,9 +36,9 @@ from hublabio_tools.common import (
     SEED_CHAT_TEMPLATE, SEED_SPECIAL_TOKENS, ToolError, load_recipe, main_guard, seed_everything,
     write_json_atomic,
 )
-from hublabio_tools.loop import (  # noqa: F401  (IGNORE, pack_documents: bench_packing)
-    IGNORE, LoopConfig, PackedBlocks, encode_segments, make_accelerator, pack_documents,
-    resolve_resume, run_loop,
+from hublabio_tools.loop import (
+    LoopConfig, PackedBlocks, encode_segments, make_accelerator, pack_documents, resolve_resume,
+    run_loop,
 )
 from hublabio_tools.verbargs import add_options, resolve
 
