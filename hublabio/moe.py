@@ -481,7 +481,8 @@ class MoE:
             if not answers:
                 raise errors[0]
             fuse = self.fuser(options, cancel, runs) if strategy == "summarize" else None
-            gen = synth.run(strategy, query, answers, fuse=fuse)
+            gen = synth.run(strategy, query, answers, fuse=fuse,
+                            confidence_weight=self.settings.confidence_weight)
             if strategy == "summarize" and len(answers) > 1:
                 yield protocol.info(f"[Synthesizer] summarize: general fuses "
                                     f"{len(answers)} answers")

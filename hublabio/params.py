@@ -122,6 +122,9 @@ MOE: tuple[Param, ...] = (
        lo=0.0, hi=1.0, section="moe"),
     param("synthesis", "choice", "best", "how the answers are combined", choices=SYNTHESES,
           section="moe"),
+    param("confidence_weight", "float", 0.5, "weight of an answer's mean token log-probability "
+          "against the router's log-probability when answers are combined (0: the router alone;"
+          " fitted by bench/calibrate_synthesis.py)", lo=0.0, hi=1.0, section="moe"),
 )
 
 DAEMON: tuple[Param, ...] = (

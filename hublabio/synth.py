@@ -2,16 +2,15 @@
 
 Five strategies (docs/MOE.md explains each with an example):
 
-- ``best``: the answer with the highest comparable score (see below).
-- ``weighted``: weight = router probability x comparable confidence. The highest-weight answer
-  is kept verbatim; then every sentence (or fenced code block) of the other answers whose
-  *weighted support* reaches ``bar`` (0.5) and that does not repeat what is already there is
-  appended. Weighted support of a segment s = sum_i (w_i / sum w) * sim(s, answer_i), with
-  sim(s, its own answer) = 1. A segment counts as a repeat when its similarity to an already
-  kept segment is >= ``duplicate`` (0.8).
-- ``voting``: the answer the others agree with most: argmax over i of the mean similarity
-  sim(answer_i, answer_j) over j != i. Ties (always the case with two answers, similarity is
-  symmetric) fall back to the comparable score, then router probability.
+- ``best``: the answer with the highest posterior (see below).
+- ``weighted``: the highest-posterior answer is kept verbatim; then every sentence (or fenced
+  code block) of the other answers whose *support* reaches ``bar`` (0.5) and that does not
+  repeat what is already there is appended. Support of a segment s = sum_i post_i *
+  sim(s, answer_i), with sim(s, its own answer) = 1. A segment counts as a repeat when its
+  similarity to an already kept segment is >= ``duplicate`` (0.8).
+- ``voting``: each answer collects the votes of all answers, each vote weighted by the voter's
+  posterior and by how similar the two answers are: support_i = sum_j post_j * sim(i, j)
+  (sim(i, i) = 1). The answer with the most support wins; ties go to the posterior.
 - ``concatenate``: one ``### <domain> (confidence 0.61)`` section per expert, in router order.
 - ``summarize``: the ``general`` expert writes a new answer from all of them with a
   Mixture-of-Agents aggregate-and-synthesize prompt (Wang et al., 2024, arXiv:2406.04692).
@@ -19,10 +18,19 @@ Five strategies (docs/MOE.md explains each with an example):
 Text similarity everywhere is the cosine of term-frequency vectors over lowercase word tokens
 (``[a-z0-9_]+``, English stop words removed), computed with numpy.
 
-Comparable score: log-probabilities only compare between answers produced with the same
-vocabulary (same tokenizer). When every answer has a confidence and all share one
-``tokenizer_key`` the score is the confidence exp(mean log-prob); otherwise it is the router
-probability, the one number that is on the same scale for every expert.
+Posterior: the probability that answer i comes from the right expert, given the router and the
+answers' own confidences. The router's probability p_i is the prior; the answer's mean token
+log-probability l_i is evidence with weight beta (``[moe] confidence_weight``):
+
+    post_i = softmax_i(log p_i + beta * l_i)
+
+so an off-domain answer j beats the router's choice i only when
+exp(beta * (l_j - l_i)) > p_i / p_j: with beta <= 1 its per-token confidence ratio must exceed
+the router's odds. beta is fitted by maximum likelihood on labelled questions the router never
+saw (bench/calibrate_synthesis.py; docs/BENCHMARKS.md has the fit). Log-probabilities only
+compare between answers produced with the same vocabulary (same tokenizer): when an answer has
+no confidence or the answers' ``tokenizer_key`` differ, the evidence term is dropped and the
+posterior is the router probability renormalised over the answers.
 
 Each strategy is a generator: it yields the answer text in chunks (``summarize`` streams the
 general expert's tokens as they come) and returns a :class:`Synthesis`.
@@ -37,9 +45,10 @@ from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hublabio.params import SYNTHESES
+from hublabio.params import MOE, SYNTHESES, by_name
 
 STRATEGIES = SYNTHESES  # declared with the [moe] settings in hublabio.params
+DEFAULT_CONFIDENCE_WEIGHT: float = by_name(MOE)["confidence_weight"].default
 
 
 @dataclass(frozen=True)
@@ -137,12 +146,26 @@ def _sentences(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- scores
 
-def comparable_scores(answers: Sequence[ExpertAnswer]) -> tuple[list[float], str]:
-    """Scores that may be compared across ``answers`` and what they are ("confidence"/"router")."""
+ROUTER_FLOOR = 1e-6                 # a router probability of 0 still leaves log p finite
+
+
+def comparable(answers: Sequence[ExpertAnswer]) -> bool:
+    """True when every answer has a mean log-probability over one shared vocabulary."""
     keys = {a.tokenizer_key for a in answers}
-    if answers and len(keys) == 1 and all(a.confidence is not None for a in answers):
-        return [float(a.confidence) for a in answers], "confidence"
-    return [float(a.router_probability) for a in answers], "router"
+    return bool(answers) and len(keys) == 1 and all(
+        a.mean_logprob is not None and math.isfinite(a.mean_logprob) for a in answers)
+
+
+def posterior(answers: Sequence[ExpertAnswer],
+              confidence_weight: float = DEFAULT_CONFIDENCE_WEIGHT) -> tuple[list[float], str]:
+    """(softmax_i(log p_i + beta * l_i), basis): "confidence" when the answers' log-probs were
+    used, "router" when they are not comparable and only the router's probabilities count."""
+    basis = "confidence" if comparable(answers) and confidence_weight > 0 else "router"
+    logits = np.array([math.log(max(a.router_probability, ROUTER_FLOOR)) for a in answers])
+    if basis == "confidence":
+        logits = logits + confidence_weight * np.array([a.mean_logprob for a in answers])
+    z = np.exp(logits - logits.max())
+    return [float(v) for v in z / z.sum()], basis
 
 
 def _argmax(values: Sequence[float], *tiebreaks: Sequence[float], eps: float = 1e-9) -> int:
@@ -164,18 +187,23 @@ def _require(answers: Sequence[ExpertAnswer]) -> None:
         raise ValueError("no expert answered: nothing to synthesize")
 
 
+def _evidence(a: ExpertAnswer, post: float) -> str:
+    return (f"posterior {post:.2f}: router {a.router_probability:.2f}, "
+            f"confidence {fmt_confidence(a.confidence)}")
+
+
 SynthGen = Generator[str, None, Synthesis]
 
 
-def best(query: str, answers: Sequence[ExpertAnswer]) -> SynthGen:
+def best(query: str, answers: Sequence[ExpertAnswer], *,
+         confidence_weight: float = DEFAULT_CONFIDENCE_WEIGHT) -> SynthGen:
     _require(answers)
-    scores, basis = comparable_scores(answers)
-    i = _argmax(scores, [a.router_probability for a in answers])
+    post, basis = posterior(answers, confidence_weight)
+    i = _argmax(post, [a.router_probability for a in answers])
     a = answers[i]
     yield a.text
-    return Synthesis("best", a.text, [a.domain],
-                     f"best: {a.domain} ({basis} {scores[i]:.2f})",
-                     {x.domain: s for x, s in zip(answers, scores)}, basis)
+    return Synthesis("best", a.text, [a.domain], f"best: {a.domain} ({_evidence(a, post[i])})",
+                     {x.domain: s for x, s in zip(answers, post)}, basis)
 
 
 @dataclass(frozen=True)
@@ -187,17 +215,13 @@ class WeightedSegment:
     reason: str                     # "primary", "supported", "below bar", "repeat", "no terms"
 
 
-def weighted_plan(answers: Sequence[ExpertAnswer], *, bar: float = 0.5,
-                  duplicate: float = 0.8) -> tuple[list[float], str, list[WeightedSegment]]:
-    """The weighted strategy's decisions, exposed so that tests and docs can check the rule."""
+def weighted_plan(answers: Sequence[ExpertAnswer], *, bar: float = 0.5, duplicate: float = 0.8,
+                  confidence_weight: float = DEFAULT_CONFIDENCE_WEIGHT,
+                  ) -> tuple[list[float], str, list[WeightedSegment]]:
+    """The weighted strategy's decisions (posteriors, basis, every segment with its support and
+    reason), exposed so that tests and docs can check the rule."""
     _require(answers)
-    conf, basis = comparable_scores(answers)
-    if basis == "confidence":
-        weights = [a.router_probability * c for a, c in zip(answers, conf)]
-    else:
-        weights = [a.router_probability for a in answers]
-    total = sum(weights)
-    share = [w / total for w in weights] if total > 0 else [1.0 / len(answers)] * len(answers)
+    share, basis = posterior(answers, confidence_weight)
     order = sorted(range(len(answers)), key=lambda i: (-share[i], i))
     primary = order[0]
     plan = [WeightedSegment(answers[primary].domain, answers[primary].text, 1.0, True, "primary")]
@@ -218,12 +242,14 @@ def weighted_plan(answers: Sequence[ExpertAnswer], *, bar: float = 0.5,
                 continue
             kept.append(seg)
             plan.append(WeightedSegment(answers[j].domain, seg, support, True, "supported"))
-    return weights, basis, plan
+    return share, basis, plan
 
 
 def weighted(query: str, answers: Sequence[ExpertAnswer], *, bar: float = 0.5,
-             duplicate: float = 0.8) -> SynthGen:
-    weights, basis, plan = weighted_plan(answers, bar=bar, duplicate=duplicate)
+             duplicate: float = 0.8,
+             confidence_weight: float = DEFAULT_CONFIDENCE_WEIGHT) -> SynthGen:
+    weights, basis, plan = weighted_plan(answers, bar=bar, duplicate=duplicate,
+                                         confidence_weight=confidence_weight)
     primary = plan[0]
     added = [p for p in plan[1:] if p.included]
     text = primary.text.rstrip()
@@ -234,29 +260,28 @@ def weighted(query: str, answers: Sequence[ExpertAnswer], *, bar: float = 0.5,
     return Synthesis(
         "weighted", text, chosen,
         f"weighted: {primary.domain} + {len(added)} supported sentence(s) from others "
-        f"(weights {', '.join(f'{a.domain} {w:.2f}' for a, w in zip(answers, weights))})",
+        f"(posterior {', '.join(f'{a.domain} {w:.2f}' for a, w in zip(answers, weights))})",
         {a.domain: w for a, w in zip(answers, weights)}, basis)
 
 
-def agreement(answers: Sequence[ExpertAnswer]) -> list[float]:
-    """Mean similarity of each answer to every other answer (1.0 for a lone answer)."""
-    if len(answers) == 1:
-        return [1.0]
+def support(answers: Sequence[ExpertAnswer], post: Sequence[float]) -> list[float]:
+    """Votes each answer gets: sum_j post_j * sim(answer_i, answer_j), with sim(i, i) = 1."""
     sim = similarity_matrix([a.text for a in answers])
-    n = len(answers)
-    return [float((sim[i].sum() - sim[i, i]) / (n - 1)) for i in range(n)]
+    np.fill_diagonal(sim, 1.0)
+    return [float(v) for v in sim @ np.asarray(post, dtype=np.float64)]
 
 
-def voting(query: str, answers: Sequence[ExpertAnswer]) -> SynthGen:
+def voting(query: str, answers: Sequence[ExpertAnswer], *,
+           confidence_weight: float = DEFAULT_CONFIDENCE_WEIGHT) -> SynthGen:
     _require(answers)
-    agree = agreement(answers)
-    scores, basis = comparable_scores(answers)
-    i = _argmax(agree, scores, [a.router_probability for a in answers])
+    post, basis = posterior(answers, confidence_weight)
+    votes = support(answers, post)
+    i = _argmax(votes, post, [a.router_probability for a in answers])
     a = answers[i]
     yield a.text
     return Synthesis("voting", a.text, [a.domain],
-                     f"voting: {a.domain} (agreement {agree[i]:.2f})",
-                     {x.domain: s for x, s in zip(answers, agree)}, basis)
+                     f"voting: {a.domain} (support {votes[i]:.2f}; {_evidence(a, post[i])})",
+                     {x.domain: s for x, s in zip(answers, votes)}, basis)
 
 
 def concatenate(query: str, answers: Sequence[ExpertAnswer]) -> SynthGen:
@@ -315,14 +340,15 @@ def summarize(query: str, answers: Sequence[ExpertAnswer], fuse: Fuser) -> Synth
 
 
 def run(strategy: str, query: str, answers: Sequence[ExpertAnswer], *,
-        fuse: Fuser | None = None) -> SynthGen:
+        fuse: Fuser | None = None,
+        confidence_weight: float = DEFAULT_CONFIDENCE_WEIGHT) -> SynthGen:
     """Dispatch by name; ``fuse`` is required for ``summarize``."""
     if strategy == "best":
-        return best(query, answers)
+        return best(query, answers, confidence_weight=confidence_weight)
     if strategy == "weighted":
-        return weighted(query, answers)
+        return weighted(query, answers, confidence_weight=confidence_weight)
     if strategy == "voting":
-        return voting(query, answers)
+        return voting(query, answers, confidence_weight=confidence_weight)
     if strategy == "concatenate":
         return concatenate(query, answers)
     if strategy == "summarize":

@@ -42,9 +42,63 @@ def test_segments_keep_code_blocks_whole():
                                     "```python\nx = 1\nprint(x)\n```", "Done!"]
 
 
-def test_best_picks_highest_confidence_when_tokenizer_shared():
+def expected_posterior(answers, beta):
+    logits = [math.log(a.router_probability) + beta * a.mean_logprob for a in answers]
+    z = [math.exp(v - max(logits)) for v in logits]
+    return [v / sum(z) for v in z]
+
+
+def test_posterior_is_router_prior_times_confidence_evidence():
+    post, basis = synth.posterior([PY, AI, GEN], 0.5)
+    assert basis == "confidence"
+    assert post == pytest.approx(expected_posterior([PY, AI, GEN], 0.5))
+    assert sum(post) == pytest.approx(1.0)
+    # weight 0: the router alone, renormalised over the answers
+    post0, basis0 = synth.posterior([PY, AI, GEN], 0.0)
+    assert basis0 == "router" and post0 == pytest.approx([0.7, 0.2, 0.1])
+
+
+# The issue's two real cases (issue 13): a confident off-domain answer beat the router's choice.
+REVERSE = "How do I iterate over a list in reverse?"
+PY_REVERSE = ans("python", "Use reversed(): for item in reversed(my_list): print(item)", 0.52, 0.68)
+RUST_REVERSE = ans("rust", "Call .iter().rev() on the vector: for x in v.iter().rev() {}", 0.61,
+                   0.26)
+EMPTY = "How do I check if a list is empty?"
+PY_EMPTY = ans("python", "An empty list is falsy: if not my_list: print('empty')", 0.41, 0.65)
+SYS_EMPTY = ans("system", "#!/bin/bash\nif [ -z \"$LIST\" ]; then echo empty; fi", 0.58, 0.25)
+
+
+@pytest.mark.parametrize("strategy", ["best", "weighted", "voting"])
+@pytest.mark.parametrize("query,right,wrong", [(REVERSE, PY_REVERSE, RUST_REVERSE),
+                                               (EMPTY, PY_EMPTY, SYS_EMPTY)])
+def test_a_confident_off_domain_answer_does_not_beat_the_router(strategy, query, right, wrong):
+    assert wrong.confidence > right.confidence  # what made the old `best` show it
+    for answers in ([right, wrong], [wrong, right]):
+        s = synth.collect(synth.run(strategy, query, answers))
+        assert s.chosen[0] == right.domain
+        assert s.text.startswith(right.text)
+        assert wrong.text not in s.text
+
+
+def test_strong_enough_evidence_still_wins_against_the_router():
+    """Off-domain j wins exactly when exp(beta * (l_j - l_i)) > p_i / p_j."""
+    beta = synth.DEFAULT_CONFIDENCE_WEIGHT
+    right = ans("python", "x", 0.20, 0.55)
+    odds = 0.55 / 0.40
+    # the confidence ratio that just balances the router's odds at this beta
+    balance = 0.20 * odds ** (1 / beta)
+    for conf, winner in ((balance * 1.05, "rust"), (balance * 0.95, "python")):
+        wrong = ans("rust", "y", min(conf, 1.0), 0.40)
+        assert synth.collect(synth.best("q", [right, wrong])).chosen == [winner]
+
+
+def test_best_picks_highest_posterior_when_tokenizer_shared():
     s = synth.collect(synth.best("q", [PY, AI, GEN]))
-    assert s.chosen == ["ai"] and s.text == AI.text and s.basis == "confidence"
+    post = expected_posterior([PY, AI, GEN], synth.DEFAULT_CONFIDENCE_WEIGHT)
+    assert s.basis == "confidence"
+    assert s.chosen == [["python", "ai", "general"][post.index(max(post))]]
+    assert s.scores == pytest.approx(dict(zip(["python", "ai", "general"], post)))
+    assert "posterior" in s.detail and "router 0.70" in s.detail
 
 
 def test_best_falls_back_to_router_probability_across_tokenizers():
@@ -59,20 +113,25 @@ def test_best_treats_missing_confidence_as_incomparable():
     assert s.basis == "router" and s.chosen == ["ai"]
 
 
-def test_voting_picks_the_answer_the_others_agree_with():
-    a = ans("python", "Sort the list with sorted(), it returns a new sorted list.", 0.2, 0.4)
-    b = ans("general", "Use sorted() to get a new sorted list from the list.", 0.3, 0.3)
-    c = ans("ai", "Transformers use attention over tokens.", 0.9, 0.3)
-    agree = synth.agreement([a, b, c])
-    assert agree[2] < min(agree[0], agree[1])
-    s = synth.collect(synth.voting("q", [a, b, c]))
-    assert s.chosen[0] in ("python", "general")
-    assert s.chosen[0] == ["python", "general"][int(agree[1] > agree[0])]
+def test_voting_sums_posterior_weighted_similarity():
+    a = ans("python", "Sort the list with sorted(), it returns a new sorted list.", 0.2, 0.36)
+    b = ans("general", "Use sorted() to get a new sorted list from the list.", 0.3, 0.30)
+    c = ans("ai", "Transformers apply attention over tokens.", 0.6, 0.34)
+    assert synth.similarity(a.text, c.text) == synth.similarity(b.text, c.text) == 0
+    post, _ = synth.posterior([a, b, c], 0.5)
+    votes = synth.support([a, b, c], post)
+    sim = synth.similarity(a.text, b.text)
+    assert votes == pytest.approx([post[0] + post[1] * sim, post[1] + post[0] * sim, post[2]])
+    # c has the highest router probability and confidence, but a and b back each other
+    assert post[2] == max(post) and max(votes[0], votes[1]) > votes[2]
+    s = synth.collect(synth.voting("q", [a, b, c], confidence_weight=0.5))
+    assert s.chosen == [["python", "general"][int(votes[1] > votes[0])]]
 
 
-def test_voting_with_two_answers_ties_and_uses_confidence():
+def test_voting_with_two_unrelated_answers_follows_the_posterior():
     s = synth.collect(synth.voting("q", [PY, AI]))
-    assert s.chosen == ["ai"]
+    post, _ = synth.posterior([PY, AI])
+    assert s.chosen == [["python", "ai"][int(post[1] > post[0])]]
 
 
 def test_concatenate_has_a_section_per_expert_in_router_order():
@@ -87,9 +146,9 @@ def test_concatenate_has_a_section_per_expert_in_router_order():
 def test_weighted_rule():
     weights, basis, plan = synth.weighted_plan([PY, AI, GEN])
     assert basis == "confidence"
-    assert weights == pytest.approx([0.7 * 0.40, 0.2 * 0.65, 0.1 * 0.30])
+    share = expected_posterior([PY, AI, GEN], synth.DEFAULT_CONFIDENCE_WEIGHT)
+    assert weights == pytest.approx(share)
     assert plan[0].domain == "python" and plan[0].reason == "primary"
-    share = [w / sum(weights) for w in weights]
     for seg in plan[1:]:
         if seg.reason in ("supported", "below bar", "repeat"):
             # support = sum_i share_i * sim(seg, answer_i), with sim to its own answer = 1

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from hublabio.params import MOE
+from hublabio.params import MOE, SYNTHESES
 from hublabio.shell import render
 from hublabio.shell.commands import ShellContext, UsageError, command
 
 MOE_KEYS = tuple(p.name for p in MOE)  # routing takes the strategy's parameter too
 
-SYNTHESES = ("best", "weighted", "voting", "concatenate", "summarize")
 SETTINGS_USAGE = ("settings moe [routing topk <k> | routing threshold <t> | routing single | "
-                  "routing all | synthesis <best|weighted|voting|concatenate|summarize> | "
-                  "enabled <on|off>]")
+                  f"routing all | synthesis <{'|'.join(SYNTHESES)}> | "
+                  "confidence_weight <0..1> | enabled <on|off>]")
 
 
 def render_route(data: Mapping[str, Any]) -> str:
@@ -70,7 +69,8 @@ def render_settings(data: Mapping[str, Any]) -> str:
     active experts with their size (the adapter's, for experts that share a base)."""
     lines = [f"MoE-R: {'enabled' if data.get('enabled') else 'disabled'}",
              f"Routing Strategy: {strategy_title(data.get('routing') or '')}",
-             f"Synthesis Strategy: {str(data.get('synthesis') or '').capitalize()}",
+             f"Synthesis Strategy: {str(data.get('synthesis') or '').capitalize()}"
+             + _weight_note(data.get("settings") or {}),
              f"Router: {data.get('router')}"
              + (f" ({data['router_warning']})" if data.get("router_warning") else ""),
              "Active Experts:" + ("" if data.get("active_experts") else " none")]
@@ -83,6 +83,11 @@ def render_settings(data: Mapping[str, Any]) -> str:
     for domain, why in (data.get("unavailable_experts") or {}).items():
         lines.append(f"  unavailable: {domain}: {why}")
     return "\n".join(lines)
+
+
+def _weight_note(settings: Mapping[str, Any]) -> str:
+    weight = settings.get("confidence_weight")
+    return "" if weight is None else f" (router + {weight:g} x answer log-prob)"
 
 
 def strategy_title(routing: str) -> str:
@@ -141,6 +146,8 @@ def settings_moe(ctx: ShellContext, args: list[str]) -> None:
     settings moe routing threshold 0.4  every expert scoring >= 0.4 answers
     settings moe routing single|all
     settings moe synthesis voting     best | weighted | voting | concatenate | summarize
+    settings moe confidence_weight 0.5  how much an answer's own confidence counts against
+                                      the router (0: the router alone; docs/MOE.md)
     settings moe enabled off          ?question goes to the plain model"""
     if not args:
         ctx.out.line(render_settings(ctx.client.call("settings.moe.get")))

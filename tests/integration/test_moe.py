@@ -181,18 +181,23 @@ def test_experts_with_different_adapters_run_one_after_another(tmp_path, smollm2
 
 def test_best_weighted_and_voting_on_real_answers(all_answers):
     answers = answers_of(all_answers[1])
+    post, basis = synth.posterior(answers)
+    assert basis == "confidence"  # one base model: comparable log-probabilities
+    beta = synth.DEFAULT_CONFIDENCE_WEIGHT
+    logits = [math.log(max(a.router_probability, synth.ROUTER_FLOOR)) + beta * a.mean_logprob
+              for a in answers]
+    assert post == pytest.approx([math.exp(v) / sum(math.exp(x) for x in logits)
+                                  for v in logits])
+    top = max(range(len(answers)), key=lambda i: post[i])
     best = synth.collect(synth.best(MIXED, answers))
-    assert best.basis == "confidence"
-    assert best.chosen == [max(answers, key=lambda a: a.confidence).domain]
+    assert best.chosen == [answers[top].domain]
 
-    agree = synth.agreement(answers)
+    votes = synth.support(answers, post)
     vote = synth.collect(synth.voting(MIXED, answers))
-    assert vote.chosen[0] == answers[max(range(len(answers)), key=lambda i: agree[i])].domain
+    assert vote.chosen[0] == answers[max(range(len(answers)), key=lambda i: votes[i])].domain
 
     weights, basis, plan = synth.weighted_plan(answers)
-    assert basis == "confidence"
-    assert weights == pytest.approx([a.router_probability * a.confidence for a in answers])
-    top = max(range(len(answers)), key=lambda i: weights[i])
+    assert weights == pytest.approx(post)
     assert plan[0].domain == answers[top].domain
     result = synth.collect(synth.weighted(MIXED, answers))
     assert result.text.startswith(answers[top].text)
