@@ -1,6 +1,10 @@
 """hublab-tools prepare-data: jsonl -> chat-formatted, deduplicated train/validation dataset.
 
 usage: hublab-tools prepare-data INPUT.jsonl [INPUT.jsonl ...] --out DIR [options]
+       hublab-tools prepare-data --docs PATH [PATH ...] --out DIR [docs options]
+
+--docs reads documentation (HTML or man pages) instead and writes raw rows for train-expert:
+see "Documentation" below.
 
 Each input line is one of
   {"text": "..."}                                     plain text (trained on every token)
@@ -437,7 +441,11 @@ def summary_table(counts: Counter) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="hublab-tools prepare-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="input jsonl file(s)")
+    from hublabio_tools import docs_data
+
+    parser.epilog = "Documentation (--docs):\n" + docs_data.__doc__.split("\n", 1)[1]
+    parser.add_argument("inputs", nargs="+", help="input jsonl file(s); with --docs: pages or "
+                        "folders of pages")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", help="local HF dir or .gguf whose chat template to use "
                         "(default: the seed <|user|>...<|end|> format)")
@@ -448,12 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     parser.add_argument("--strict", action="store_true", help="fail at the first bad line")
+    docs = parser.add_argument_group("documentation (--docs)")
+    docs.add_argument("--docs", action="store_true",
+                      help="INPUTS are HTML or man pages (files or folders): write chunks and "
+                           "question-answer pairs, split by page")
+    docs.add_argument("--glob", action="append", default=[],
+                      help="only pages whose path under INPUT matches (repeatable)")
+    docs.add_argument("--chunk-chars", type=int, default=1200, help="longest chunk (1200)")
+    docs.add_argument("--heldout-pages", type=float, default=0.1,
+                      help="share of the pages held out for benchmarks (0.1)")
+    docs.add_argument("--max-rows", type=int, default=0,
+                      help="keep a seeded sample of this many training rows (0: all)")
     return parser
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.docs:
+        return _main_docs(args, argv)
+    if args.glob or args.max_rows:
+        raise ToolError("--glob and --max-rows apply to --docs only")
     if not 0 <= args.val_fraction < 1:
         raise ToolError("--val-fraction must be in [0, 1)")
     fmt = load_chat_format(args.model)
@@ -465,4 +488,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"format: {fmt.name}\n{summary_table(prepared.counts)}")
     print(f"wrote {out / 'train.jsonl'} ({len(prepared.train)}), {out / 'valid.jsonl'} "
           f"({len(prepared.valid)}), {out / 'meta.json'}")
+    return 0
+
+
+def _main_docs(args, argv) -> int:
+    from hublabio_tools.docs_data import prepare_docs
+
+    if args.max_rows < 0:
+        raise ToolError(f"--max-rows {args.max_rows}: expected 0 (all) or more")
+    out = Path(args.out)
+    meta = prepare_docs(args.inputs, out, globs=args.glob, chunk_chars=args.chunk_chars,
+                        heldout_pages=args.heldout_pages, max_rows=args.max_rows,
+                        seed=args.seed, argv=list(sys.argv[1:] if argv is None else argv))
+    c = meta["counts"]
+    print(f"{meta['pages']} pages ({meta['heldout_page_count']} held out): {c['train']} training "
+          f"rows ({c['train_qa']} question-answer pairs; {c['train_available']} before "
+          f"--max-rows), {c['heldout']} held-out rows ({c['heldout_qa']} pairs)")
+    print(f"wrote {out / 'docs_train.jsonl'} (sha256 {meta['train_sha256'][:16]}), "
+          f"{out / 'docs_heldout.jsonl'}, {out / 'docs_meta.json'}")
     return 0

@@ -21,6 +21,11 @@ shared base stay within 1.2x the base alone; finetune's seed defaults (r 64, alp
 seven projections, F32) make 75 MiB adapters and five of them cost 4x (docs/MOE.md "Memory").
 Pass --rank 64 --alpha 128 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 --outtype f32 to get the seed's adapters.
+
+A long run spans sessions: --save-every N writes resumable checkpoints into
+MODELS_DIR/adapters/<domain>/checkpoints/, and the same command with --resume continues each
+domain from its latest one (data order, optimizer and schedule exactly where they were).
+eval.json records the training data's path and sha256 and the seed.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ EXPERT_ALPHA = 16.0
 EXPERT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_OUTTYPE = "f16"
 EXPERT_LORA = {"rank": EXPERT_RANK, "alpha": EXPERT_ALPHA, "targets": ",".join(EXPERT_TARGETS)}
-EXPERT_SKIP = ("save_every", "resume", "wandb")  # per-domain runs: no shared checkpoints
+EXPERT_SKIP = ("wandb",)  # checkpoints (--save-every, --resume) live in each domain's adapters/
 
 
 def load_domains(path: str | Path = DOMAINS_FILE) -> dict[str, dict]:
@@ -194,6 +199,7 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
     evaluation = {"domain": domain, "val_loss_before": summary["first_val_loss"],
                   "val_loss_after": summary["best_val_loss"], "steps": summary["steps"],
                   "train_examples": summary["train_examples"], "valid_examples": summary["valid_examples"],
+                  "data": str(data), "data_sha256": _sha256(data), "seed": args.seed,
                   "adapter": str(adapter_dir), "toml": str(toml_path),
                   "gguf_adapter": str(experts_dir / gguf_name) if converted else None}
     write_json_atomic(adapter_dir / "eval.json", evaluation)
@@ -204,6 +210,16 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
               f"written; run:\n  {command}")
         evaluation["convert_command"] = command
     return evaluation
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _default_base() -> Path:
@@ -322,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(domains))
     if args.data and len(names) > 1:
         raise ToolError("--data applies to one domain; train the others with their shipped data")
+    if args.resume not in (None, "latest") and len(names) > 1:
+        raise ToolError(f"--resume {args.resume}: a checkpoint folder belongs to one domain; "
+                        "use --resume (latest) to continue each domain from its own")
     base = Path(args.base) if args.base else _default_base()
     if not base.is_file() or base.suffix != ".gguf":
         raise ToolError(f"--base {base}: expected a .gguf file (experts are LoRA adapters over a GGUF base)")

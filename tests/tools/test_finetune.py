@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -181,6 +182,29 @@ def test_train_expert_writes_a_device_toml(smollm2_path, tmp_path, capsys):
         assert config.adapter.stat().st_size < 2 * 2**20
     else:
         assert "hublab-tools convert-lora" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_expert_resumes_from_its_domains_checkpoint(smollm2_path, tmp_path, capsys):
+    """A run that spans sessions: checkpoints in adapters/<domain>/, --resume continues there."""
+    import hashlib
+
+    out = tmp_path / "models"
+    common = ["train-expert", "rust", "--out", str(out), "--micro-batch", "2", "--grad-accum",
+              "1", "--max-len", "256", "--eval-every", "0", "--save-every", "1"]
+    assert cli.main(common + ["--max-steps", "2", "--quiet"]) == 0
+    checkpoints = out / "adapters" / "rust" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001", "step-0000002"]
+    capsys.readouterr()
+    assert cli.main(common + ["--max-steps", "3", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    evaluation = json.loads((out / "adapters" / "rust" / "eval.json").read_text())
+    assert evaluation["steps"] == 3
+    data = Path(evaluation["data"])
+    assert evaluation["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert cli.main(["train-expert", "rust", "python", "--out", str(out),
+                     "--resume", str(checkpoints / "step-0000002")]) != 0
+    assert "belongs to one domain" in capsys.readouterr().err
 
 
 def test_train_expert_defaults_are_device_sized_and_finetune_keeps_the_seed():
