@@ -462,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "question-answer pairs, split by page")
     docs.add_argument("--glob", action="append", default=[],
                       help="only pages whose path under INPUT matches (repeatable)")
+    docs.add_argument("--exclude", action="append", default=[],
+                      help="drop pages whose path under INPUT matches (repeatable)")
     docs.add_argument("--chunk-chars", type=int, default=1200, help="longest chunk (1200)")
     docs.add_argument("--heldout-pages", type=float, default=0.1,
                       help="share of the pages held out for benchmarks (0.1)")
@@ -475,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.docs:
         return _main_docs(args, argv)
-    if args.glob or args.max_rows:
-        raise ToolError("--glob and --max-rows apply to --docs only")
+    if args.glob or args.exclude or args.max_rows:
+        raise ToolError("--glob, --exclude and --max-rows apply to --docs only")
     if not 0 <= args.val_fraction < 1:
         raise ToolError("--val-fraction must be in [0, 1)")
     fmt = load_chat_format(args.model)
@@ -497,7 +499,8 @@ def _main_docs(args, argv) -> int:
     if args.max_rows < 0:
         raise ToolError(f"--max-rows {args.max_rows}: expected 0 (all) or more")
     out = Path(args.out)
-    meta = prepare_docs(args.inputs, out, globs=args.glob, chunk_chars=args.chunk_chars,
+    meta = prepare_docs(args.inputs, out, globs=args.glob, excludes=args.exclude,
+                        chunk_chars=args.chunk_chars,
                         heldout_pages=args.heldout_pages, max_rows=args.max_rows,
                         seed=args.seed, argv=list(sys.argv[1:] if argv is None else argv))
     c = meta["counts"]

@@ -1,11 +1,14 @@
 """prepare-data --docs: documentation pages (HTML, man pages) -> expert training rows.
 
 usage: hublab-tools prepare-data --docs PATH [PATH ...] --out DIR [--glob PATTERN ...]
+           [--exclude PATTERN ...]
            [--chunk-chars 1200] [--heldout-pages 0.1] [--max-rows N] [--seed 0]
 
 PATH is a page or a folder searched recursively for pages: `*.html` / `*.htm`, and man pages
 (`name.N`, `name.N.gz`, N a section digit). `--glob` keeps only files whose path relative to
-their PATH matches one of the patterns (fnmatch, e.g. `tutorial/*.html`).
+their PATH matches one of the patterns (fnmatch, e.g. `tutorial/*.html`; `*` crosses `/`), and
+`--exclude` drops those matching one of its patterns. Drop pages that repeat others (mdBook's
+`print.html` holds the whole book): a held-out page must not be in the training pages too.
 
 Every page becomes blocks (headings, paragraphs, list items, code). From them:
 - continued-pretraining chunks `{"text"}`: the page title, the section heading, then the
@@ -368,7 +371,8 @@ def is_page(path: Path) -> bool:
     return path.suffix.lower() in (".html", ".htm") or bool(MAN_PAGE.match(path.name))
 
 
-def find_pages(paths: list[str], globs: list[str]) -> list[tuple[Path, str]]:
+def find_pages(paths: list[str], globs: list[str], excludes: list[str] = ()
+               ) -> list[tuple[Path, str]]:
     """(file, name relative to its PATH argument), sorted; errors name a missing PATH or one
     with no page."""
     found: list[tuple[Path, str]] = []
@@ -383,6 +387,7 @@ def find_pages(paths: list[str], globs: list[str]) -> list[tuple[Path, str]]:
                 if p.is_file() and is_page(p)]
         if globs:
             here = [(p, rel) for p, rel in here if any(fnmatch.fnmatch(rel, g) for g in globs)]
+        here = [(p, rel) for p, rel in here if not any(fnmatch.fnmatch(rel, g) for g in excludes)]
         if not here:
             raise ToolError(f"{arg}: no HTML or man pages" + (f" matching {', '.join(globs)}"
                                                               if globs else ""))
@@ -390,7 +395,8 @@ def find_pages(paths: list[str], globs: list[str]) -> list[tuple[Path, str]]:
     return found
 
 
-def prepare_docs(paths: list[str], out: Path, *, globs: list[str] = (), chunk_chars: int = 1200,
+def prepare_docs(paths: list[str], out: Path, *, globs: list[str] = (), excludes: list[str] = (),
+                 chunk_chars: int = 1200,
                  heldout_pages: float = 0.1, max_rows: int = 0, seed: int = 0,
                  argv: list[str] | None = None) -> dict:
     """Read, split by page, write DIR/docs_train.jsonl, docs_heldout.jsonl, docs_meta.json."""
@@ -398,7 +404,7 @@ def prepare_docs(paths: list[str], out: Path, *, globs: list[str] = (), chunk_ch
         raise ToolError(f"--chunk-chars {chunk_chars}: too small (at least 400)")
     if not 0 <= heldout_pages < 1:
         raise ToolError(f"--heldout-pages {heldout_pages}: expected a number in [0, 1)")
-    pages = find_pages(paths, list(globs))
+    pages = find_pages(paths, list(globs), list(excludes))
     read = [(path, name, *read_page(path)) for path, name in pages]
     rows_of = [page_rows(page, name, chunk_chars) for _, name, page, _ in read]
     with_qa = [i for i, rows in enumerate(rows_of) if any(r["kind"] == "qa" for r in rows)]
@@ -429,7 +435,7 @@ def prepare_docs(paths: list[str], out: Path, *, globs: list[str] = (), chunk_ch
     write_jsonl_atomic(out / "docs_heldout.jsonl", heldout)
     meta = {"by": "hublab-tools prepare-data --docs", "argv": argv, "seed": seed,
             "chunk_chars": chunk_chars, "heldout_pages": heldout_pages, "max_rows": max_rows,
-            "globs": list(globs), "pages": len(read), "heldout_page_count": len(held),
+            "globs": list(globs), "excludes": list(excludes), "pages": len(read), "heldout_page_count": len(held),
             "counts": {"train": len(train), "train_available": available,
                        "train_qa": sum(r["kind"] == "qa" for r in train),
                        "heldout": len(heldout),
