@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import tempfile
 import time
@@ -38,6 +39,15 @@ def dir_lock(folder: str | os.PathLike, timeout: float | None = None):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (no whole-file copy in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:

@@ -27,7 +27,6 @@ installed from a tampered repository. `upgrade` installs each installed package'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from hublabio import pkg as packages
 from hublabio.errors import PackageError
-from hublabio.fsutil import atomic_write_text, dir_lock
+from hublabio.fsutil import atomic_write_text, dir_lock, file_sha256
 
 INDEX = "index.json"
 FORMAT = "hublab-package-repository"
@@ -274,7 +273,7 @@ def _fetch_file(src: str, dest: Path, entry: packages.PackageFile) -> None:
                 left -= len(chunk)
             if stream.read(1):
                 raise PackageError(f"{src}: larger than the {entry.size} bytes the index says")
-    digest = _hash(dest)
+    digest = file_sha256(dest)
     if digest != entry.sha256:
         dest.unlink()
         raise PackageError(f"{src}: sha256 {digest} does not match the index "
@@ -356,14 +355,6 @@ def _read_source(src: Path) -> tuple[dict, list[str]]:
     return meta, [packages.check_path(f, f"{manifest}: files") for f in files]
 
 
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(packages.CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def publish(src, repo_dir) -> RepoPackage:
     """Add the package folder `src` to the repository folder `repo_dir` (created if needed)."""
     src = Path(src).expanduser()
@@ -377,7 +368,7 @@ def publish(src, repo_dir) -> RepoPackage:
         f = src / rel
         if f.is_symlink() or not f.is_file():
             raise PackageError(f"{f}: listed in {packages.MANIFEST} but not a regular file")
-        files.append(packages.PackageFile(rel, _hash(f), f.stat().st_size))
+        files.append(packages.PackageFile(rel, file_sha256(f), f.stat().st_size))
     if is_url(repo):
         return _publish_http(repo, src, meta, files)
     repo_path = Path(repo).expanduser()
@@ -392,7 +383,7 @@ def publish(src, repo_dir) -> RepoPackage:
             for f in files:
                 (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / f.path, tmp / f.path)
-                if _hash(tmp / f.path) != f.sha256:
+                if file_sha256(tmp / f.path) != f.sha256:
                     raise PackageError(f"{src / f.path}: changed while it was being published")
             (tmp / packages.MANIFEST).write_text(render_manifest(meta, files), encoding="utf-8")
             os.rename(tmp, final)

@@ -21,7 +21,6 @@ TARGET.tar.gz. Copy TARGET (or the .tar.gz) to the device and run `pkg install` 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import posixpath
 import re
@@ -36,6 +35,7 @@ import tomli_w
 
 from hublabio import config
 from hublabio.errors import ConfigError, HublabError, PackageError
+from hublabio.fsutil import file_sha256
 from hublabio.pkg import MANIFEST, NAME_RE, parse_manifest
 from hublabio_tools.common import ToolError, main_guard
 
@@ -54,14 +54,6 @@ class DeployResult:
 def _slug(text: str) -> str:
     s = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
     return s[:64] or "model"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_toml(path: Path) -> dict:
@@ -185,7 +177,7 @@ def deploy(target, *, models=(), experts=(), router=None, name=None, version="1.
         files = []
         for p in sorted(stage.rglob("*")):
             if p.is_file():
-                files.append({"path": p.relative_to(stage).as_posix(), "sha256": sha256_file(p),
+                files.append({"path": p.relative_to(stage).as_posix(), "sha256": file_sha256(p),
                               "size": p.stat().st_size})
         manifest = {"package": {"name": name, "version": version, "category": category,
                                 "description": description}, "files": files}

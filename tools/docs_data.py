@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from hublabio.fsutil import file_sha256
 from hublabio_tools.common import ToolError, write_json_atomic, write_jsonl_atomic
 
 MIN_CHUNK_CHARS = 200
@@ -440,8 +441,8 @@ def prepare_docs(paths: list[str], out: Path, *, globs: list[str] = (), excludes
                        "train_qa": sum(r["kind"] == "qa" for r in train),
                        "heldout": len(heldout),
                        "heldout_qa": sum(r["kind"] == "qa" for r in heldout)},
-            "train_sha256": _sha256(out / "docs_train.jsonl"),
-            "heldout_sha256": _sha256(out / "docs_heldout.jsonl"),
+            "train_sha256": file_sha256(out / "docs_train.jsonl"),
+            "heldout_sha256": file_sha256(out / "docs_heldout.jsonl"),
             "sources": sources}
     write_json_atomic(out / "docs_meta.json", meta)
     return meta
@@ -455,7 +456,3 @@ def _held_out(pages: list[int], share: float, seed: int) -> set[int]:
     if share > 0 and len(order) >= 2:
         n = min(max(n, 1), len(order) - 1)
     return set(order[:n])
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

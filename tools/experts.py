@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 from hublabio.bare_experts import DOMAINS_FILE  # the device reads it too (bare expert GGUFs)
+from hublabio.fsutil import file_sha256
 from hublabio_tools.common import DATA_DIR, ToolError, load_toml, main_guard, write_json_atomic
 
 # Device-sized LoRA defaults for experts (finetune keeps the seed's r 64 / alpha 128 / all
@@ -199,7 +200,7 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
     evaluation = {"domain": domain, "val_loss_before": summary["first_val_loss"],
                   "val_loss_after": summary["best_val_loss"], "steps": summary["steps"],
                   "train_examples": summary["train_examples"], "valid_examples": summary["valid_examples"],
-                  "data": str(data), "data_sha256": _sha256(data), "seed": args.seed,
+                  "data": str(data), "data_sha256": file_sha256(data), "seed": args.seed,
                   "adapter": str(adapter_dir), "toml": str(toml_path),
                   "gguf_adapter": str(experts_dir / gguf_name) if converted else None}
     write_json_atomic(adapter_dir / "eval.json", evaluation)
@@ -210,16 +211,6 @@ def train_one(domain: str, spec: dict, args, base: Path, out: Path) -> dict:
               f"written; run:\n  {command}")
         evaluation["convert_command"] = command
     return evaluation
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _default_base() -> Path:
