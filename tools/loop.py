@@ -242,6 +242,31 @@ def _save_checkpoint(accelerator, cfg: LoopConfig, step: int, state: dict) -> Pa
     return final
 
 
+def _trainable_only(models, weights, output_dir) -> None:
+    """save_state pre-hook: keep only the parameters that train (a LoRA's, not the frozen base,
+    which --base reloads): an r 8 SmolLM2 adapter checkpoint is ~11 MB instead of 524 MB."""
+    for model, state in zip(models, weights):
+        keep = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in keep]:
+            del state[key]
+
+
+def _check_trainable_saved(path: Path, model) -> None:
+    """The checkpoint of a frozen-base run must hold every trainable tensor (strict=False
+    loading would otherwise leave one at its initial value without a word)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("model*.safetensors"))
+    saved: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            saved.update(st.keys())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+    if files and missing:
+        raise ToolError(f"--resume {path}: the checkpoint lacks {len(missing)} trainable "
+                        f"tensor(s), e.g. {missing[0]} (another adapter shape or targets?)")
+
+
 def resolve_resume(cfg: LoopConfig) -> Path | None:
     if not cfg.resume:
         return None
@@ -323,13 +348,20 @@ def run_loop(accelerator, model, train_items, valid_items, cfg: LoopConfig,
     # The scheduler is stepped by hand (once per optimizer step, whatever the process count).
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    frozen_base = any(not p.requires_grad for p in model.parameters())
+    if frozen_base and deepspeed is None:
+        accelerator.register_save_state_pre_hook(_trainable_only)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.micro_batch * cfg.grad_accum * world
     state = {"step": 0, "tokens": 0, "best_val": None, "evals_without_gain": 0}
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        if frozen_base and deepspeed is None:
+            _check_trainable_saved(resume_from, model)
+            accelerator.load_state(str(resume_from), strict=False)
+        else:
+            accelerator.load_state(str(resume_from))
         state.update(json.loads((resume_from / "trainer_state.json").read_text()))
         if not cfg.quiet and accelerator.is_main_process:
             print(f"resumed from {resume_from} at step {state['step']}", file=sys.stderr)

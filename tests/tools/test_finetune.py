@@ -195,6 +195,10 @@ def test_train_expert_resumes_from_its_domains_checkpoint(smollm2_path, tmp_path
     assert cli.main(common + ["--max-steps", "2", "--quiet"]) == 0
     checkpoints = out / "adapters" / "rust" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001", "step-0000002"]
+    # only the adapter's tensors: r 8 on q,k,v,o of SmolLM2 is 0.92M parameters (3.7 MB F32),
+    # not the 135M-parameter model
+    weights = checkpoints / "step-0000002" / "model.safetensors"
+    assert weights.stat().st_size < 8 * 2**20
     capsys.readouterr()
     assert cli.main(common + ["--max-steps", "3", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().err
