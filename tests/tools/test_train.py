@@ -242,3 +242,23 @@ def test_loss_on_kept_positions_equals_the_full_loss():
                            ignore_index=IGNORE, reduction="sum")
     assert int(count) == 5
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_frozen_base_checkpoints_keep_only_trainable_tensors(tmp_path):
+    """The save hook drops frozen tensors; resume refuses a checkpoint lacking a trainable one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hublabio_tools.common import ToolError
+    from hublabio_tools.loop import _check_trainable_saved, _trainable_only
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    state = model.state_dict()
+    _trainable_only([model], [state], str(tmp_path))
+    assert sorted(state) == ["1.bias", "1.weight"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    _check_trainable_saved(tmp_path, model)  # complete: no error
+    save_file({"1.weight": state["1.weight"].contiguous()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ToolError, match="lacks 1 trainable tensor.*1.bias"):
+        _check_trainable_saved(tmp_path, model)
