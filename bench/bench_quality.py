@@ -134,6 +134,7 @@ def main() -> int:
     ap.add_argument("--experts-dir", default=str(ROOT / "models"),
                     help="models dir whose experts/ holds the adapters and TOMLs")
     ap.add_argument("--per-domain", type=int, default=20)
+    ap.add_argument("--domains", help="comma-separated subset of the domains to score")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
@@ -154,7 +155,11 @@ def main() -> int:
     scorer = Scorer(base, args.threads)
     general_prompt = domains["general"]["system_prompt"]
     rows = []
-    for domain in domains:
+    wanted = args.domains.split(",") if args.domains else list(domains)
+    for domain in wanted:
+        if domain not in domains:
+            raise SystemExit(f"--domains: unknown domain {domain!r}; known: {', '.join(domains)}")
+    for domain in wanted:
         for item in load_items(domain, args.per_domain, args.seed):
             prompt = domains[domain]["system_prompt"]
             r = dict(item)

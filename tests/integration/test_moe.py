@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def write_experts(models: Path, base: Path | None, *, adapters: dict[str, int] |
             model.pop("path", None)
         else:
             model["path"] = str((paths_by_domain or {}).get(domain, base))
+        model.pop("adapter", None)  # a shipped adapter fits the shipped base only
         if adapters and domain in adapters:
             gguf = (paths_by_domain or {}).get(domain, base)
             make_lora_adapter(gguf, folder / f"{domain}.lora.gguf", seed=adapters[domain])
@@ -274,9 +276,30 @@ def test_shipped_router_routes_real_questions(shared):
     assert r.selected[0].domain == "python", r
 
 
+def test_shipped_python_expert_answers_with_its_trained_adapter(shared):
+    """models/experts/python.toml ships a real adapter: it loads over the shared base and
+    changes what the model believes (the mean log-prob of the same greedy answer differs)."""
+    models, experts, pool = shared
+    moe, warnings = MoE.from_models_dir(pool, paths.REPO_ROOT / "models",
+                                        MoESettings(routing="single"))
+    cfg = moe.experts["python"]
+    assert cfg.adapter is not None and cfg.adapter.name == "python.lora.gguf"
+    assert cfg.adapter.stat().st_size < 2 * 2**20  # r 8 on q,k,v,o in F16: device-sized
+    question = "How do I read a CSV file with the csv module?"
+    events, result = drain(moe.query(question, options=GREEDY))
+    assert any("python-expert + python.lora.gguf" in e.get("text", "") for e in events
+               if e["type"] == "info")
+    with_adapter = result["experts"][0]
+    plain = replace(cfg, adapter=None)
+    bare = MoE(pool, [plain], KeywordRouter([plain]), MoESettings(routing="single"))
+    _, base_result = drain(bare.query(question, options=GREEDY))
+    assert with_adapter["text"].strip()
+    assert with_adapter["mean_logprob"] != pytest.approx(base_result["experts"][0]["mean_logprob"],
+                                                         abs=1e-4)
+
+
 def test_threshold_per_expert_override(shared):
     models, experts, pool = shared
-    from dataclasses import replace
 
     strict = [replace(e, expert=replace(e.expert, threshold=0.99))
               if e.expert.domain == "python" else e for e in experts]
