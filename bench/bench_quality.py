@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from hublabio import synth  # noqa: E402
 from hublabio.bare_experts import DOMAINS_FILE  # noqa: E402
 from hublabio.moe import MoE, MoESettings  # noqa: E402
 from hublabio.paths import embedded_model_path  # noqa: E402
@@ -120,12 +121,9 @@ def moe_choice(moe: MoE, question: str, routing: str, max_tokens: int) -> tuple[
     if routing == "single":
         route = moe.route(question)
         return route.selected[0].domain, time.perf_counter() - t0
-    gen = moe.query(question, options={"max_tokens": max_tokens, "temperature": 0.0})
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value["chosen"][0], time.perf_counter() - t0
+    result = synth.collect(moe.query(question, options={"max_tokens": max_tokens,
+                                                         "temperature": 0.0}))
+    return result["chosen"][0], time.perf_counter() - t0
 
 
 def main() -> int:
@@ -192,7 +190,7 @@ def main() -> int:
 
 def _mean(rows, key):
     vals = [r[key] for r in rows if r.get(key) is not None]
-    return (float(np.mean(vals)), len(vals)) if vals else (None, 0)
+    return float(np.mean(vals)) if vals else None
 
 
 def _fmt(v):
@@ -218,18 +216,18 @@ def report(rows, adapters, args, seconds):
         groups.setdefault(f"{r['domain']} {r['kind']}", []).append(r)
     groups["mixed (all)"] = rows
     for name, rs in groups.items():
-        bg, _ = _mean(rs, "base_general")
-        bd, _ = _mean(rs, "base_domain")
-        ex, n_ex = _mean(rs, "expert")
-        bd_ex, _ = _mean([r for r in rs if r["expert"] is not None], "base_domain")
-        ms, _ = _mean(rs, "moe_single")
-        mt, _ = _mean(rs, "moe_topk2")
+        bg = _mean(rs, "base_general")
+        bd = _mean(rs, "base_domain")
+        ex = _mean(rs, "expert")
+        bd_ex = _mean([r for r in rs if r["expert"] is not None], "base_domain")
+        ms = _mean(rs, "moe_single")
+        mt = _mean(rs, "moe_topk2")
         print(f"| {name} | {len(rs)} | {_fmt(bg)} | {_fmt(bd)} | {_fmt(ex)} | "
               f"{_gain(ex, bd_ex)} | {_fmt(ms)} | {_fmt(mt)} | {_gain(mt, bg)} |")
-    single_s, _ = _mean(rows, "moe_single_s")
-    topk_s, _ = _mean(rows, "moe_topk2_s")
-    ms, _ = _mean(rows, "moe_single")
-    mt, _ = _mean(rows, "moe_topk2")
+    single_s = _mean(rows, "moe_single_s")
+    topk_s = _mean(rows, "moe_topk2_s")
+    ms = _mean(rows, "moe_single")
+    mt = _mean(rows, "moe_topk2")
     print(f"\nTopK(2) vs Single on the mixed set: log-prob {_fmt(mt)} vs {_fmt(ms)} "
           f"({_gain(mt, ms)}), time to choose {topk_s:.2f} s vs {single_s * 1000:.1f} ms per "
           "question (topk2 generates both answers; single only routes)")
@@ -243,6 +241,7 @@ def report(rows, adapters, args, seconds):
             pairs = [r["adapters_on_general"][d] for r in general]
             b_, a_ = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
             print(f"| {d} | {len(pairs)} | {b_:.3f} | {a_:.3f} | {_gain(a_, b_)} |")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -55,9 +55,7 @@ def held_out_questions(path: Path, per_domain: int, seed: int) -> list[tuple[str
 
 
 def posterior_of(case: dict, beta: float) -> np.ndarray:
-    logits = np.log(np.maximum(case["p"], synth.ROUTER_FLOOR)) + beta * case["l"]
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
+    return np.array(synth.posterior(case["answers"], beta)[0])
 
 
 def log_loss(cases: list[dict], beta: float) -> float:
@@ -95,14 +93,7 @@ def collect(args) -> tuple[list[dict], list[dict]]:
     options = {"max_tokens": args.max_tokens, "temperature": 0.0}
     records, cases = [], []
     for n, (q, domain) in enumerate(questions, 1):
-        gen = moe.query(q, options=options)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-        answers = result["experts"]
+        answers = synth.collect(moe.query(q, options=options))["experts"]
         rec = {"question": q, "domain": domain,
                "answers": [{k: a[k] for k in ("domain", "router_probability", "mean_logprob",
                                               "confidence", "tokens")} for a in answers]}
@@ -110,8 +101,7 @@ def collect(args) -> tuple[list[dict], list[dict]]:
         names = [a["domain"] for a in answers]
         if len(answers) >= 2 and domain in names and all(
                 a["mean_logprob"] is not None for a in answers):
-            cases.append({"p": np.array([a["router_probability"] for a in answers]),
-                          "l": np.array([a["mean_logprob"] for a in answers]),
+            cases.append({"answers": [synth.ExpertAnswer(**a) for a in answers],
                           "true": names.index(domain)})
         if n % 10 == 0:
             print(f"{n}/{len(questions)} questions", file=sys.stderr)
@@ -141,8 +131,8 @@ def main() -> int:
     fitted = float(grid[inside][int(np.argmin(np.array(losses)[inside]))])
     default = synth.DEFAULT_CONFIDENCE_WEIGHT
     rules = [
-        ("router alone (beta 0)", 0.0, lambda c: int(np.argmax(c["p"]))),
-        ("confidence alone (the old `best`)", None, lambda c: int(np.argmax(c["l"]))),
+        ("router alone (beta 0)", 0.0, lambda c: int(np.argmax([a.router_probability for a in c["answers"]]))),
+        ("confidence alone (the old `best`)", None, lambda c: int(np.argmax([a.mean_logprob for a in c["answers"]]))),
         (f"fitted beta {fitted:g}", fitted, lambda c: int(np.argmax(posterior_of(c, fitted)))),
         (f"shipped default beta {default:g}", default,
          lambda c: int(np.argmax(posterior_of(c, default)))),

@@ -111,6 +111,15 @@ def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def held_out_count(n: int, share: float) -> int:
+    """How many of n items a seeded split holds out: round(share * n), but at least one and
+    never all of them when share > 0 and there are two or more."""
+    count = round(n * share) if share > 0 else 0
+    if share > 0 and n >= 2:
+        count = min(max(count, 1), n - 1)
+    return count
+
+
 def load_toml(path: str | os.PathLike) -> dict:
     try:
         with open(path, "rb") as handle:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hublabio_tools.common import (
-    SEED_CHAT_TEMPLATE, ToolError, iter_jsonl, main_guard, render_template, write_json_atomic,
-    write_jsonl_atomic,
+    SEED_CHAT_TEMPLATE, ToolError, held_out_count, iter_jsonl, main_guard, render_template,
+    write_json_atomic, write_jsonl_atomic,
 )
 
 ROLES = ("system", "user", "assistant")
@@ -361,10 +361,7 @@ def prepare(inputs: list[str], fmt: ChatFormat, *, near_dup: float = 0.85, min_c
             rows.append(row)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_valid = round(len(rows) * val_fraction) if val_fraction > 0 else 0
-    if val_fraction > 0 and len(rows) >= 2:
-        n_valid = min(max(n_valid, 1), len(rows) - 1)
-    valid_ids = set(order[:n_valid])
+    valid_ids = set(order[:held_out_count(len(rows), val_fraction)])
     train = [rows[i] for i in order if i not in valid_ids]
     valid = [rows[i] for i in order if i in valid_ids]
     counts["train"], counts["valid"] = len(train), len(valid)

@@ -42,7 +42,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from hublabio.fsutil import file_sha256
-from hublabio_tools.common import ToolError, write_json_atomic, write_jsonl_atomic
+from hublabio_tools.common import (
+    ToolError, held_out_count, write_json_atomic, write_jsonl_atomic,
+)
 
 MIN_CHUNK_CHARS = 200
 MIN_ANSWER_CHARS = 40
@@ -449,10 +451,7 @@ def prepare_docs(paths: list[str], out: Path, *, globs: list[str] = (), excludes
 
 
 def _held_out(pages: list[int], share: float, seed: int) -> set[int]:
-    """round(share * n) of `pages` (at least one of two or more when share > 0), seeded."""
+    """held_out_count(len(pages), share) of `pages`, drawn with `seed`."""
     order = list(pages)
     random.Random(seed).shuffle(order)
-    n = round(len(order) * share)
-    if share > 0 and len(order) >= 2:
-        n = min(max(n, 1), len(order) - 1)
-    return set(order[:n])
+    return set(order[:held_out_count(len(order), share)])
