@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_batching  # noqa: E402  (hublabd() and the streamed request)
 
+from hublabio.budget import bytes_per_token  # noqa: E402
 from hublabio.gguf_info import read_gguf_info  # noqa: E402
 from hublabio.llama.cpu import has_amx  # noqa: E402
 
@@ -55,18 +56,6 @@ def read_bandwidth(threads: int, gib: float = 1.0, rounds: int = 5) -> float:
             w.join()
         best = max(best, arr.nbytes / (time.perf_counter() - t0))
     return best
-
-
-def bytes_per_token(info, position: int) -> int:
-    """Weights read for one token (the token embedding: one row) plus the KV cache (F16) of
-    `position` tokens."""
-    total = 0
-    for t in info.tensors:
-        if t.name == "token_embd.weight" and "output.weight" in {x.name for x in info.tensors}:
-            total += t.n_bytes // max(1, t.shape[-1])
-        else:
-            total += t.n_bytes
-    return total + info.kv_elements_per_token * 2 * position
 
 
 def llama_bench(binary: str, model: Path, threads: int, tokens: int, repack: bool) -> float:

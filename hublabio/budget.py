@@ -115,6 +115,20 @@ def estimate_memory(info: ModelInfo, n_ctx: int, *, n_batch: int = 512, n_ubatch
                     total_mb=total / MiB, overhead_mb=overhead / MiB, n_ctx=ctx)
 
 
+def bytes_per_token(info: ModelInfo, position: int, kv_bytes: int = 2) -> int:
+    """Bytes one decode step reads from memory: every weight once (of the token embedding only
+    one row, unless it doubles as the output matrix) plus the KV cache of `position` tokens.
+    Decoding is bound by this: tok/s <= memory read bandwidth / bytes_per_token."""
+    names = {t.name for t in info.tensors}
+    total = 0
+    for t in info.tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            total += t.n_bytes // max(1, t.shape[-1])
+        else:
+            total += t.n_bytes
+    return total + info.kv_elements_per_token * kv_bytes * position
+
+
 def max_context_fitting(info: ModelInfo, available_mb: float, *, floor: int = 256,
                         ceiling: int | None = None, **kwargs) -> int | None:
     """The largest context (a multiple of 256, at least `floor`, at most the model's training
@@ -186,4 +200,4 @@ def plan_admission(needed_mb: float, budget_mb: float, resident: list[Resident],
 
 
 __all__ = ["Estimate", "Resident", "estimate_memory", "plan_admission", "max_context_fitting",
-           "repack_bytes", "padded_ctx"]
+           "repack_bytes", "padded_ctx", "bytes_per_token"]
