@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hublabio.budget import Estimate, Resident, estimate_memory, plan_admission
+from hublabio.budget import (Estimate, Resident, estimate_memory, max_context_fitting,
+                             plan_admission)
 from hublabio.config import check_architecture
 from hublabio.errors import BudgetError, GGUFError, HublabError, ModelNotFound
 from hublabio.gguf_check import problems as header_problems
@@ -114,6 +115,20 @@ class ModelPool:
     def used_mb(self) -> float:
         with self._lock:
             return sum(r.mb for r in self._models.values())
+
+    def fit(self, cfg, info: ModelInfo) -> dict:
+        """Whether `cfg`'s model fits this pool's whole budget (what `ai list` shows): the
+        estimate at its context with one slot and the load's repack policy, as a load would
+        count it. {"needs_mb", "fits": "yes" | "ctx" | "no", "max_ctx"}: "ctx" when only a
+        smaller context fits (`max_ctx`, the largest), "no" when not even 256 tokens do.
+        Other resident models are not counted: a load may evict them."""
+        load = self.load.for_model(cfg.inference)
+        policy = repack_policy(load.repack)
+        n_ctx = cfg.inference.context_size
+        needs = estimate_memory(info, n_ctx, repack=policy).total_mb
+        max_ctx = max_context_fitting(info, self.budget_mb, repack=policy)
+        fits = "yes" if needs <= self.budget_mb else "ctx" if max_ctx else "no"
+        return {"needs_mb": round(needs, 1), "fits": fits, "max_ctx": max_ctx}
 
     def find(self, name: str) -> ResidentModel | None:
         with self._lock:

@@ -70,6 +70,22 @@ def test_a_model_toml_overrides_the_daemon_load_settings(tmp_path, smollm2_path)
                            "mlock": False, "repack": False}
 
 
+def test_fit_says_whether_the_budget_holds_the_model_at_its_context(tmp_path, smollm2_path):
+    info = read_gguf_info(smollm2_path)
+    f = tmp_path / "a.toml"
+    f.write_text(f'[model]\nname = "a"\npath = "{smollm2_path}"\n\n[inference]\n'
+                 "context_size = 8192\n")
+    cfg = load_model_config(f)
+    at = lambda n: estimate_memory(info, n).total_mb  # noqa: E731 - the pool's own count
+    assert ModelPool(at(8192) + 1, engine_factory=FakeEngine).fit(cfg, info)["fits"] == "yes"
+    fit = ModelPool(at(2048) + 1, engine_factory=FakeEngine).fit(cfg, info)
+    assert fit["fits"] == "ctx" and fit["max_ctx"] == 2048
+    assert fit["needs_mb"] == round(at(8192), 1)
+    assert ModelPool(at(256) - 1, engine_factory=FakeEngine).fit(cfg, info) == {
+        "needs_mb": round(at(8192), 1), "fits": "no", "max_ctx": None}
+    assert FakeEngine.made == []  # nothing was loaded to answer
+
+
 def test_eviction_closes_the_least_recently_used_engine(tmp_path, smollm2_path, gemma_path):
     need = lambda p: estimate_memory(read_gguf_info(p), 256).total_mb  # noqa: E731
     pool = ModelPool(max(need(smollm2_path), need(gemma_path)) + 1, engine_factory=FakeEngine)

@@ -51,12 +51,12 @@ def test_model_list_marks_loaded_and_missing():
         {"name": "gone", "type": "gguf", "size_mb": None, "loaded": False, "missing": True},
     ])
     lines = text.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "SIZE", "PARAMS", "QUANT"]
+    assert lines[0].split() == ["NAME", "TYPE", "SIZE", "PARAMS", "QUANT", "FITS"]
     row = {line.split()[1] if line.startswith("*") else line.split()[0]: line for line in lines[1:4]}
     assert row["smollm2-135m"].startswith("*") and "82.5 MiB" in row["smollm2-135m"]
     assert row["gemma"].startswith(" ") and "268M" in row["gemma"] and "Q4_K_M" in row["gemma"]
     assert "missing" in row["gone"]
-    assert lines[-1] == "(* = loaded)"
+    assert lines[-1] == "(* = loaded; FITS: the memory estimate at its context)"
 
 
 def test_model_list_reports_skipped_configs_and_unreadable_files():
@@ -67,10 +67,23 @@ def test_model_list_reports_skipped_configs_and_unreadable_files():
           "missing": "file not found: /m/b.gguf"}],
         [{"path": "/m/bad.toml", "key": "temperature",
           "message": "/m/bad.toml: [inference] temperature: expected a number"}])
-    assert "(* = loaded)\n" in text
+    assert "(* = loaded; FITS: the memory estimate at its context)\n" in text
     assert "  skipped: /m/bad.toml: [inference] temperature: expected a number" in text
     assert "  a: /m/a.gguf: not a GGUF file" in text
     assert "  b: file not found: /m/b.gguf" in text
+
+
+def test_model_list_says_what_fits_the_budget():
+    rows = [{"name": n, "type": "gguf", "size_mb": 1.0, "loaded": False, **fit}
+            for n, fit in (("small", {"fits": "yes", "max_ctx": 8192}),
+                           ("big", {"fits": "ctx", "max_ctx": 1536}),
+                           ("huge", {"fits": "no", "max_ctx": None}),
+                           ("remote", {}))]
+    lines = render.model_list(rows, budget_mb=3584).splitlines()
+    fits = {line.split()[0]: line.split()[-1] for line in lines[1:5]}
+    assert fits == {"small": "yes", "big": "1536", "huge": "no", "remote": "-"}
+    assert "ctx 1536" in lines[2]
+    assert lines[-1].endswith("in the 3.50 GiB budget)")
 
 
 def test_model_list_empty_says_what_to_do():

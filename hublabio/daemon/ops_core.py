@@ -75,7 +75,7 @@ def _models_list(svc: Service, req: Req) -> dict:
         row = {"name": cfg.name, "type": cfg.type, "path": str(cfg.path) if cfg.path else cfg.url,
                "loaded": cfg.name in resident, "pinned": cfg.pinned, "current": cfg.name == current,
                "missing": cfg.missing, "size_mb": None, "quantization": None, "parameters": None,
-               "error": None}
+               "error": None, "needs_mb": None, "fits": None, "max_ctx": None}
         if cfg.type == "gguf" and not cfg.missing:
             try:
                 row["size_mb"] = _mb(cfg.path.stat().st_size)
@@ -90,13 +90,15 @@ def _models_list(svc: Service, req: Req) -> dict:
                     row["error"] = f"{cfg.source}: [model] type: {mismatch}"
                 elif svc.pool.prober is not None:  # refused by the probe at a load attempt
                     row["error"] = svc.pool.prober.problem(cfg.path)
+                if not row["error"]:
+                    row.update(svc.pool.fit(cfg, info))
             except (GGUFError, OSError) as exc:
                 row["error"] = str(exc)
             except Exception as exc:  # noqa: BLE001 - one odd file must not break the list
                 log.exception("models.list: %s", cfg.path)
                 row["error"] = f"{cfg.path}: unreadable header ({type(exc).__name__})"
         models.append(row)
-    return {"models": models, "models_dir": str(svc.models_dir),
+    return {"models": models, "models_dir": str(svc.models_dir), "budget_mb": svc.pool.budget_mb,
             "errors": [{"path": e.path, "key": e.key, "message": str(e)} for e in errors]}
 
 

@@ -318,6 +318,10 @@ def ask(ctx: ShellContext, question: str) -> None:
 def ai_list(ctx: ShellContext, args: list[str]) -> None:
     """List the models in the models directory: size, parameters, quantization; * = loaded.
 
+    FITS: `yes` when the memory estimate at the model's context fits this board's budget
+    (other models may be unloaded to make room), `ctx N` when only a context of N tokens or
+    fewer does (`ai load <name> --ctx N`), `no` when it does not fit at all.
+
     `--paths` adds each model's file (the embedded SmolLM2 lives inside its Python package) and
     the models directory."""
     paths = args == ["--paths"]
@@ -326,7 +330,8 @@ def ai_list(ctx: ShellContext, args: list[str]) -> None:
     data = ctx.client.call("models.list")
     models = data.get("models", [])
     ctx._names = (time.monotonic(), [m["name"] for m in models if "name" in m])
-    ctx.out.line(render.model_list(models, data.get("errors") or (), paths=paths))
+    ctx.out.line(render.model_list(models, data.get("errors") or (), paths=paths,
+                                   budget_mb=data.get("budget_mb")))
     if paths:
         ctx.out.line(f"Models directory: {data.get('models_dir')}")
 

@@ -73,11 +73,22 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
     return "\n".join([fmt(headers), rule] + [fmt(r) for r in rows])
 
 
+def _fits_text(m: Mapping[str, Any]) -> str:
+    if m.get("fits") == "yes":
+        return "yes"
+    if m.get("fits") == "ctx":
+        return f"ctx {m.get('max_ctx')}"
+    return "no" if m.get("fits") == "no" else "-"
+
+
 def model_list(models: Sequence[Mapping[str, Any]],
-               errors: Sequence[Mapping[str, Any]] = (), *, paths: bool = False) -> str:
-    """`ai list`: one row per model on disk, `*` marks the loaded ones (with `paths`, each
-    one's file); then the problems (config files that were skipped, model files that cannot be
-    read or are missing)."""
+               errors: Sequence[Mapping[str, Any]] = (), *, paths: bool = False,
+               budget_mb: float | None = None) -> str:
+    """`ai list`: one row per model on disk, `*` marks the loaded ones; FITS says whether the
+    memory estimate admits it in the budget at its context (`yes`), only at a smaller one
+    (`ctx N`, the largest) or not at all (`no`); with `paths`, each one's file. Then the
+    problems (config files that were skipped, model files that cannot be read or are
+    missing)."""
     problems = [f"skipped: {e.get('message') or e.get('path')}" for e in errors]
     problems += [f"{m.get('name')}: {m['missing'] if isinstance(m.get('missing'), str) else m['error']}"
                  for m in models if isinstance(m.get("missing"), str) or m.get("error")]
@@ -90,11 +101,12 @@ def model_list(models: Sequence[Mapping[str, Any]],
         mark = "*" if m.get("loaded") else " "
         size = "missing" if m.get("missing") else human_mb(m.get("size_mb"))
         rows.append([mark, m.get("name", "?"), m.get("type", ""), size,
-                     _params_text(m), m.get("quantization") or "-"]
+                     _params_text(m), m.get("quantization") or "-", _fits_text(m)]
                     + ([m.get("path") or "-"] if paths else []))
-    headers = [" ", "NAME", "TYPE", "SIZE", "PARAMS", "QUANT"] + (["PATH"] if paths else [])
-    body = table(headers, rows, "lllrrl" + ("l" if paths else ""))
-    return body + "\n(* = loaded)" + notes
+    headers = [" ", "NAME", "TYPE", "SIZE", "PARAMS", "QUANT", "FITS"] + (["PATH"] if paths else [])
+    body = table(headers, rows, "lllrrll" + ("l" if paths else ""))
+    budget = f" in the {human_mb(budget_mb)} budget" if budget_mb is not None else ""
+    return body + f"\n(* = loaded; FITS: the memory estimate at its context{budget})" + notes
 
 
 def model_loaded(data: Mapping[str, Any]) -> str:

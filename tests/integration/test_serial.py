@@ -82,8 +82,8 @@ def test_serial_console_runs_commands_with_echo_editing_and_crlf(console):
     # Typed characters are echoed; DEL erases (echoing "\b \b"); CR ends the line.
     c.send(b"ai lisx\x7ft\r")
     c.expect(rb"ai lisx\x08 \x08t\r\n")
-    listing = c.expect(rb"(?s)NAME.*?\(\* = loaded\)\r\n").group(0)
-    assert b"smollm2-135m" in listing
+    listing = c.expect(rb"(?s)NAME.*?\(\* = loaded[^)]*\)\r\n").group(0)
+    assert b"smollm2-135m" in listing and b"FITS" in listing
     assert b"\n" not in listing.replace(b"\r\n", b"")  # every newline is CRLF
     c.expect(rb"hublab> ")
 
@@ -91,7 +91,7 @@ def test_serial_console_runs_commands_with_echo_editing_and_crlf(console):
     c.send(b"\x1b[A")
     c.expect(rb"ai list")
     c.send(b"\r")
-    c.expect(rb"(?s)NAME.*?\(\* = loaded\)\r\n")
+    c.expect(rb"(?s)NAME.*?\(\* = loaded[^)]*\)\r\n")
     c.expect(rb"hublab> ")
 
     # A question streams an answer; LF alone also ends a line.

@@ -90,7 +90,7 @@ def test_piped_stdin_runs_each_line_and_reports_any_failure(models_dir):
     run = hublab(stdin="ai list\nai unload nosuch\nai info\n")
     assert run.returncode == 1
     assert "Error: " in run.stderr and "nosuch" in run.stderr
-    assert "(* = loaded)" in run.stdout and "Tokens/sec:" in run.stdout
+    assert "(* = loaded; FITS:" in run.stdout and "Tokens/sec:" in run.stdout
 
 
 def test_ai_config_persists_across_a_restart(models_dir, isolated_state):
@@ -149,6 +149,13 @@ def test_models_dir_and_budget_flags_configure_the_daemon_it_starts(tmp_path, sm
     run = hublab("--models-dir", str(models), "-c", "ai list")
     assert run.returncode == 0, run.stderr
     assert "smollm2-135m" in run.stdout
+
+    row = next(line for line in run.stdout.splitlines() if "smollm2-135m" in line)
+    assert row.split()[-1] == "yes", run.stdout  # FITS: the default budget holds it
+
+    run = hublab("--models-dir", str(models), "--budget-mb", "50", "-c", "ai list")
+    row = next(line for line in run.stdout.splitlines() if "smollm2-135m" in line)
+    assert row.split()[-1] == "no" and "in the 50.0 MiB budget" in run.stdout, run.stdout
 
     run = hublab("--models-dir", str(models), "--budget-mb", "50", "-c", "ai load smollm2-135m")
     assert run.returncode == 1
