@@ -57,8 +57,11 @@ def _tensor_shapes(m: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], bo
     return shapes
 
 
-def write_random_float(recipe: dict, out: Path, vocab_from: Path, *, seed: int = 0) -> Path:
-    """The recipe's shape as an F16 GGUF (norms F32), streamed tensor by tensor."""
+def write_random_float(recipe: dict, out: Path, vocab_from: Path, *, seed: int = 0,
+                       probe_rows: int | None = None) -> Path:
+    """The recipe's shape as an F16 GGUF (norms F32), streamed tensor by tensor. With
+    `probe_rows`, every matrix keeps its row width but has at most that many rows (a probe
+    for the quantizer's type choices, see `recipe_info`)."""
     from gguf import GGUFReader
 
     from hublabio_tools.gguf_float import copy_metadata
@@ -67,6 +70,9 @@ def write_random_float(recipe: dict, out: Path, vocab_from: Path, *, seed: int =
     vocab = GGUFReader(vocab_from)
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
     shapes = _tensor_shapes(m, n_vocab)
+    if probe_rows:
+        shapes = [(name, shape if norm else (min(shape[0], probe_rows),) + shape[1:], norm)
+                  for name, shape, norm in shapes]
     d, heads = m["hidden_size"], m["num_attention_heads"]
     rng = np.random.default_rng(seed)
     with gguf_output(out, "llama") as writer:
@@ -106,11 +112,7 @@ def write_random_float(recipe: dict, out: Path, vocab_from: Path, *, seed: int =
     return out
 
 
-def random_model(recipe_name: str, out: Path, *, ftype: str = "Q4_K_M", seed: int = 0,
-                 vocab_from: Path | None = None, keep_float: bool = False) -> Path:
-    from hublabio_tools.quantize import normalize_type, quantize
-
-    recipe = load_recipe(recipe_name)
+def _vocab_source(vocab_from: Path | None) -> Path:
     if vocab_from is None:
         from hublabio.paths import embedded_model_path
 
@@ -121,6 +123,62 @@ def random_model(recipe_name: str, out: Path, *, ftype: str = "Q4_K_M", seed: in
         vocab_from = Path(found)
     if not Path(vocab_from).is_file():
         raise ToolError(f"--vocab-from {vocab_from}: no such GGUF")
+    return Path(vocab_from)
+
+
+def recipe_info(recipe_name: str, ftype: str = "Q4_K_M", *, n_vocab: int | None = None,
+                vocab_from: Path | None = None):
+    """The header (hublabio.gguf_info.ModelInfo) of the GGUF `random_model` would write for a
+    recipe and type, without writing the weights: llama.cpp's quantizer picks every tensor's
+    type on a probe file of the recipe's layers and row widths with 8 rows per matrix (the
+    choice depends on a tensor's name, layer and row width, not on its row count); the full
+    shapes then give every tensor's bytes. `n_vocab`: rows of the embedding and output
+    matrices (default: the recipe's vocab_size, the size the seed trains with)."""
+    import dataclasses
+    import tempfile
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from hublabio.gguf_info import TensorInfo, read_gguf_info
+    from hublabio_tools.quantize import normalize_type, quantize
+
+    recipe = load_recipe(recipe_name)
+    m = recipe["model"]
+    n_vocab = n_vocab or m.get("vocab_size")
+    with tempfile.TemporaryDirectory(prefix="hublab-probe-") as tmp:
+        probe = write_random_float(recipe, Path(tmp) / "probe.f16.gguf", _vocab_source(vocab_from),
+                                   probe_rows=8)
+        ftype = normalize_type(ftype)
+        if ftype != "F16":
+            probe = quantize(probe, ftype, Path(tmp) / "probe.gguf").out
+        info = read_gguf_info(probe)
+    n_vocab = n_vocab or info.vocab_size
+    types = {t.name: t.type_name for t in info.tensors}
+    tensors, offset = [], 0
+    for name, shape, _norm in _tensor_shapes(m, n_vocab):
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[types[name]]]
+        n = int(np.prod(shape))
+        n_bytes = n // block * size
+        # gguf_info's shapes are GGUF's (row width first), numpy's are (rows, row width)
+        tensors.append(TensorInfo(name, tuple(reversed(shape)), types[name], n, n_bytes, offset))
+        offset += -(-n_bytes // 32) * 32
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.n_bytes
+    total = sum(t.n_bytes for t in tensors)
+    return dataclasses.replace(
+        info, path=Path(f"{recipe['name']}.{ftype}.gguf"), name=recipe["name"],
+        file_size=info.file_size - info.tensor_bytes + total, parameters=sum(
+            t.n_elements for t in tensors), vocab_size=n_vocab, tensor_bytes=total,
+        tensor_types=by_type, tensors=tuple(tensors))
+
+
+def random_model(recipe_name: str, out: Path, *, ftype: str = "Q4_K_M", seed: int = 0,
+                 vocab_from: Path | None = None, keep_float: bool = False) -> Path:
+    from hublabio_tools.quantize import normalize_type, quantize
+
+    recipe = load_recipe(recipe_name)
+    vocab_from = _vocab_source(vocab_from)
     ftype = normalize_type(ftype)
     if ftype == "F16":
         return write_random_float(recipe, out, vocab_from, seed=seed)

@@ -34,3 +34,22 @@ def test_a_shape_that_does_not_divide_is_refused(tmp_path, capsys):
     assert cli.main(["random-model", str(recipe), "--out", str(tmp_path / "x.gguf")]) == 1
     assert "hidden_size must be a multiple of num_attention_heads" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
+def test_recipe_info_is_the_header_random_model_writes(tmp_path, smollm2_path, ftype):
+    """recipe_info quantizes a probe with 8 rows per matrix; the types llama.cpp picks and the
+    bytes computed for the full shapes must be those of the real file."""
+    from hublabio_tools.random_model import recipe_info
+
+    out = tmp_path / "tiny.gguf"
+    assert cli.main(["random-model", "hublabio-tiny", "--out", str(out), "--type", ftype]) == 0
+    real = read_gguf_info(out)
+    est = recipe_info("hublabio-tiny", ftype, n_vocab=real.vocab_size)
+    assert sorted((t.name, t.shape, t.type_name, t.n_bytes) for t in est.tensors) \
+        == sorted((t.name, t.shape, t.type_name, t.n_bytes) for t in real.tensors)
+    assert est.tensor_types == real.tensor_types and est.tensor_bytes == real.tensor_bytes
+    assert est.parameters == real.parameters
+    assert (est.layers, est.kv_elements_per_token) == (real.layers, real.kv_elements_per_token)
+    # by default the rows are the recipe's own 512-token vocabulary
+    assert recipe_info("hublabio-tiny", ftype).vocab_size == 512
