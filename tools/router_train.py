@@ -98,7 +98,8 @@ def build_model(dim: int, hidden: int, n_classes: int, dropout: float):
                                torch.nn.Dropout(dropout), torch.nn.Linear(hidden, n_classes))
 
 
-def train_model(x: np.ndarray, y: np.ndarray, n_classes: int, args) -> "torch.nn.Module":
+def train_model(x: np.ndarray, y: np.ndarray, n_classes: int, args,
+                quiet: bool = False) -> "torch.nn.Module":
     import torch
 
     torch.manual_seed(args.seed)
@@ -118,10 +119,86 @@ def train_model(x: np.ndarray, y: np.ndarray, n_classes: int, args) -> "torch.nn
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        if args.verbose or epoch == args.epochs - 1:
+        if not quiet and (args.verbose or epoch == args.epochs - 1):
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {total / len(yt):.4f}")
     model.eval()
     return model
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: over `bins` equal-width bins of the top probability, the mean |accuracy - mean top
+    probability| weighted by the bin's share of the questions."""
+    top = probs.max(axis=1)
+    right = probs.argmax(axis=1) == labels
+    which = np.minimum((top * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(right[inside].mean() - top[inside].mean())
+    return float(ece)
+
+
+BANDS = (0.0, 0.5, 0.7, 0.9, 1.0)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, edges=BANDS) -> list[dict]:
+    """Per band [lo, hi) of the top probability (the last band includes 1): how many questions
+    fall in it, the share routed right and their mean top probability."""
+    top = probs.max(axis=1)
+    right = probs.argmax(axis=1) == labels
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        inside = (top >= lo) & ((top < hi) if hi < edges[-1] else (top <= hi))
+        n = int(inside.sum())
+        out.append({"band": [lo, hi], "n": n,
+                    "accuracy": round(float(right[inside].mean()), 4) if n else None,
+                    "mean_probability": round(float(top[inside].mean()), 4) if n else None})
+    return out
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (a log-spaced
+    grid from 0.05 to 20, then refined around the best point)."""
+    def nll(t: float) -> float:
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(labels)), labels].mean())
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    best = float(grid[int(np.argmin([nll(t) for t in grid]))])
+    fine = np.linspace(best / 1.06, best * 1.06, 41)
+    return float(fine[int(np.argmin([nll(t) for t in fine]))])
+
+
+def out_of_fold_logits(x: np.ndarray, y: np.ndarray, n_classes: int, args,
+                       folds: int) -> np.ndarray:
+    """Each training example's logits from a model trained on the other folds (stratified,
+    seeded), so the temperature is fitted on answers to questions the model did not see."""
+    import torch
+
+    rng = np.random.default_rng(args.seed + 1)
+    fold_of = np.empty(len(y), dtype=np.int64)
+    for c in range(n_classes):
+        idx = np.flatnonzero(y == c)
+        fold_of[rng.permutation(idx)] = np.arange(len(idx)) % folds
+    logits = np.zeros((len(y), n_classes), dtype=np.float64)
+    for k in range(folds):
+        model = train_model(x[fold_of != k], y[fold_of != k], n_classes, args, quiet=True)
+        with torch.no_grad():
+            logits[fold_of == k] = model(torch.from_numpy(x[fold_of == k])).numpy()
+    return logits
+
+
+def scale_logits(model, temperature: float) -> None:
+    """Divide the model's output layer by `temperature` (softmax(logits / T), exactly)."""
+    import torch
+
+    last = model if isinstance(model, torch.nn.Linear) else model[-1]
+    with torch.no_grad():
+        last.weight /= temperature
+        last.bias /= temperature
 
 
 class _WithSoftmax:
@@ -253,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.2, help="MLP only")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--calibrate-folds", type=int, default=5,
+                   help="fit a softmax temperature on out-of-fold logits of this many folds of "
+                        "the training split, so probabilities mean what they say (default 5; "
+                        "0 = no calibration)")
     p.add_argument("--experts", default=str(REPO_ROOT / "models"),
                    help="models dir whose experts/*.toml keywords give the keyword-router "
                         "comparison (default: the repo's models/)")
@@ -270,6 +351,9 @@ def train_router(args) -> dict:
         raise ToolError(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.epochs < 1:
         raise ToolError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.calibrate_folds == 1 or args.calibrate_folds < 0:
+        raise ToolError(f"--calibrate-folds must be 0 (off) or at least 2, got "
+                        f"{args.calibrate_folds}")
     try:
         spec = FeatureSpec.from_dict({**FeatureSpec().to_dict(), "dim": args.dim,
                                       "word_ngrams": args.word_ngrams,
@@ -304,6 +388,15 @@ def train_router(args) -> dict:
                         "lower --hidden or --dim")
 
     x_held = x[held_idx]
+    y_held = labels[held_idx]
+    with torch.no_grad():
+        raw_probs = torch.softmax(model(torch.from_numpy(x_held)), dim=-1).numpy()
+    temperature = 1.0
+    if args.calibrate_folds:
+        oof = out_of_fold_logits(x[train_idx], labels[train_idx], len(domains), args,
+                                 args.calibrate_folds)
+        temperature = fit_temperature(oof, labels[train_idx])
+        scale_logits(model, temperature)
     with torch.no_grad():
         torch_probs = torch.softmax(model(torch.from_numpy(x_held)), dim=-1).numpy()
     onnx_bytes = export_onnx(model, spec.dim)
@@ -312,8 +405,12 @@ def train_router(args) -> dict:
     if not diff <= ONNX_TOLERANCE:
         raise ToolError(f"ONNX outputs differ from PyTorch on the held-out split: max abs "
                         f"difference {diff:.3g} > {ONNX_TOLERANCE}; nothing written")
-    y_held = labels[held_idx]
     model_rep = report(y_held, ort_probs.argmax(axis=1), domains)
+    model_rep["ece"] = round(expected_calibration_error(ort_probs, y_held), 4)
+    model_rep["ece_uncalibrated"] = round(expected_calibration_error(raw_probs, y_held), 4)
+    model_rep["mean_top_probability"] = round(float(ort_probs.max(axis=1).mean()), 4)
+    model_rep["reliability"] = reliability(ort_probs, y_held)
+    model_rep["reliability_uncalibrated"] = reliability(raw_probs, y_held)
     held_texts = [texts[i] for i in held_idx]
     keywords = load_keywords(Path(args.experts))
     if keywords:
@@ -333,7 +430,9 @@ def train_router(args) -> dict:
         "weight_decay": args.weight_decay, "dropout": args.dropout,
         "label_smoothing": args.label_smoothing, "batch_size": args.batch_size,
         "n_train": int(len(train_idx)), "n_holdout": int(len(held_idx)),
+        "calibrate_folds": args.calibrate_folds, "temperature": round(temperature, 4),
         "accuracy": model_rep["accuracy"], "macro_f1": model_rep["macro_f1"],
+        "ece": model_rep["ece"], "ece_uncalibrated": model_rep["ece_uncalibrated"],
         "keyword_accuracy": kw_rep["accuracy"] if kw_rep else None,
         "onnx_max_abs_diff": diff, "torch": torch.__version__,
     }
@@ -348,6 +447,11 @@ def train_router(args) -> dict:
     print(format_report(model_rep, domains, "router (ONNX) on the held-out split"))
     if kw_rep:
         print(format_report(kw_rep, domains, "keyword router on the same split"))
+    print(f"calibration: temperature {temperature:.3f} (fitted on {args.calibrate_folds}-fold "
+          f"out-of-fold logits of the training split); held-out ECE "
+          f"{model_rep['ece_uncalibrated']:.4f} -> {model_rep['ece']:.4f}, mean top "
+          f"probability {model_rep['mean_top_probability']:.3f} vs accuracy "
+          f"{model_rep['accuracy']:.3f}")
     print(f"ONNX vs PyTorch max abs difference {diff:.2e} (limit {ONNX_TOLERANCE})")
     print(f"{n_params} parameters; wrote {out / ONNX_FILE}, {out / DOMAINS_FILE}, "
           f"{out / 'metrics.json'} in {time.perf_counter() - started:.1f} s")

@@ -61,6 +61,59 @@ def test_train_router_end_to_end_is_reproducible(tmp_path, capsys):
     assert float(np.mean(predicted == labels[held])) == pytest.approx(rep["accuracy"], abs=1e-4)
 
 
+def test_calibration_error_counts_confidence_against_accuracy():
+    labels = np.array([0, 0, 1, 1])
+    right = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    assert router_train.expected_calibration_error(right, labels) == pytest.approx(0.1)
+    # 0.9 confident and half wrong: the gap is 0.4
+    half = np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])
+    assert router_train.expected_calibration_error(half, labels) == pytest.approx(0.4)
+
+
+def test_reliability_bands_count_right_answers_per_band_of_the_top_probability():
+    labels = np.array([0, 0, 1, 1, 0])
+    probs = np.array([[1.0, 0.0], [0.95, 0.05], [0.4, 0.6], [0.6, 0.4], [0.45, 0.55]])
+    bands = router_train.reliability(probs, labels)
+    by = {tuple(b["band"]): b for b in bands}
+    assert by[(0.9, 1.0)] == {"band": [0.9, 1.0], "n": 2, "accuracy": 1.0,
+                              "mean_probability": 0.975}            # 1.0 counts in the top band
+    assert by[(0.5, 0.7)]["n"] == 3 and by[(0.5, 0.7)]["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
+    assert by[(0.0, 0.5)]["n"] == 0 and by[(0.0, 0.5)]["accuracy"] is None
+
+
+def test_temperature_recovers_the_scale_logits_were_sharpened_by():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 5)) * 2
+    p = np.exp(true_logits) / np.exp(true_logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    # an over-confident model: its logits are the calibrated ones times 3
+    t = router_train.fit_temperature(true_logits * 3, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert router_train.fit_temperature(true_logits, labels) == pytest.approx(1.0, rel=0.1)
+
+
+def test_calibration_scales_the_exported_router_and_is_recorded(tmp_path):
+    metrics = _train(tmp_path / "c", "--calibrate-folds", "3")
+    trained, rep = metrics["trained"], metrics["holdout"]
+    assert trained["calibrate_folds"] == 3 and trained["temperature"] != 1.0
+    assert 0 <= rep["ece"] <= 1 and 0 <= rep["ece_uncalibrated"] <= 1
+    assert sum(b["n"] for b in rep["reliability"]) == trained["n_holdout"]
+    assert sum(b["n"] for b in rep["reliability_uncalibrated"]) == trained["n_holdout"]
+    off = _train(tmp_path / "d", "--calibrate-folds", "0")["trained"]
+    assert off["temperature"] == 1.0 and off["ece"] == off["ece_uncalibrated"]
+    # the temperature does not change which domain wins, only how sure the router is
+    assert off["accuracy"] == trained["accuracy"]
+
+
+@pytest.mark.parametrize("folds", ["1", "-2"])
+def test_calibrate_folds_must_be_off_or_two_or_more(tmp_path, capsys, folds):
+    code = cli_main(["train-router", "--data", str(DATA), "--out", str(tmp_path / "o"),
+                     "--calibrate-folds", folds])
+    assert code == 1
+    assert "--calibrate-folds must be 0 (off) or at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_stratified_split_is_seeded_and_per_domain():
     labels = np.array([0] * 50 + [1] * 10 + [2] * 3)
     train, held = router_train.stratified_split(labels, 3, 0.2, seed=7)
@@ -126,9 +179,11 @@ def test_shipped_router_is_reproduced_by_its_recorded_command(tmp_path):
             "--word-ngrams", str(features["word_ngrams"]), "--char-min", str(features["char_min"]),
             "--char-max", str(features["char_max"])]
     for key in ("seed", "epochs", "holdout", "hidden", "lr", "weight_decay", "dropout",
-                "label_smoothing", "batch_size"):
+                "label_smoothing", "batch_size", "calibrate_folds"):
         args += [f"--{key.replace('_', '-')}", str(shipped[key])]
     metrics = router_train.train_router(router_train.build_parser().parse_args(args))
     assert metrics["trained"]["data_sha256"] == shipped["data_sha256"]
     assert metrics["holdout"]["accuracy"] == shipped["accuracy"]
     assert metrics["trained"]["keyword_accuracy"] == shipped["keyword_accuracy"]
+    assert metrics["trained"]["temperature"] == shipped["temperature"]
+    assert metrics["holdout"]["ece"] == shipped["ece"]
