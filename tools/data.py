@@ -2,9 +2,11 @@
 
 usage: hublab-tools prepare-data INPUT.jsonl [INPUT.jsonl ...] --out DIR [options]
        hublab-tools prepare-data --docs PATH [PATH ...] --out DIR [docs options]
+       hublab-tools prepare-data --docs PATH [PATH ...] --router-domain DOMAIN --out DIR
 
 --docs reads documentation (HTML or man pages) instead and writes raw rows for train-expert:
-see "Documentation" below.
+see "Documentation" below. With --router-domain it writes short labelled rows for
+train-router --extra: see "Router rows" below.
 
 Each input line is one of
   {"text": "..."}                                     plain text (trained on every token)
@@ -440,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from hublabio_tools import docs_data
 
-    parser.epilog = "Documentation (--docs):\n" + docs_data.__doc__.split("\n", 1)[1]
+    from hublabio_tools import router_docs
+
+    parser.epilog = ("Documentation (--docs):\n" + docs_data.__doc__.split("\n", 1)[1]
+                     + "\nRouter rows (--docs --router-domain):\n"
+                     + router_docs.__doc__.split("\n", 1)[1])
     parser.add_argument("inputs", nargs="+", help="input jsonl file(s); with --docs: pages or "
                         "folders of pages")
     parser.add_argument("--out", required=True, help="output directory")
@@ -466,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of the pages held out for benchmarks (0.1)")
     docs.add_argument("--max-rows", type=int, default=0,
                       help="keep a seeded sample of this many training rows (0: all)")
+    docs.add_argument("--router-domain", metavar="DOMAIN",
+                      help="write short router training rows labelled DOMAIN instead "
+                           "(DIR/router_DOMAIN.jsonl, for train-router --extra)")
     return parser
 
 
@@ -474,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.docs:
         return _main_docs(args, argv)
-    if args.glob or args.exclude or args.max_rows:
-        raise ToolError("--glob, --exclude and --max-rows apply to --docs only")
+    if args.glob or args.exclude or args.max_rows or args.router_domain:
+        raise ToolError("--glob, --exclude, --max-rows and --router-domain apply to --docs only")
     if not 0 <= args.val_fraction < 1:
         raise ToolError("--val-fraction must be in [0, 1)")
     fmt = load_chat_format(args.model)
@@ -496,6 +505,8 @@ def _main_docs(args, argv) -> int:
     if args.max_rows < 0:
         raise ToolError(f"--max-rows {args.max_rows}: expected 0 (all) or more")
     out = Path(args.out)
+    if args.router_domain is not None:
+        return _main_router_rows(args, argv, out)
     meta = prepare_docs(args.inputs, out, globs=args.glob, excludes=args.exclude,
                         chunk_chars=args.chunk_chars,
                         heldout_pages=args.heldout_pages, max_rows=args.max_rows,
@@ -506,4 +517,17 @@ def _main_docs(args, argv) -> int:
           f"--max-rows), {c['heldout']} held-out rows ({c['heldout_qa']} pairs)")
     print(f"wrote {out / 'docs_train.jsonl'} (sha256 {meta['train_sha256'][:16]}), "
           f"{out / 'docs_heldout.jsonl'}, {out / 'docs_meta.json'}")
+    return 0
+
+
+def _main_router_rows(args, argv, out: Path) -> int:
+    from hublabio_tools.router_docs import prepare_router_rows
+
+    meta = prepare_router_rows(args.inputs, args.router_domain, out, globs=args.glob,
+                               excludes=args.exclude, max_rows=args.max_rows, seed=args.seed,
+                               argv=list(sys.argv[1:] if argv is None else argv))
+    print(f"{meta['pages_read']} of {meta['pages_found']} pages gave rows: {meta['rows']} rows "
+          f"labelled {meta['domain']} ({meta['rows_available']} before --max-rows)")
+    print(f"wrote {out / ('router_' + meta['domain'] + '.jsonl')} (sha256 "
+          f"{meta['sha256'][:16]}), {out / ('router_' + meta['domain'] + '_meta.json')}")
     return 0

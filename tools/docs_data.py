@@ -4,8 +4,9 @@ usage: hublab-tools prepare-data --docs PATH [PATH ...] --out DIR [--glob PATTER
            [--exclude PATTERN ...]
            [--chunk-chars 1200] [--heldout-pages 0.1] [--max-rows N] [--seed 0]
 
-PATH is a page or a folder searched recursively for pages: `*.html` / `*.htm`, and man pages
-(`name.N`, `name.N.gz`, N a section digit). `--glob` keeps only files whose path relative to
+PATH is a page or a folder searched recursively for pages: `*.html` / `*.htm`, man pages
+(`name.N`, `name.N.gz`, N a section digit), and fortune files (entries between `%` lines,
+recognised by the `name.dat` index strfile writes beside them; each entry is a paragraph). `--glob` keeps only files whose path relative to
 their PATH matches one of the patterns (fnmatch, e.g. `tutorial/*.html`; `*` crosses `/`), and
 `--exclude` drops those matching one of its patterns. Drop pages that repeat others (mdBook's
 `print.html` holds the whole book): a held-out page must not be in the training pages too.
@@ -255,6 +256,16 @@ def man_page(path: Path, text: str) -> Page:
     return Page(path, title, blocks)
 
 
+def fortune_page(path: Path, text: str) -> Page:
+    """A fortune file: each entry between `%` lines is one text block."""
+    entries = re.split(r"^%[ \t]*$", text, flags=re.M)
+    return Page(path, path.name, [Block("text", " ".join(e.split())) for e in entries if e.strip()])
+
+
+def is_fortune_file(path: Path) -> bool:
+    return not path.suffix and path.with_name(path.name + ".dat").is_file()
+
+
 def read_page(path: Path) -> tuple[Page, str]:
     """(page, sha256 of the file's bytes); ToolError names a file that cannot be read."""
     try:
@@ -263,8 +274,12 @@ def read_page(path: Path) -> tuple[Page, str]:
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise ToolError(f"{path}: cannot read ({err})") from None
     text = raw.decode("utf-8", errors="replace")
-    page = html_page(path, text) if path.suffix.lower() in (".html", ".htm") \
-        else man_page(path, text)
+    if path.suffix.lower() in (".html", ".htm"):
+        page = html_page(path, text)
+    elif is_fortune_file(path):
+        page = fortune_page(path, text)
+    else:
+        page = man_page(path, text)
     return page, hashlib.sha256(data).hexdigest()
 
 
@@ -371,7 +386,8 @@ def page_rows(page: Page, source: str, chunk_chars: int = 1200) -> list[dict]:
 
 # ----------------------------------------------------------------------------- files
 def is_page(path: Path) -> bool:
-    return path.suffix.lower() in (".html", ".htm") or bool(MAN_PAGE.match(path.name))
+    return path.suffix.lower() in (".html", ".htm") or bool(MAN_PAGE.match(path.name)) \
+        or is_fortune_file(path)
 
 
 def find_pages(paths: list[str], globs: list[str], excludes: list[str] = ()
@@ -392,7 +408,7 @@ def find_pages(paths: list[str], globs: list[str], excludes: list[str] = ()
             here = [(p, rel) for p, rel in here if any(fnmatch.fnmatch(rel, g) for g in globs)]
         here = [(p, rel) for p, rel in here if not any(fnmatch.fnmatch(rel, g) for g in excludes)]
         if not here:
-            raise ToolError(f"{arg}: no HTML or man pages" + (f" matching {', '.join(globs)}"
+            raise ToolError(f"{arg}: no HTML, man pages or fortune files" + (f" matching {', '.join(globs)}"
                                                               if globs else ""))
         found += [(p, f"{root.name}/{rel}") for p, rel in here]
     return found

@@ -6,6 +6,11 @@ small PyTorch model (one hidden layer, or linear with --hidden 0) is trained on 
 split, and the held-out part is reported: accuracy, per-domain precision/recall/F1, the
 confusion matrix, and the keyword router's accuracy on the same queries for comparison.
 
+--extra FILE (repeatable) adds labelled rows to the training split only: rows built from
+documentation by `prepare-data --docs --router-domain DOMAIN`. The held-out split is drawn
+from --data alone, so the held-out report stays comparable with and without them. Their
+domains must be domains of --data.
+
 Writes into --out: router.onnx (input "features" float32 [batch, dim], output "probs"
 [batch, n_domains]), domains.json (domains, hashing parameters, training record) and
 metrics.json (the full held-out report). The ONNX outputs are checked against the PyTorch
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import sys
 import time
 import warnings
@@ -30,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from hublabio.errors import RouterError
-from hublabio.fsutil import atomic_write_bytes
+from hublabio.fsutil import atomic_write_bytes, file_sha256
 from hublabio.router import DOMAINS_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, KeywordRouter
 from hublabio.router_features import FeatureSpec, featurize
 from hublabio_tools.common import ToolError, iter_jsonl, main_guard, write_json_atomic
@@ -72,6 +78,34 @@ def read_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise ToolError(f"{path}: no examples")
     return examples
+
+
+def read_extra(paths: list[str], index: dict[str, int]
+               ) -> tuple[list[str], list[int], list[dict]]:
+    """Texts, label indices and a record (file, sha256, rows per domain, and the prepare-data
+    arguments that made it when its router_DOMAIN_meta.json lies beside it) of the --extra
+    files; a domain that --data does not have is an error naming the file and line."""
+    texts, labels, record = [], [], []
+    for path in paths:
+        rows = read_examples(path)
+        unknown = [e for e in rows if e.domain not in index]
+        if unknown:
+            e = unknown[0]
+            raise ToolError(f"{path}:{e.line}: domain {e.domain!r} is not a domain of --data "
+                            f"({', '.join(index)}); {len(unknown)} such row(s)")
+        texts += [e.text for e in rows]
+        labels += [index[e.domain] for e in rows]
+        counts = {d: n for d in index if (n := sum(e.domain == d for e in rows))}
+        entry = {"file": Path(path).name, "sha256": file_sha256(Path(path)),
+                 "rows": len(rows), "domains": counts}
+        made = Path(path).with_name(Path(path).stem + "_meta.json")   # prepare-data's record
+        if made.is_file():
+            try:
+                entry["prepare_data_argv"] = json.loads(made.read_text()).get("argv")
+            except (OSError, ValueError):
+                pass
+        record.append(entry)
+    return texts, labels, record
 
 
 def stratified_split(labels: np.ndarray, n_classes: int, holdout: float,
@@ -173,10 +207,17 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def out_of_fold_logits(x: np.ndarray, y: np.ndarray, n_classes: int, args,
-                       folds: int) -> np.ndarray:
+                       folds: int, extra_x: np.ndarray | None = None,
+                       extra_y: np.ndarray | None = None) -> np.ndarray:
     """Each training example's logits from a model trained on the other folds (stratified,
-    seeded), so the temperature is fitted on answers to questions the model did not see."""
+    seeded), so the temperature is fitted on answers to questions the model did not see.
+    extra_x/extra_y (the --extra rows) join every fold's training set and get no logits: the
+    temperature is fitted on questions, not on documentation headings."""
     import torch
+
+    if extra_x is None:
+        extra_x = np.zeros((0, x.shape[1]), dtype=x.dtype)
+        extra_y = np.zeros(0, dtype=np.int64)
 
     rng = np.random.default_rng(args.seed + 1)
     fold_of = np.empty(len(y), dtype=np.int64)
@@ -185,7 +226,9 @@ def out_of_fold_logits(x: np.ndarray, y: np.ndarray, n_classes: int, args,
         fold_of[rng.permutation(idx)] = np.arange(len(idx)) % folds
     logits = np.zeros((len(y), n_classes), dtype=np.float64)
     for k in range(folds):
-        model = train_model(x[fold_of != k], y[fold_of != k], n_classes, args, quiet=True)
+        rest = fold_of != k
+        model = train_model(np.concatenate([x[rest], extra_x]),
+                            np.concatenate([y[rest], extra_y]), n_classes, args, quiet=True)
         with torch.no_grad():
             logits[fold_of == k] = model(torch.from_numpy(x[fold_of == k])).numpy()
     return logits
@@ -309,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO_ROOT / "data" / "router_queries.jsonl"),
                    help="labelled jsonl {text, domain} (default: the shipped query set)")
+    p.add_argument("--extra", action="append", default=[], metavar="FILE",
+                   help="labelled jsonl rows for the training split only (repeatable)")
     p.add_argument("--out", default="models/router", help="output folder (default models/router)")
     p.add_argument("--seed", type=int, default=0, help="split, init and shuffle seed (default 0)")
     p.add_argument("--epochs", type=int, default=20)
@@ -380,8 +425,17 @@ def train_router(args) -> dict:
           + ", ".join(f"{d} {counts[d]}" for d in domains)
           + f"; train {len(train_idx)}, held out {len(held_idx)} (seed {args.seed})")
 
+    extra_texts, extra_labels, extra_record = read_extra(args.extra, index)
     x = featurize(texts, spec)
-    model = train_model(x[train_idx], labels[train_idx], len(domains), args)
+    x_extra = featurize(extra_texts, spec) if extra_texts \
+        else np.zeros((0, spec.dim), dtype=x.dtype)
+    y_extra = np.array(extra_labels, dtype=np.int64)
+    x_train = np.concatenate([x[train_idx], x_extra])
+    y_train = np.concatenate([labels[train_idx], y_extra])
+    if extra_texts:
+        print(f"+ {len(extra_texts)} training-only rows from --extra: "
+              + ", ".join(f"{r['file']} {r['rows']}" for r in extra_record))
+    model = train_model(x_train, y_train, len(domains), args)
     n_params = sum(p.numel() for p in model.parameters())
     if n_params > MAX_PARAMS:
         raise ToolError(f"model has {n_params} parameters, over the device limit {MAX_PARAMS}; "
@@ -394,7 +448,7 @@ def train_router(args) -> dict:
     temperature = 1.0
     if args.calibrate_folds:
         oof = out_of_fold_logits(x[train_idx], labels[train_idx], len(domains), args,
-                                 args.calibrate_folds)
+                                 args.calibrate_folds, x_extra, y_extra)
         temperature = fit_temperature(oof, labels[train_idx])
         scale_logits(model, temperature)
     with torch.no_grad():
@@ -430,6 +484,7 @@ def train_router(args) -> dict:
         "weight_decay": args.weight_decay, "dropout": args.dropout,
         "label_smoothing": args.label_smoothing, "batch_size": args.batch_size,
         "n_train": int(len(train_idx)), "n_holdout": int(len(held_idx)),
+        "extra": extra_record, "n_train_extra": len(extra_texts),
         "calibrate_folds": args.calibrate_folds, "temperature": round(temperature, 4),
         "accuracy": model_rep["accuracy"], "macro_f1": model_rep["macro_f1"],
         "ece": model_rep["ece"], "ece_uncalibrated": model_rep["ece_uncalibrated"],

@@ -184,7 +184,7 @@ def test_glob_selects_pages_and_errors_name_the_problem(tmp_path):
     meta = docs_data.prepare_docs([str(root)], tmp_path / "e", excludes=["sub/*", "man1/*"],
                                   heldout_pages=0)
     assert [s["source"] for s in meta["sources"]] == ["docs/faq.html"]
-    with pytest.raises(ToolError, match="no HTML or man pages matching nothing/"):
+    with pytest.raises(ToolError, match="no HTML, man pages or fortune files matching nothing/"):
         docs_data.prepare_docs([str(root)], tmp_path / "x", globs=["nothing/*"])
     with pytest.raises(ToolError, match="missing: no such file or folder"):
         docs_data.prepare_docs([str(tmp_path / "missing")], tmp_path / "x")
