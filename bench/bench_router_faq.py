@@ -4,14 +4,19 @@ from (issue 13 part 4).
 
 usage: .venv/bin/python bench/bench_router_faq.py [--router models/router] [--json OUT]
        (apt-get install python3.11-doc python-sklearn-doc rust-doc procps man-db lsof xz-utils
-        sed valgrind first; a source that is not installed is skipped and said so)
+        sed valgrind fortunes first; a source that is not installed is skipped and said so)
 
 The questions are read from the installed files at run time, never copied into this repository:
 - python: the Python 3.11 FAQ (/usr/share/doc/python3.11/html/faq/*.html);
 - ai: scikit-learn's FAQ (python-sklearn-doc faq.html);
 - system: the FAQs of procps, man-db, lsof, xz-utils, sed (sedfaq), base-files and valgrind;
 - rust: rust-doc has no FAQ: the question headings of the Rust book, reference, rustc,
-  rustdoc, nomicon, edition guide and embedded book, which phrase what their readers ask.
+  rustdoc, nomicon, edition guide and embedded book, which phrase what their readers ask;
+- general: the "Q:" lines of the fortunes package's `riddles` file (joke questions people
+  wrote: "What was the greatest achievement in taxidermy?"), for general -> domain leakage.
+The router's --extra training rows (models/router/README.md) never read these files: the
+Python FAQ, scikit-learn's faq.html, the Rust books above and fortune's riddles are excluded
+by its recipe, and the text FAQs are not pages prepare-data reads.
 HTML headings that end in "?" come from hublab-tools' own docs reader (prepare-data --docs);
 text FAQs give the lines that end in "?" after a "Q:" / "Q." / section-number prefix. A
 question must have at least 4 words; duplicates (case-folded) and questions that are also in
@@ -21,8 +26,6 @@ errors, and the report lists every misrouted question.
 
 Reported per source and per domain: first-choice accuracy, the share sent to `general`, and
 the router's expected calibration error (15 bins, tools/router_train.py).
-Not covered: plainly general questions written by real users (no offline source has them), so
-the general->domain leakage goal is measured on the router's held-out split only.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ TEXT_SOURCES = {
     "procps, man-db, lsof, xz, sed, base-files FAQs": ("system", [
         DOC / "procps/FAQ.gz", DOC / "man-db/FAQ", DOC / "lsof/00FAQ.gz",
         DOC / "xz-utils/faq.txt.gz", DOC / "sed/sedfaq.txt.gz", DOC / "base-files/FAQ"]),
+    "fortune's riddles (Q: lines)": ("general", [Path("/usr/share/games/fortunes/riddles")]),
 }
 _PREFIX = re.compile(r"^\s*(?:Q[:.]\s*|\d+(?:\.\d+)*\.?\s+)")
 
