@@ -311,21 +311,21 @@ def _is_question(heading: str) -> bool:
     return heading.rstrip().endswith("?") and len(heading.split()) >= 3
 
 
-def _clean_heading(text: str) -> str:
+def clean_heading(text: str) -> str:
     return re.sub(r"^(\d+(\.\d+)*\.?|[A-Z]\.\d+(\.\d+)*)\s+", "", text).strip()
 
 
 @dataclass
-class _Section:
+class Section:
     heading: Block | None
     body: list[Block] = field(default_factory=list)
 
 
-def _sections(page: Page) -> list[_Section]:
-    out = [_Section(None)]
+def page_sections(page: Page) -> list[Section]:
+    out = [Section(None)]
     for b in page.blocks:
         if b.kind == "heading":
-            out.append(_Section(b))
+            out.append(Section(b))
         else:
             out[-1].body.append(b)
     return out
@@ -334,10 +334,10 @@ def _sections(page: Page) -> list[_Section]:
 def page_rows(page: Page, source: str, chunk_chars: int = 1200) -> list[dict]:
     """The page's chunks and question-answer pairs (see the module docstring)."""
     rows: list[dict] = []
-    sections = _sections(page)
+    sections = page_sections(page)
     qa_owned: set[int] = set()
     for i, sec in enumerate(sections):
-        if sec.heading is None or not _is_question(_clean_heading(sec.heading.text)):
+        if sec.heading is None or not _is_question(clean_heading(sec.heading.text)):
             continue
         body = list(sec.body)
         qa_owned.add(i)
@@ -354,7 +354,7 @@ def page_rows(page: Page, source: str, chunk_chars: int = 1200) -> list[dict]:
                 break
             answer = f"{answer}\n\n{piece}" if answer else piece[:chunk_chars]
         if len(answer) >= MIN_ANSWER_CHARS:
-            rows.append({"prompt": _clean_heading(sec.heading.text), "response": answer,
+            rows.append({"prompt": clean_heading(sec.heading.text), "response": answer,
                          "source": f"{source}#{sec.heading.anchor}", "kind": "qa"})
     head = f"# {page.title}\n\n"
     chunk, anchor = "", ""
@@ -366,7 +366,7 @@ def page_rows(page: Page, source: str, chunk_chars: int = 1200) -> list[dict]:
     for i, sec in enumerate(sections):
         if i in qa_owned:
             continue
-        title = _clean_heading(sec.heading.text) if sec.heading else ""
+        title = clean_heading(sec.heading.text) if sec.heading else ""
         pieces = [p for b in sec.body for p in _split_long(_render(b), chunk_chars - 200)]
         if not pieces:
             continue
@@ -408,8 +408,8 @@ def find_pages(paths: list[str], globs: list[str], excludes: list[str] = ()
             here = [(p, rel) for p, rel in here if any(fnmatch.fnmatch(rel, g) for g in globs)]
         here = [(p, rel) for p, rel in here if not any(fnmatch.fnmatch(rel, g) for g in excludes)]
         if not here:
-            raise ToolError(f"{arg}: no HTML, man pages or fortune files" + (f" matching {', '.join(globs)}"
-                                                              if globs else ""))
+            matching = f" matching {', '.join(globs)}" if globs else ""
+            raise ToolError(f"{arg}: no HTML, man pages or fortune files{matching}")
         found += [(p, f"{root.name}/{rel}") for p, rel in here]
     return found
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from hublabio.fsutil import file_sha256
 from hublabio_tools.common import ToolError, write_json_atomic, write_jsonl_atomic
 from hublabio_tools.docs_data import (
-    Page, _clean_heading, _sections, find_pages, is_fortune_file, read_page,
+    Page, clean_heading, find_pages, is_fortune_file, page_sections, read_page,
 )
 
 ROWS_PER_PAGE = 6
@@ -38,8 +38,8 @@ MAX_WORDS = 30
 MIN_LETTER_SHARE = 0.85
 _SENTENCE = re.compile(r"(.+?[.!?])(?:\s|$)")
 _SKIPPED_HEADINGS = {"see also", "author", "authors", "copyright", "bugs", "reporting bugs",
-                     "colophon", "footnotes", "table of contents", "navigation", "name",
-                     "synopsis", "index", "contents"}
+                     "colophon", "footnotes", "table of contents", "navigation", "synopsis",
+                     "index", "contents"}
 _DOMAIN = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
@@ -58,8 +58,8 @@ def page_texts(page: Page) -> list[str]:
     if is_fortune_file(page.path):
         return [first_sentence(b.text) for b in page.blocks]
     out = [] if page.path.suffix not in (".html", ".htm") else [page.title]
-    for sec in _sections(page):
-        heading = _clean_heading(sec.heading.text) if sec.heading else ""
+    for sec in page_sections(page):
+        heading = clean_heading(sec.heading.text) if sec.heading else ""
         body = next((b.text for b in sec.body if b.kind == "text" and len(b.text.split()) >= 3),
                     "")
         if heading.lower() == "name":
@@ -101,7 +101,7 @@ def prepare_router_rows(paths: list[str], domain: str, out: Path, *, globs=(), e
         if family is not None:
             families.add(family)
         rng.shuffle(texts)
-        limit = len(texts) if family is None and is_fortune_file(path) else ROWS_PER_PAGE
+        limit = len(texts) if is_fortune_file(path) else ROWS_PER_PAGE
         fresh = [t for t in dict.fromkeys(texts) if t.casefold() not in seen][:limit]
         seen.update(t.casefold() for t in fresh)
         rows += [{"text": t, "domain": domain, "source": str(path)} for t in fresh]

@@ -101,9 +101,10 @@ def read_extra(paths: list[str], index: dict[str, int]
         made = Path(path).with_name(Path(path).stem + "_meta.json")   # prepare-data's record
         if made.is_file():
             try:
-                entry["prepare_data_argv"] = json.loads(made.read_text()).get("argv")
-            except (OSError, ValueError):
-                pass
+                entry["prepare_data_argv"] = json.loads(made.read_text())["argv"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ToolError(f"{made}: not a prepare-data --router-domain record ({err}); "
+                                "remake it or move it away") from None
         record.append(entry)
     return texts, labels, record
 

@@ -168,3 +168,14 @@ def test_extra_rows_with_an_unknown_domain_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{rows}:2: domain 'cooking' is not a domain of --data" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_record_beside_the_extra_rows_is_an_error(tmp_path, capsys):
+    rows = tmp_path / "router_system.jsonl"
+    rows.write_text(json.dumps({"text": "zquuxtop - show queues", "domain": "system"}) + "\n")
+    (tmp_path / "router_system_meta.json").write_text("{not json")
+    assert cli_main(["train-router", "--data", str(DATA), "--out", str(tmp_path / "o"),
+                     *FAST, "--extra", str(rows)]) == 1
+    assert "router_system_meta.json: not a prepare-data --router-domain record" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
