@@ -22,9 +22,11 @@ hublabd runs at its defaults (repack "auto" of hublabio.llama.cpu); llama-server
   python bench/bench_batching.py --switch [--threads N] [--rounds 10]
 
 --switch: time to first token of an expert (LoRA adapter A) asked again right after itself
-(a cache hit) and right after another expert (adapter B) on the same engine (2 slots: each
-expert keeps its prefix in its own slot), interleaved; the adapters are random LoRA GGUFs of
-the test fixture's shape (tests/integration/lora_fixture.py).
+(a cache hit) and right after another expert (adapter B) on the same engine, each expert
+keeping its prefix in a slot of its own: 2 slots of one context (it re-applies the adapter set
+on every switch) against 2 contexts of one slot (Engine.add_context: each keeps its set),
+interleaved; the adapters are random LoRA GGUFs of the test fixture's shape
+(tests/integration/lora_fixture.py).
 
 --raw: the floor under both servers: one llama_decode of N sequences' next tokens (N = 1, 2, 4,
 8, in a bare loop on hublabio.llama's Context, no server, no Python between decodes).
@@ -268,6 +270,7 @@ def switch_part(model: Path, threads: int, rounds: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
     from lora_fixture import make_lora_adapter
 
+    from hublabio.batching import shared_decoder
     from hublabio.engine import Engine, SamplingOptions
 
     opts = SamplingOptions(temperature=0, max_tokens=1, repeat_penalty=1.0)
@@ -276,18 +279,31 @@ def switch_part(model: Path, threads: int, rounds: int) -> None:
     tmp = tempfile.TemporaryDirectory()
     a = make_lora_adapter(model, Path(tmp.name) / "a.gguf", seed=1)
     b = make_lora_adapter(model, Path(tmp.name) / "b.gguf", seed=2)
-    with Engine(model, n_ctx=512, threads=threads, parallel=2) as e:
-        for path in (a, b):
-            e.complete(prompt, opts, adapter=path)  # each expert's prefix in its slot
-        hit, back, cold = [], [], []
-        for _ in range(rounds):
-            st = e.complete(prompt, opts, adapter=a)[2]  # after itself: a cache hit
-            hit.append(st.ttft_s)
-            e.complete(prompt, opts, adapter=b)           # the other expert
-            st = e.complete(prompt, opts, adapter=a)[2]  # switched back
-            back.append(st.ttft_s)
-            assert st.cached_tokens == st.prompt_tokens - 1, st
+    # 2 slots in one context (it changes its adapter set on every switch), and 2 contexts of
+    # one slot each (Engine.add_context: each keeps its adapter set), both on the decoder
+    slots = Engine(model, n_ctx=512, threads=threads, parallel=2)
+    contexts = Engine(model, n_ctx=512, threads=threads, decoder=shared_decoder())
+    contexts.add_context()
+    hit: dict[str, list[float]] = {"slots": [], "contexts": []}
+    back: dict[str, list[float]] = {"slots": [], "contexts": []}
+    cold = []
+    try:
+        for e in (slots, contexts):
+            for path in (a, b):
+                e.complete(prompt, opts, adapter=path)  # each expert's prefix in its slot
+        for r in range(rounds):
+            for name in (("slots", "contexts") if r % 2 == 0 else ("contexts", "slots")):
+                e = slots if name == "slots" else contexts
+                st = e.complete(prompt, opts, adapter=a)[2]  # after itself: a cache hit
+                hit[name].append(st.ttft_s)
+                e.complete(prompt, opts, adapter=b)           # the other expert
+                st = e.complete(prompt, opts, adapter=a)[2]  # switched back
+                back[name].append(st.ttft_s)
+                assert st.cached_tokens == st.prompt_tokens - 1, st
         n = st.prompt_tokens
+    finally:
+        slots.close()
+        contexts.close()
     with Engine(model, n_ctx=512, threads=threads) as one:  # one slot: every switch recomputes
         one.load_adapter(a)
         one.load_adapter(b)
@@ -295,13 +311,16 @@ def switch_part(model: Path, threads: int, rounds: int) -> None:
             one.complete(prompt, opts, adapter=b)
             cold.append(one.complete(prompt, opts, adapter=a)[2].ttft_s)
     tmp.cleanup()
+    med = statistics.median
     print(f"first token of expert A, {n}-token prompt, threads {threads}, median of {rounds}")
     print("| case | TTFT ms |")
     print("| --- | ---: |")
-    print(f"| A after A (cache hit) | {statistics.median(hit) * 1e3:.1f} |")
-    print(f"| A after B, 2 slots (A's prefix kept) | {statistics.median(back) * 1e3:.1f} |")
-    print(f"| A after B, 1 slot (prompt evaluated again) | {statistics.median(cold) * 1e3:.1f} |")
-    print(f"switch back / cache hit: {statistics.median(back) / statistics.median(hit):.2f}")
+    for name, label in (("slots", "2 slots in one context"), ("contexts", "2 contexts")):
+        print(f"| A after A (cache hit), {label} | {med(hit[name]) * 1e3:.1f} |")
+        print(f"| A after B, {label} (A's prefix kept) | {med(back[name]) * 1e3:.1f} |")
+    print(f"| A after B, 1 slot (prompt evaluated again) | {med(cold) * 1e3:.1f} |")
+    for name in ("slots", "contexts"):
+        print(f"switch back / cache hit, {name}: {med(back[name]) / med(hit[name]):.2f}")
 
 
 def raw_part(model: Path, threads: int) -> None:

@@ -1,7 +1,7 @@
 """Continuous batching: the generations on one llama.cpp context decode together.
 
 An engine loaded with `parallel = N` has a context of N sequences (slots), each with its own
-KV cache of n_ctx tokens. Every generation on it runs in its own thread and, instead of
+KV cache of n_ctx tokens (and possibly more contexts of one slot: Engine.add_context). Every generation on it runs in its own thread and, instead of
 calling llama_decode, submits its next tokens to the one `Decoder` thread and waits. The
 decoder packs what is pending into one batch — the oldest submission first, then every other
 one under the same adapter set while the batch has room — decodes once, and wakes each with
@@ -18,7 +18,9 @@ LoRA adapters apply per context, not per sequence: submissions under another ada
 for the next batch, which takes the oldest waiting submission's set, so two experts with
 different adapters alternate step by step (MoE-R has such experts take turns instead:
 moe.MoE.batches_together). Their prefixes stay in their own slots, so a switch back costs no
-prompt evaluation (docs/BENCHMARKS.md measures both).
+prompt evaluation; with a context per adapter set (Engine.add_context: each context is a
+state of its own here) it costs no re-application of the adapters either (docs/BENCHMARKS.md
+measures both).
 
 One Decoder (one calling thread) serves every engine: llama.cpp's OpenMP build keeps a team of
 worker threads per calling thread, and teams of several threads compete for the cores.

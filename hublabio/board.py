@@ -72,6 +72,15 @@ class Board:
         4 GB, else 4."""
         return 1 if self.ram_mb < 1024 else 2 if self.ram_mb < 4096 else 4
 
+    @property
+    def adapter_contexts(self) -> int:
+        """Default adapter sets a model keeps applied at once (`Engine.add_context`): TopK(2)
+        over two experts with different LoRA adapters needs two. A context is added only when
+        experts use another adapter set and the memory budget admits it. It costs a slot's KV
+        cache and a compute buffer (40 MiB for SmolLM2 at n_ctx 1024) to save ~5 ms a switch,
+        so boards under 4 GB keep one."""
+        return 1 if self.ram_mb < 4096 else 2
+
 
 def nominal_ram_mb(ram_mb: int) -> int:
     """The advertised size a board with this MemTotal was sold as (smallest tier >= it)."""

@@ -115,6 +115,14 @@ def estimate_memory(info: ModelInfo, n_ctx: int, *, n_batch: int = 512, n_ubatch
                     total_mb=total / MiB, overhead_mb=overhead / MiB, n_ctx=ctx)
 
 
+def extra_context_mb(info: ModelInfo, n_ctx: int, **kwargs) -> float:
+    """Predicted RSS growth of one more context of one slot over a loaded model
+    (Engine.add_context): its KV cache of `n_ctx` tokens, its compute buffer and its row of
+    logits; the weights are shared. `kwargs` as estimate_memory's."""
+    est = estimate_memory(info, n_ctx, **kwargs)
+    return est.kv_mb + est.compute_mb + info.vocab_size * 4 / MiB
+
+
 def bytes_per_token(info: ModelInfo, position: int, kv_bytes: int = 2) -> int:
     """Bytes one decode step reads from memory: every weight once (of the token embedding only
     one row, unless it doubles as the output matrix) plus the KV cache of `position` tokens.

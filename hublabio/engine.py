@@ -102,9 +102,19 @@ class Step:
 
 
 @dataclass(eq=False)
+class _Lane:
+    """One llama.cpp context of the engine: its slots' sequences, and the decoder's state for
+    it (None: decodes in the calling thread)."""
+    ctx: Context
+    batch: object | None  # hublabio.batching.BatchState
+    n_slots: int
+
+
+@dataclass(eq=False)
 class _Slot:
-    """One sequence of the context: the tokens whose KV it holds, under which adapters."""
+    """One sequence of a context: the tokens whose KV it holds, under which adapters."""
     seq: int
+    lane: _Lane
     cached: list[int] = field(default_factory=list)
     adapters: tuple = ()       # ((LoraAdapter, scale), ...) its KV was computed under
     busy: bool = False
@@ -192,17 +202,49 @@ class Engine:
         self._bos_text = self.model.token_text(self.model.bos)
         self._eos_text = self.model.token_text(self.model.eos)
         self._formatter = None
-        self._slots = [_Slot(i) for i in range(self.parallel)]
         self._slot_cond = threading.Condition()
-        self._decoder = self._batch = None
         if decoder is None and self.parallel > 1:
             from hublabio.batching import shared_decoder
 
             decoder = shared_decoder()
-        if decoder is not None:  # every decode on the decoder's thread, batched
-            self._decoder = decoder
-            self._batch = decoder.attach(self.ctx, self.n_batch)
-            self._stack.callback(decoder.detach, self._batch)  # before the context goes
+        self._decoder = decoder  # None: one slot, decodes in the calling thread
+        lane = self._lane(self.ctx, self.parallel)
+        self._lanes = [lane]
+        self._slots = [_Slot(i, lane) for i in range(self.parallel)]
+
+    def _lane(self, ctx: Context, n_slots: int) -> _Lane:
+        batch = None
+        if self._decoder is not None:  # every decode on the decoder's thread, batched
+            batch = self._decoder.attach(ctx, self.n_batch)
+            self._stack.callback(self._decoder.detach, batch)  # before the context goes
+        return _Lane(ctx, batch, n_slots)
+
+    def add_context(self) -> None:
+        """One more llama.cpp context over the same weights, with one slot of n_ctx tokens
+        (its own KV cache and compute buffer). llama.cpp applies LoRA adapters per context, and
+        a context that changes its adapter set re-reserves its compute graph (~5 ms for
+        SmolLM2, docs/BENCHMARKS.md): with a context per adapter set, experts with different
+        adapters each keep theirs applied. Needs the batching decoder (every context decodes
+        on its one thread)."""
+        if self._decoder is None:
+            raise HublabError(f"{self.path.name}: another context needs continuous batching "
+                              "(ai config batch_mode continuous)")
+        ctx = owned(self._stack, Context(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch,
+                                         n_seq_max=1, threads=self.threads,
+                                         threads_batch=self.threads_batch))
+        lane = self._lane(ctx, 1)
+        with self._slot_cond:
+            self._lanes.append(lane)
+            self._slots.append(_Slot(0, lane))
+            self._slot_cond.notify()
+
+    @property
+    def contexts(self) -> int:
+        return len(self._lanes)
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
 
     # ---- what the pool and `ai info` show --------------------------------------------------
     @property
@@ -261,15 +303,24 @@ class Engine:
             slot.cached = []
         slot.adapters = adapters
         if self._decoder is None:
-            self.ctx.set_adapters(list(slot.adapters))
+            slot.lane.ctx.set_adapters(list(slot.adapters))
 
     # ---- slots -----------------------------------------------------------------------------
     def _take_slot(self, tokens: Sequence[int], key: tuple) -> "_Slot":
-        """A free slot, preferring the longest cached prefix of `tokens` under the same adapter
-        set (then the least recently used); waits while all are busy."""
+        """A free slot, preferring (1) the longest cached prefix of `tokens` under the same
+        adapter set; (2) one whose own cached prefix is not one under another set (losing it
+        costs that expert a prompt evaluation); (3) one whose context has this set applied now;
+        (4) one whose context's other slots hold no prefix under another set (changing the
+        context's set costs a graph reservation: with several contexts each set finds its
+        own); (5) the least recently used. Waits while all are busy."""
+        def held(sl: _Slot) -> bool:  # a prefix under another adapter set
+            return bool(sl.cached) and adapter_key(sl.adapters) != key
+
         def score(sl: _Slot):
             same = adapter_key(sl.adapters) == key
-            return (_common_prefix(sl.cached, tokens) if same else -1, -sl.last_used)
+            others = sum(held(o) for o in self._slots if o.lane is sl.lane and o is not sl)
+            return (_common_prefix(sl.cached, tokens) if same else -1, not held(sl),
+                    sl.lane.ctx.adapter_set == key, -others, -sl.last_used)
 
         with self._slot_cond:
             while True:
@@ -285,22 +336,24 @@ class Engine:
             slot.busy = False
             slot.last_used = time.monotonic()
             if self._decoder is not None:
-                self._decoder.end(self._batch, slot.seq)
+                self._decoder.end(slot.lane.batch, slot.seq)
             self._slot_cond.notify()
 
-    def _kv(self):
-        """Hold while changing the KV cache (a batched decode may be running)."""
-        return self._batch.lock if self._batch is not None else contextlib.nullcontext()
+    @staticmethod
+    def _kv(slot: "_Slot"):
+        """Hold while changing the slot's KV cache (a batched decode may be running)."""
+        batch = slot.lane.batch
+        return batch.lock if batch is not None else contextlib.nullcontext()
 
     # ---- layer 1: the token stepper -------------------------------------------------------
     def _reuse_prefix(self, tokens: list[int], slot: "_Slot") -> int:
         """Keep the KV cache of the longest common prefix (the last prompt token is always
         evaluated again, to get its logits)."""
         n = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
-        with self._kv():
-            if not self.ctx.keep_prefix(n, seq=slot.seq):
+        with self._kv(slot):
+            if not slot.lane.ctx.keep_prefix(n, seq=slot.seq):
                 n = 0
-                self.ctx.keep_prefix(0, seq=slot.seq)
+                slot.lane.ctx.keep_prefix(0, seq=slot.seq)
         slot.cached = slot.cached[:n]
         return n
 
@@ -310,7 +363,7 @@ class Engine:
         ticket (`.index`: the batch row of its logits; `.release()` once they are read)."""
         slot = slot or self._slots[0]
         # with several slots, leave room in each batch for the others' next tokens
-        size = self.n_batch - (self.parallel - 1)
+        size = self.n_batch - (slot.lane.n_slots - 1)
         ticket = None
         for start in range(0, len(tokens), size):
             if ticket is not None:
@@ -325,10 +378,10 @@ class Engine:
         outputs_from = pos if all_outputs else None
         try:
             if self._decoder is None:
-                ticket = _DirectTicket(-1, 0, self.ctx.decode(chunk, pos,
-                                                             outputs_from=outputs_from))
+                ticket = _DirectTicket(-1, 0, slot.lane.ctx.decode(chunk, pos,
+                                                                  outputs_from=outputs_from))
             else:
-                ticket = self._decoder.submit(self._batch, slot.seq, chunk, pos,
+                ticket = self._decoder.submit(slot.lane.batch, slot.seq, chunk, pos,
                                               outputs_from=outputs_from, adapters=slot.adapters,
                                               embeddings=all_outputs)
         except HublabError:
@@ -347,6 +400,7 @@ class Engine:
         tokens until end-of-generation, max_tokens or the context's end. Sets stats' prompt
         fields. The logits are read (sampled, log-probabilities) before a step is yielded."""
         slot = slot or self._slots[0]
+        ctx = slot.lane.ctx
         max_new = min(opts.max_tokens, self.n_ctx - len(tokens))
         t0 = time.perf_counter()
         stats.cached_tokens = self._reuse_prefix(tokens, slot)
@@ -365,15 +419,15 @@ class Engine:
                 seed=opts.seed, grammar=opts.grammar))
             scratch = np.empty(self.n_vocab, dtype=np.float32)
             for _ in range(max_new):
-                logits = self.ctx.logits(ticket.index)
+                logits = ctx.logits(ticket.index)
                 edit = edits.apply(logits) if edits.active else None
                 # plain greedy: argmax, as llama.cpp's greedy sampler picks (first maximum),
                 # without copying the vocabulary into a candidates array under the lock
                 if sampler is None:
                     tok = int(np.argmax(logits))
                 else:
-                    with self._kv():  # llama.cpp's sampler reads the context: one at a time
-                        tok = sampler.sample(self.ctx, ticket.index)
+                    with self._kv(slot):  # llama.cpp's sampler reads the context: one at a time
+                        tok = sampler.sample(ctx, ticket.index)
                 if edit is not None:  # log-probabilities are the model's own
                     edits.restore(logits, edit)
                 edits.accept(tok)
@@ -477,8 +531,8 @@ class Engine:
         """A slot with an empty KV cache for work that is not a generation (bench, embed);
         emptied again afterwards, its prefix cache forgotten."""
         def empty():
-            with self._kv():
-                self.ctx.keep_prefix(0, seq=slot.seq)
+            with self._kv(slot):
+                slot.lane.ctx.keep_prefix(0, seq=slot.seq)
             slot.cached = []
 
         slot = self._take_slot((), ())
@@ -515,20 +569,21 @@ class Engine:
         self.ctx._live()
         total = np.zeros(self.model.n_embd, dtype=np.float64)
         with self._scratch_slot(adapter, adapter_scale) as slot:
+            ctx = slot.lane.ctx
             if self._decoder is None:
-                self.ctx.set_embeddings(True)
+                ctx.set_embeddings(True)
             try:
                 for start in range(0, len(tokens), self.EMBED_CHUNK):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("cancelled")
                     chunk = [int(t) for t in tokens[start:start + self.EMBED_CHUNK]]
                     ticket = self._decode_chunk(chunk, slot, all_outputs=True)
-                    rows = self.ctx.embeddings(ticket.first_out + ticket.n_out)[ticket.first_out:]
+                    rows = ctx.embeddings(ticket.first_out + ticket.n_out)[ticket.first_out:]
                     ticket.release()
                     total += rows.sum(axis=0, dtype=np.float64)
             finally:
                 if self._decoder is None:
-                    self.ctx.set_embeddings(False)
+                    ctx.set_embeddings(False)
         mean = total / len(tokens)
         norm = float(np.linalg.norm(mean))
         return (mean / norm if norm > 0 else mean).astype(np.float32)

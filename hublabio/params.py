@@ -98,6 +98,10 @@ INFERENCE: tuple[Param, ...] = (
     param("parallel", "int", 0, "generations a model serves at once, batched (0 = the board's "
           "default: 1 under 1 GB of RAM, 2 under 4 GB, else 4); each slot has its own KV cache",
           lo=0, hi=16, where=(MODEL, USER)),
+    param("adapter_contexts", "int", 0, "LoRA adapter sets a model keeps applied at once: each "
+          "beyond the first gets a llama.cpp context of one slot (its own KV cache, counted by "
+          "the memory budget) once experts use that many (0 = the board's default: 1 under 4 GB "
+          "of RAM, else 2)", lo=0, hi=8, where=(MODEL, USER)),
     param("batch_mode", "choice", "continuous", "continuous: parallel generations share each "
           "decode; off: one generation at a time per model", choices=("continuous", "off"),
           where=(MODEL, USER)),

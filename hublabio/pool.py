@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hublabio.budget import (Estimate, Resident, estimate_memory, max_context_fitting,
-                             plan_admission)
+from hublabio.budget import (Estimate, Resident, estimate_memory, extra_context_mb,
+                             max_context_fitting, plan_admission)
 from hublabio.config import check_architecture
 from hublabio.errors import BudgetError, GGUFError, HublabError, ModelNotFound
 from hublabio.gguf_check import problems as header_problems
@@ -41,6 +41,7 @@ class LoadSettings:
     repack: str | bool = "auto"
     parallel: int = 1               # slots per engine (`ai config parallel`, the board's)
     batch_mode: str = "continuous"  # "off": one slot whatever `parallel` says
+    adapter_contexts: int = 1       # adapter sets kept applied at once (a context each)
 
     def for_model(self, inf) -> "LoadSettings":
         """These defaults overridden by a model's [inference] (threads, mmap, repack, ...).
@@ -53,7 +54,9 @@ class LoadSettings:
             mlock=self.mlock if inf.mlock is None else inf.mlock,
             repack=self.repack if inf.repack == "auto" else inf.repack,
             parallel=1 if off else max(1, getattr(inf, "parallel", 0) or self.parallel),
-            batch_mode="off" if off else "continuous")
+            batch_mode="off" if off else "continuous",
+            adapter_contexts=1 if off else max(1, getattr(inf, "adapter_contexts", 0)
+                                               or self.adapter_contexts))
 
 
 def _default_factory(path, **kwargs):
@@ -79,10 +82,18 @@ class ResidentModel:
     parallel: int = 1
     parallel_asked: int = 1  # what the settings asked (the budget may have allowed fewer)
     slots: threading.Semaphore = field(default_factory=threading.Semaphore, repr=False)
+    contexts: int = 1        # llama.cpp contexts: one of `parallel` slots, more of one each
+    context_mb: float = 0.0  # what the contexts beyond the first add
+    adapter_sets: set = field(default_factory=set)  # (adapter, scale) its experts have used
 
     @property
     def mb(self) -> float:
-        return self.estimate.total_mb + self.adapter_mb
+        return self.estimate.total_mb + self.adapter_mb + self.context_mb
+
+    @property
+    def leases(self) -> int:
+        """Generations it serves at once: its slots."""
+        return self.parallel + self.contexts - 1
 
 
 def _mb(nbytes: int) -> float:
@@ -171,8 +182,29 @@ class ModelPool:
                     raise ModelNotFound(f"{cfg.name}: adapter file {adapter} not found")
                 res.engine.load_adapter(adapter)
                 res.adapter_mb += _mb(adapter.stat().st_size)
+            self._more_contexts(res, cfg, load)
             res.last_used = time.monotonic()
             return res
+
+    def _more_contexts(self, res: ResidentModel, cfg, load: LoadSettings) -> None:
+        """Give `res` one more context (Engine.add_context) when its experts now use more
+        adapter sets than it has contexts, up to `load.adapter_contexts`, if the budget has
+        room without evicting anything: it saves a graph re-reservation per adapter switch
+        (docs/BENCHMARKS.md), which is not worth unloading another model for."""
+        res.adapter_sets.add((cfg.adapter and str(Path(cfg.adapter).resolve()),
+                              cfg.adapter_scale))
+        add = getattr(res.engine, "add_context", None)
+        wanted = min(load.adapter_contexts, len(res.adapter_sets))
+        if add is None or res.contexts >= wanted or self.load.batch_mode != "continuous" \
+                or load.batch_mode != "continuous":
+            return
+        extra = extra_context_mb(res.info, res.n_ctx, repack=repack_policy(load.repack))
+        if self.used_mb() + extra > self.budget_mb:
+            return
+        add()
+        res.contexts += 1
+        res.context_mb += extra
+        res.slots.release()  # its one slot: one more lease
 
     def _load(self, key: str, path: Path, n_ctx: int, cfg,
               load: LoadSettings) -> ResidentModel:
@@ -239,12 +271,12 @@ class ModelPool:
     # ---- unloading -----------------------------------------------------------------------
     def _unload_key(self, key: str) -> None:
         res = self._models.pop(key)
-        for _ in range(res.parallel):  # waits for the generations in progress on it
+        for _ in range(res.leases):  # waits for the generations in progress on it
             res.slots.acquire()
         try:
             res.engine.close()
         finally:
-            for _ in range(res.parallel):
+            for _ in range(res.leases):
                 res.slots.release()
 
     def unload(self, name: str | None = None) -> list[str]:

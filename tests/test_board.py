@@ -113,3 +113,10 @@ def test_daemon_load_settings_take_flags_then_user_then_board(monkeypatch):
     assert load_settings(DaemonSettings(), pi5).threads == 3
     got = load_settings(DaemonSettings(threads=1, threads_batch=2, repack=False), pi5)
     assert (got.threads, got.threads_batch, got.repack) == (1, 2, False)
+
+
+@pytest.mark.parametrize("ram_mb, slots, contexts", [(512, 1, 1), (1024, 2, 1), (3794, 2, 1),
+                                                     (7812, 4, 2), (16384, 4, 2)])
+def test_slots_and_adapter_contexts_grow_with_the_boards_memory(ram_mb, slots, contexts):
+    board = Board("Generic Linux", "", ram_mb, 4, 512)
+    assert (board.parallel, board.adapter_contexts) == (slots, contexts)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hublabio.budget import estimate_memory
+from hublabio.budget import estimate_memory, extra_context_mb
 from hublabio.config import DaemonSettings, load_model_config
 from hublabio.daemon.service import Service
 from hublabio.engine import GenerationStats
@@ -258,3 +258,55 @@ def test_fewer_slots_load_where_the_asked_ones_do_not_fit(tmp_path, smollm2_path
     with pytest.raises(BudgetError):  # not even one slot fits: the refusal names the numbers
         ModelPool(estimate_memory(info, 256).total_mb - 1, load=LoadSettings(parallel=4),
                   engine_factory=FakeEngine).ensure_loaded(cfg)
+
+
+class ContextEngine(FakeEngine):
+    """A fake engine that can add a context (Engine.add_context)."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(path, **kwargs)
+        self.contexts = 1
+
+    def add_context(self) -> None:
+        self.contexts += 1
+
+
+def test_another_adapter_set_gets_a_context_of_its_own_while_the_budget_has_room(
+        tmp_path, smollm2_path):
+    """Experts over one base with different adapters: each adapter set in use beyond the first
+    gets a context (up to adapter_contexts), counted at extra_context_mb, one more lease each;
+    never when the budget has no room for it (nothing is evicted for it)."""
+    info = read_gguf_info(smollm2_path)
+    base, extra = estimate_memory(info, 256).total_mb, extra_context_mb(info, 256)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"\0" * 1024)  # the fake never reads it
+
+    def cfgs():
+        out = []
+        for name, line in (("plain", ""), ("ea", 'adapter = "a.gguf"\n'),
+                           ("eb", 'adapter = "b.gguf"\n')):
+            f = tmp_path / f"{name}.toml"
+            f.write_text(f'[model]\nname = "{name}"\npath = "{smollm2_path}"\n{line}\n'
+                         "[inference]\ncontext_size = 256\n")
+            out.append(load_model_config(f))
+        return out
+
+    plain, ea, eb = cfgs()
+    pool = ModelPool(base + extra + 1, load=LoadSettings(adapter_contexts=2),
+                     engine_factory=ContextEngine)
+    res = pool.ensure_loaded(plain)
+    assert (res.contexts, res.leases, res.engine.contexts) == (1, 1, 1)
+    pool.ensure_loaded(ea)  # a second adapter set: a second context
+    assert (res.contexts, res.leases, res.engine.contexts) == (2, 2, 2)
+    assert res.mb == pytest.approx(base + extra + 1024 / 2**20)
+    pool.ensure_loaded(eb)  # a third set: adapter_contexts = 2 is the most
+    assert (res.contexts, res.engine.contexts) == (2, 2)
+
+    for load, budget in ((LoadSettings(adapter_contexts=2), base + extra / 2),
+                         (LoadSettings(adapter_contexts=1), base + 2 * extra),
+                         (LoadSettings(adapter_contexts=2, batch_mode="off"), base + 2 * extra)):
+        FakeEngine.made.clear()
+        pool = ModelPool(budget, load=load, engine_factory=ContextEngine)
+        for cfg in (plain, ea, eb):
+            res = pool.ensure_loaded(cfg)
+        assert (res.contexts, res.engine.contexts, res.leases) == (1, 1, 1), load

@@ -115,7 +115,7 @@ def _resident_rows(svc: Service) -> list[dict]:
             "threads_batch": getattr(engine, "threads_batch", None),
             "buffers_mb": {k: round(v, 1) for k, v in getattr(engine, "buffers", {}).items()},
             "repack": policy.reason if policy is not None else None,
-            "parallel": getattr(r, "parallel", 1)})
+            "parallel": getattr(r, "parallel", 1), "contexts": getattr(r, "contexts", 1)})
     return rows
 
 
@@ -190,7 +190,7 @@ def _config_set(svc: Service, req: Req, key: str, value: Any) -> dict:
     note = "applies to the next request"
     if key == "context_size":
         note = "the model reloads with the new context on its next request"
-    elif key in ("threads", "threads_batch", "parallel", "batch_mode"):
+    elif key in ("threads", "threads_batch", "parallel", "batch_mode", "adapter_contexts"):
         note = "applies to models loaded from now on (ai unload to reload)"
         # the same precedence as at start: daemon flags, then ai config, then the board
         svc.pool.load = load_settings(svc.settings, svc.board)

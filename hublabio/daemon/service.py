@@ -271,7 +271,7 @@ class Service:
         more where a resident model was given more by its own [inference]."""
         load = self.pool.load
         asked = max(1, load.parallel) if load.batch_mode == "continuous" else 1
-        return max([asked] + [r.parallel for r in self.pool.resident()])
+        return max([asked] + [r.leases for r in self.pool.resident()])
 
     # ---- running ops ---------------------------------------------------------------------
     def run(self, name: str, params: dict | None = None, *, request_id: str | None = None,
@@ -401,7 +401,7 @@ def token_events(gen, parts: list[str], *, detail: bool = False) -> Iterator[dic
 
 def load_settings(settings: DaemonSettings, board):
     """The pool's load defaults: daemon settings, then `ai config` (threads, parallel,
-    batch_mode), then the board."""
+    batch_mode, adapter_contexts), then the board."""
     from hublabio.pool import LoadSettings
 
     user = _user_inference()
@@ -411,7 +411,9 @@ def load_settings(settings: DaemonSettings, board):
                        or getattr(board, "threads_batch", 0) or 0),
         mmap=settings.mmap, mlock=settings.mlock, repack=settings.repack,
         parallel=user.get("parallel") or getattr(board, "parallel", 1) or 1,
-        batch_mode=user.get("batch_mode", "continuous"))
+        batch_mode=user.get("batch_mode", "continuous"),
+        adapter_contexts=(user.get("adapter_contexts") or getattr(board, "adapter_contexts", 1)
+                          or 1))
 
 
 def _user_inference() -> dict:

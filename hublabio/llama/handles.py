@@ -346,6 +346,11 @@ class Context(_Handle):
     def clear(self) -> None:
         C.llama_memory_clear(self._memory, True)
 
+    @property
+    def adapter_set(self) -> tuple:
+        """The adapter set applied now, as `adapter_key` writes it (() for none)."""
+        return self._adapters
+
     def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
         key = adapter_key(adapters)
         if key == self._adapters:

@@ -388,7 +388,8 @@ def ai_config(ctx: ShellContext, args: list[str]) -> None:
 
     Keys: context_size, max_tokens, temperature, top_p, top_k, threads (generation; 0 = the
     board's default), threads_batch (prompt processing), repeat_penalty, parallel (generations
-    a model serves at once, batched; 0 = the board's default), batch_mode (continuous | off).
+    a model serves at once, batched; 0 = the board's default), batch_mode (continuous | off),
+    adapter_contexts (LoRA adapter sets a model keeps applied at once, a context each).
     Example: ai config temperature 0.2. `ai config reset` moves a damaged settings file aside
     (it is kept as settings.toml.damaged-<time>) and starts from the defaults."""
     if args == ["reset"]:

@@ -183,6 +183,9 @@ def info(data: Mapping[str, Any]) -> str:
                                      f"{r.get('threads_batch') or r['threads']} prompt"))
         if r.get("repack"):
             pairs.append(("Repack", r["repack"]))
+        if r.get("contexts", 1) > 1:
+            pairs.append(("Contexts", f"{r['contexts']}, one per LoRA adapter set in use "
+                                      "(ai config adapter_contexts N)"))
         if r.get("parallel", 1) != data.get("parallel", r.get("parallel", 1)):
             pairs.append(("Slots", f"{r['parallel']} ({', '.join(map(str, r.get('names', [])))}:"
                                    " as many as the memory budget allows)"))

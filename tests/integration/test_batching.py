@@ -11,6 +11,8 @@ import pytest
 from hublabio.batching import Decoder
 from hublabio.client import Client
 from hublabio.engine import Engine, SamplingOptions
+from hublabio.errors import HublabError
+from hublabio.llama.handles import adapter_key
 
 from .lora_fixture import make_lora_adapter
 from .test_daemon import _remove_short_dirs  # noqa: F401 - removes the socket folders
@@ -89,6 +91,38 @@ def test_a_prefix_computed_under_one_adapter_is_never_reused_under_another(
             t.join(120)
         assert [o[0] for o in out] == [want[a], want[b]]
         assert all(o[2].cached_tokens == o[2].prompt_tokens - 1 for o in out)
+
+
+def test_experts_with_different_adapters_keep_them_applied_in_contexts_of_their_own(
+        smollm2_path, test_threads, tmp_path):
+    """Engine.add_context: a second context over the same weights. Expert b takes it (the
+    first context's slot holds a's prefix), so neither context changes its adapter set again,
+    a switch back re-evaluates only the last prompt token, and the text is each adapter's."""
+    a = make_lora_adapter(smollm2_path, tmp_path / "a.gguf", seed=1)
+    b = make_lora_adapter(smollm2_path, tmp_path / "b.gguf", seed=2)
+    prompt = chat("Tell me about the sea.")
+    with Engine(smollm2_path, n_ctx=512, threads=test_threads) as solo:
+        want = {p: solo.complete(prompt, GREEDY, adapter=p)[0] for p in (a, b)}
+        with pytest.raises(HublabError, match="continuous batching"):
+            solo.add_context()  # no decoder: it decodes in the calling thread
+    with Engine(smollm2_path, n_ctx=512, threads=test_threads, decoder=Decoder()) as e:
+        e.add_context()
+        assert (e.contexts, e.slots) == (2, 2)
+        first, second = (lane.ctx for lane in e._lanes)
+        changes = []
+        for ctx in (first, second):
+            real = ctx.set_adapters
+
+            def spy(adapters, ctx=ctx, real=real):
+                if adapter_key(adapters) != ctx.adapter_set:
+                    changes.append(ctx)
+                real(adapters)
+            ctx.set_adapters = spy
+        got = [e.complete(prompt, GREEDY, adapter=p) for p in (a, b, a, b, a)]
+        assert [g[0] for g in got] == [want[a], want[b]] * 2 + [want[a]]
+        assert [g[2].cached_tokens for g in got[2:]] == [got[0][2].prompt_tokens - 1] * 3
+        assert changes == [first, second]  # each set its adapter once, and kept it
+        assert (first.adapter_set, second.adapter_set) == (((a, 1.0),), ((b, 1.0),))
 
 
 def test_a_cancelled_generation_leaves_the_others_running(smollm2_path, test_threads, alone):

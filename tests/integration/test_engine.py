@@ -155,7 +155,7 @@ def test_plain_greedy_fast_path_picks_what_llama_cpps_greedy_sampler_picks(engin
     fast = SamplingOptions(max_tokens=16, temperature=0, repeat_penalty=1.0)
     ids = [t.id for p in engine.complete(QUESTION, fast)[1] for t in p.tokens]
     tokens = engine.prompt_tokens(QUESTION)
-    with engine._kv():
+    with engine._kv(engine._slots[0]):
         engine.ctx.keep_prefix(0, seq=0)
         engine._slots[0].cached = []
         engine.ctx.decode(tokens, 0)
@@ -201,7 +201,7 @@ def test_penalties_and_bias_edited_here_draw_what_llama_cpps_samplers_draw(engin
     bias = {engine.model.tokenize(" the", add_special=False)[0]: -3.0, 1000: 4.5}
     tokens = engine.prompt_tokens(QUESTION)
     ctx = engine.ctx
-    with engine._kv():
+    with engine._kv(engine._slots[0]):
         engine.ctx.keep_prefix(0, seq=0)
         ctx.decode(tokens, 0)
         theirs = SamplerChain(engine.model, temperature=temperature, top_k=40, top_p=0.9, seed=7,

@@ -102,3 +102,43 @@ def test_the_seeds_05b_shape_estimate_within_10_percent(seed_05b, n_ctx, repack,
     """Issue 12: ±10% at the seed's sizes, repack on and off, after one micro-batch of prompt
     (bench/bench_sizes.py measures 1B, 3B and 7B the same way)."""
     check(seed_05b, n_ctx, test_threads, repack=repack, tolerance=0.10, keys=("long",))
+
+
+EXTRA_CHILD = textwrap.dedent("""
+    import json, sys
+    import psutil
+    from hublabio.batching import Decoder
+    from hublabio.engine import Engine, SamplingOptions
+
+    path, n_ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    proc = psutil.Process()
+    engine = Engine(path, n_ctx=n_ctx, threads=threads, decoder=Decoder())
+    opts = SamplingOptions(max_tokens=4, temperature=0.0)
+    engine.complete("Hello there.", opts)
+    before = proc.memory_info().rss
+    engine.add_context()
+    engine._slots[0].busy = True  # the next generation takes the new context's slot
+    words = "the quick brown fox jumps over the lazy dog near a quiet river bank".split()
+    prompt = " ".join(words[i % len(words)] for i in range(engine.n_batch + 64))
+    stats = engine.complete(prompt, opts)[2]
+    print(json.dumps({"growth": proc.memory_info().rss - before,
+                      "prompt_tokens": stats.prompt_tokens,
+                      "new_slot_used": len(engine._slots[1].cached)}))
+""")
+
+
+@pytest.mark.parametrize("n_ctx", [1024, 4096])
+def test_another_context_costs_what_extra_context_mb_says(smollm2_path, n_ctx, test_threads):
+    """Engine.add_context: RSS growth of a second context, after a prompt of more than one
+    micro-batch in it, against budget.extra_context_mb (what the pool counts for it)."""
+    from hublabio.budget import extra_context_mb
+
+    proc = subprocess.run([sys.executable, "-c", EXTRA_CHILD, str(smollm2_path), str(n_ctx),
+                           str(test_threads)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["new_slot_used"] > 512 and got["prompt_tokens"] > 512, got
+    measured = got["growth"] / 2**20
+    est = extra_context_mb(read_gguf_info(smollm2_path), n_ctx)
+    print(f"n_ctx {n_ctx}: another context grew RSS by {measured:.1f} MiB, estimate {est:.1f}")
+    assert abs(est - measured) <= TOLERANCE * measured, (est, measured)

@@ -181,6 +181,36 @@ def test_experts_with_different_adapters_run_one_after_another(tmp_path, smollm2
     assert not off.batches_together([experts["system"], experts["general"]])
 
 
+def test_topk2_over_two_adapters_gives_each_its_own_context_and_the_same_answers(
+        tmp_path, smollm2_path):
+    """adapter_contexts 2: the engine gets a second context once the experts use a second
+    adapter set, each set stays applied in its own, and the answers are those of one context."""
+    from hublabio.pool import LoadSettings
+
+    experts = load(write_experts(tmp_path / "models", smollm2_path,
+                                 adapters={"python": 1, "rust": 2}))
+    by = {c.expert.domain: c for c in experts}
+    out = {}
+    for n in (1, 2):
+        pool = ModelPool(2048, load=LoadSettings(threads=THREADS, parallel=2,
+                                                 adapter_contexts=n))
+        try:
+            moe = MoE(pool, experts, KeywordRouter(experts), MoESettings(routing="topk", k=2))
+            results = [drain(moe.query("How do I run a python script from a cargo build?",
+                                       options=GREEDY))[1] for _ in range(2)]
+            (res,) = pool.resident()
+            out[n] = [[(a["domain"], a["text"]) for a in r["experts"]] for r in results]
+            assert (res.contexts, res.engine.contexts, res.leases) == (n, n, 1 + n)
+            if n == 2:
+                applied = {lane.ctx.adapter_set for lane in res.engine._lanes}
+                assert applied == {((by["python"].adapter.resolve(), 1.0),),
+                                   ((by["rust"].adapter.resolve(), 1.0),)}
+        finally:
+            pool.close()
+    assert out[2] == out[1] and out[1][0] == out[1][1]
+    assert sorted(d for d, _ in out[2][0]) == ["python", "rust"]
+
+
 def test_best_weighted_and_voting_on_real_answers(all_answers):
     answers = answers_of(all_answers[1])
     post, basis = synth.posterior(answers)
