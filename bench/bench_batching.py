@@ -33,6 +33,9 @@ interleaved; the adapters are random LoRA GGUFs of the test fixture's shape
 --moe: MoE-R wall time of Single, TopK(2) and All (the five shipped prompt-only experts over
 the embedded SmolLM2, greedy, `tokens` each, synthesis best) with continuous batching (5
 slots: the experts answer at once) and with batch_mode off (one after another), interleaved.
+--moe --adapters: the four domain experts get a random LoRA adapter each (the test fixture's);
+batching on is run twice, with the board's adapter_contexts (the daemon's default: a context
+per adapter set in use, up to it) and with one context (its adapter set changes per expert).
 
 Build llama-server from the llama.cpp tree vendored in the pinned llama-cpp-python sdist:
   pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36
@@ -218,7 +221,12 @@ def moe_child(mode: str, threads: int, tokens: int, round_no: int, adapters: boo
             (folder / f.name).write_text(tomli_w.dumps(data))
         experts, errors = load_experts(Path(tmp))
         assert not errors, errors
-        pool = ModelPool(4096, load=LoadSettings(threads=threads, parallel=5, batch_mode=mode))
+        # "continuous": the daemon's defaults here (adapter contexts: the board's);
+        # "one-context": the same with one context, whose adapter set changes per expert
+        contexts = 1 if mode == "one-context" else detect_board().adapter_contexts
+        pool = ModelPool(4096, load=LoadSettings(
+            threads=threads, parallel=5, batch_mode="off" if mode == "off" else "continuous",
+            adapter_contexts=contexts))
         try:
             for label, (routing, k) in [("warm-up", ROUTINGS[2]), *((r, (r, k)) for r, k in ROUTINGS)]:
                 moe = MoE(pool, experts, KeywordRouter(experts),
@@ -242,8 +250,9 @@ def moe_part(threads: int, tokens: int, rounds: int, adapters: bool) -> None:
     process would decode on two threads, and two OpenMP teams slow both), interleaved."""
     walls: dict[tuple[str, str], list[float]] = {}
     tokens_of: dict[str, list[int]] = {}
+    modes = ("continuous", "one-context", "off") if adapters else ("continuous", "off")
     for r in range(rounds):
-        for mode in (("continuous", "off") if r % 2 == 0 else ("off", "continuous")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             run = subprocess.run([sys.executable, __file__, "--moe-child", mode, "--threads",
                                   str(threads), "--tokens", str(tokens), "--rounds", str(r)]
                                  + (["--adapters"] if adapters else []),
@@ -264,6 +273,10 @@ def moe_part(threads: int, tokens: int, rounds: int, adapters: bool) -> None:
         print(f"| {routing} | {k} | {' '.join(map(str, tokens_of[routing]))} | {on:.2f} | "
               f"{on / med[('continuous', 'single')]:.2f} | {off:.2f} | "
               f"{off / med[('off', 'single')]:.2f} |")
+    if adapters:
+        print(f"one context (adapter_contexts 1), batching on: " + ", ".join(
+            f"{routing} {med[('one-context', routing)]:.2f} s" for routing, _ in ROUTINGS)
+              + f"; board's adapter_contexts here: {detect_board().adapter_contexts}")
 
 
 def switch_part(model: Path, threads: int, rounds: int) -> None:
@@ -374,7 +387,8 @@ def main() -> int:
                     help="the repeat_penalty both servers get (default 1.0, no penalty)")
     ap.add_argument("--adapters", action="store_true",
                     help="--moe: the domain experts get LoRA adapters")
-    ap.add_argument("--moe-child", choices=("continuous", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--moe-child", choices=("continuous", "one-context", "off"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or detect_board().threads
     global SERVER_DEFAULTS, REPEAT_PENALTY
