@@ -12,16 +12,9 @@ import pytest
 from hublabio.router import KeywordRouter, load_router
 from hublabio.router_transformer import TransformerRouter
 
-from .seed_router_fixture import QUESTIONS, SEED_DOMAINS, SEQ_LEN, hf_tokenizer, make_seed_router
+from .seed_router_fixture import QUESTIONS, SEED_DOMAINS, SEQ_LEN, hf_tokenizer
 
 KEYWORDS = {"python": ["python"], "general": []}
-
-
-@pytest.fixture(scope="module")
-def seed_router(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seed") / "router"
-    model = make_seed_router(out)
-    return out, model
 
 
 def test_scores_equal_the_torch_model_it_was_exported_from(seed_router):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,6 @@ from hublabio.bare_experts import domain_of
 from hublabio.config import load_experts, load_model_dir
 
 from .lora_fixture import make_lora_adapter
-from .seed_router_fixture import make_seed_router
 
 # The seed's guide, "Deploying to HubLab IO", step 2, byte for byte.
 SEED_MODEL_CONFIG = """[model]
@@ -42,7 +42,7 @@ threshold = 0.5
 
 
 @pytest.fixture(scope="module")
-def seed_models(tmp_path_factory, smollm2_path):
+def seed_models(tmp_path_factory, smollm2_path, seed_router):
     """The SD card's models/ folder. The GGUFs are links to SmolLM2 (a llama-architecture
     model), so every expert shares one resident base, as on the device."""
     models = tmp_path_factory.mktemp("sdcard") / "models"
@@ -52,7 +52,7 @@ def seed_models(tmp_path_factory, smollm2_path):
     for domain in ("python", "rust", "system"):
         os.symlink(smollm2_path, models / "experts" / f"expert-{domain}-q4_k_m.gguf")
     make_lora_adapter(smollm2_path, models / "experts" / "expert-ai-f16.gguf", seed=3)
-    make_seed_router(models / "router")
+    shutil.copytree(seed_router[0], models / "router")
     return models
 
 
