@@ -20,6 +20,7 @@ hublabd runs at its defaults (repack "auto" of hublabio.llama.cpu); llama-server
 
   python bench/bench_batching.py --raw [--threads N]
   python bench/bench_batching.py --switch [--threads N] [--rounds 10]
+  python bench/bench_batching.py --contexts [--threads N] [--rounds 10]
 
 --switch: time to first token of an expert (LoRA adapter A) asked again right after itself
 (a cache hit) and right after another expert (adapter B) on the same engine, each expert
@@ -27,6 +28,10 @@ keeping its prefix in a slot of its own: 2 slots of one context (it re-applies t
 on every switch) against 2 contexts of one slot (Engine.add_context: each keeps its set),
 interleaved; the adapters are random LoRA GGUFs of the test fixture's shape
 (tests/integration/lora_fixture.py).
+
+--contexts: MoE-R TopK(2) over two experts with different random LoRA adapters, with one
+context and with a context per adapter set (adapter_contexts 1 and 2), two pools in one process
+alternating query by query.
 
 --raw: the floor under both servers: one llama_decode of N sequences' next tokens (N = 1, 2, 4,
 8, in a bare loop on hublabio.llama's Context, no server, no Python between decodes).
@@ -187,40 +192,56 @@ def clients(base: str, model: str, n: int, tokens: int
 ROUTINGS = (("single", 1), ("topk", 2), ("all", 5))
 
 
-def moe_child(mode: str, threads: int, tokens: int, round_no: int, adapters: bool) -> None:
-    """One process, one batch mode: a warm-up query, then Single, TopK(2) and All once each
-    on a question of this round's own (no prompt cache from another round); prints JSON.
+def bench_experts(tmp: Path, threads: int, tokens: int, adapters: bool) -> list:
+    """The shipped expert TOMLs over the embedded SmolLM2, greedy, `tokens` each, in `tmp`;
     `adapters`: the four domain experts get a random LoRA adapter each (the test fixture's)."""
     import tomllib
 
     import tomli_w
 
     from hublabio.config import load_experts
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "experts"
+    folder = tmp / "experts"
+    folder.mkdir()
+    for i, f in enumerate(sorted(shipped.glob("*.toml"))):
+        data = tomllib.loads(f.read_text())
+        data["inference"].update(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0,
+                                 context_size=512, threads=threads, threads_batch=threads)
+        if adapters and f.stem != "general":
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" /
+                                   "integration"))
+            from lora_fixture import make_lora_adapter
+
+            make_lora_adapter(embedded_model_path(), folder / f"{f.stem}.lora.gguf", seed=i)
+            data["model"]["adapter"] = f"{f.stem}.lora.gguf"
+        (folder / f.name).write_text(tomli_w.dumps(data))
+    experts, errors = load_experts(tmp)
+    assert not errors, errors
+    return experts
+
+
+def moe_answer(moe, question: str) -> dict:
+    gen = moe.query(question)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def moe_child(mode: str, threads: int, tokens: int, round_no: int, adapters: bool) -> None:
+    """One process, one batch mode: a warm-up query, then Single, TopK(2) and All once each
+    on a question of this round's own (no prompt cache from another round); prints JSON."""
     from hublabio.moe import MoE, MoESettings
     from hublabio.pool import LoadSettings, ModelPool
     from hublabio.router import KeywordRouter
 
-    shipped = Path(__file__).resolve().parents[1] / "models" / "experts"
     question = (f"Question {round_no}: how do I read a CSV file with pandas in Python and plot "
                 "it on Linux?")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "experts"
-        folder.mkdir()
-        for i, f in enumerate(sorted(shipped.glob("*.toml"))):
-            data = tomllib.loads(f.read_text())
-            data["inference"].update(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0,
-                                     context_size=512, threads=threads, threads_batch=threads)
-            if adapters and f.stem != "general":
-                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" /
-                                       "integration"))
-                from lora_fixture import make_lora_adapter
-
-                make_lora_adapter(embedded_model_path(), folder / f"{f.stem}.lora.gguf", seed=i)
-                data["model"]["adapter"] = f"{f.stem}.lora.gguf"
-            (folder / f.name).write_text(tomli_w.dumps(data))
-        experts, errors = load_experts(Path(tmp))
-        assert not errors, errors
+        experts = bench_experts(Path(tmp), threads, tokens, adapters)
         # "continuous": the daemon's defaults here (adapter contexts: the board's);
         # "one-context": the same with one context, whose adapter set changes per expert
         contexts = 1 if mode == "one-context" else detect_board().adapter_contexts
@@ -232,17 +253,47 @@ def moe_child(mode: str, threads: int, tokens: int, round_no: int, adapters: boo
                 moe = MoE(pool, experts, KeywordRouter(experts),
                           MoESettings(routing=routing, k=k, synthesis="best"))
                 t0 = time.perf_counter()
-                gen = moe.query(question if label != "warm-up" else "Hello there.")
-                try:
-                    while True:
-                        next(gen)
-                except StopIteration as stop:
-                    result = stop.value
+                result = moe_answer(moe, question if label != "warm-up" else "Hello there.")
                 out[label] = (time.perf_counter() - t0,
                               [st.completion_tokens for _, st in result["generations"]])
         finally:
             pool.close()
     print(json.dumps(out))
+
+
+def contexts_part(threads: int, tokens: int, rounds: int) -> None:
+    """TopK(2) over two experts with different adapters, adapter_contexts 1 against 2: two
+    pools in one process (every decode on the one decoder thread), alternating query by
+    query, a question of each round's own."""
+    from hublabio.moe import MoE, MoESettings
+    from hublabio.pool import LoadSettings, ModelPool
+    from hublabio.router import KeywordRouter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        experts = bench_experts(Path(tmp), threads, tokens, True)
+        pools = {n: ModelPool(4096, load=LoadSettings(threads=threads, parallel=5,
+                                                      adapter_contexts=n)) for n in (1, 2)}
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        try:
+            for n, pool in pools.items():  # every expert once: each keeps a slot's prefix
+                moe_answer(MoE(pool, experts, KeywordRouter(experts),
+                               MoESettings(routing="all")), "Hello there.")
+            for r in range(rounds):
+                for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    moe = MoE(pools[n], experts, KeywordRouter(experts),
+                              MoESettings(routing="topk", k=2, synthesis="best"))
+                    t0 = time.perf_counter()
+                    moe_answer(moe, f"Question {r}: how do I read a CSV file with pandas in "
+                                    "Python and plot it on Linux?")
+                    walls[n].append(time.perf_counter() - t0)
+            got = {n: pools[n].resident()[0].contexts for n in pools}
+        finally:
+            for pool in pools.values():
+                pool.close()
+    print(f"TopK(2) over two adapter experts, {tokens} tokens each, threads {threads}, "
+          f"median of {rounds}, interleaved")
+    for n in (1, 2):
+        print(f"adapter_contexts {n} ({got[n]} contexts): {statistics.median(walls[n]):.3f} s")
 
 
 def moe_part(threads: int, tokens: int, rounds: int, adapters: bool) -> None:
@@ -378,6 +429,8 @@ def main() -> int:
     ap.add_argument("--moe", action="store_true", help="MoE-R Single / TopK(2) / All instead")
     ap.add_argument("--raw", action="store_true", help="bare batched decodes instead")
     ap.add_argument("--switch", action="store_true", help="switch-back TTFT instead")
+    ap.add_argument("--contexts", action="store_true",
+                    help="MoE-R TopK(2) over adapters, adapter_contexts 1 vs 2, in one process")
     ap.add_argument("--server-defaults", action="store_true",
                     help="send no repeat_penalty: each server samples at its own default")
     ap.add_argument("--no-eos", action="store_true",
@@ -405,6 +458,9 @@ def main() -> int:
         return 0
     if args.moe:
         moe_part(threads, args.tokens, args.rounds, args.adapters)
+        return 0
+    if args.contexts:
+        contexts_part(threads, args.tokens, max(args.rounds, 10))
         return 0
     if args.raw:
         raw_part(args.model, threads)
