@@ -325,7 +325,7 @@ def moe_part(threads: int, tokens: int, rounds: int, adapters: bool) -> None:
               f"{on / med[('continuous', 'single')]:.2f} | {off:.2f} | "
               f"{off / med[('off', 'single')]:.2f} |")
     if adapters:
-        print(f"one context (adapter_contexts 1), batching on: " + ", ".join(
+        print("one context (adapter_contexts 1), batching on: " + ", ".join(
             f"{routing} {med[('one-context', routing)]:.2f} s" for routing, _ in ROUTINGS)
               + f"; board's adapter_contexts here: {detect_board().adapter_contexts}")
 

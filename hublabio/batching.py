@@ -1,12 +1,12 @@
 """Continuous batching: the generations on one llama.cpp context decode together.
 
 An engine loaded with `parallel = N` has a context of N sequences (slots), each with its own
-KV cache of n_ctx tokens (and possibly more contexts of one slot: Engine.add_context). Every generation on it runs in its own thread and, instead of
-calling llama_decode, submits its next tokens to the one `Decoder` thread and waits. The
-decoder packs what is pending into one batch — the oldest submission first, then every other
-one under the same adapter set while the batch has room — decodes once, and wakes each with
-the batch row of its logits. A new request joins at the next step; a finished one leaves at
-once.
+KV cache of n_ctx tokens (and maybe more contexts of one slot each: Engine.add_context). Every
+generation on it runs in its own thread and, instead of calling llama_decode, submits its next
+tokens to the one `Decoder` thread and waits. The decoder packs what is pending into one batch
+— the oldest submission first, then every other one under the same adapter set while the batch
+has room — decodes once, and wakes each with the batch row of its logits. A new request joins
+at the next step; a finished one leaves at once.
 
 Safety of the shared output buffer: between its decode and the moment it has read its logits
 (sampling, log-probabilities), a slot is *reading*, and no decode of that context starts.

@@ -82,13 +82,17 @@ class ResidentModel:
     parallel: int = 1
     parallel_asked: int = 1  # what the settings asked (the budget may have allowed fewer)
     slots: threading.Semaphore = field(default_factory=threading.Semaphore, repr=False)
-    contexts: int = 1        # llama.cpp contexts: one of `parallel` slots, more of one each
     context_mb: float = 0.0  # what the contexts beyond the first add
     adapter_sets: set = field(default_factory=set)  # (adapter, scale) its experts have used
 
     @property
     def mb(self) -> float:
         return self.estimate.total_mb + self.adapter_mb + self.context_mb
+
+    @property
+    def contexts(self) -> int:
+        """llama.cpp contexts: one of `parallel` slots, any more of one slot each."""
+        return getattr(self.engine, "contexts", 1)
 
     @property
     def leases(self) -> int:
@@ -194,15 +198,14 @@ class ModelPool:
         res.adapter_sets.add((cfg.adapter and str(Path(cfg.adapter).resolve()),
                               cfg.adapter_scale))
         add = getattr(res.engine, "add_context", None)
+        # load.adapter_contexts is 1 where batch_mode is off (LoadSettings.for_model)
         wanted = min(load.adapter_contexts, len(res.adapter_sets))
-        if add is None or res.contexts >= wanted or self.load.batch_mode != "continuous" \
-                or load.batch_mode != "continuous":
+        if add is None or res.contexts >= wanted:
             return
-        extra = extra_context_mb(res.info, res.n_ctx, repack=repack_policy(load.repack))
+        extra = extra_context_mb(res.info, res.n_ctx)
         if self.used_mb() + extra > self.budget_mb:
             return
         add()
-        res.contexts += 1
         res.context_mb += extra
         res.slots.release()  # its one slot: one more lease
 
